@@ -1,0 +1,144 @@
+"""sendmsg/recvmsg with file descriptors and credentials, done safely.
+
+Theory of operation: every fd we receive is installed close-on-exec
+(``MSG_CMSG_CLOEXEC``), so no child we ever spawn inherits a client's fd by
+accident. When the control buffer is too small the kernel sets
+``MSG_CTRUNC`` and drops what did not fit; the fds that *did* arrive are
+still ours, so we close them and report the truncation instead of handing
+out a partial set. Any control message we did not ask for is closed or
+ignored, never leaked. This module is the only one that parses ancillary
+data.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Final, NamedTuple
+
+_INT_SIZE: Final = array.array("i").itemsize
+_UCRED: Final = struct.Struct("3i")  # pid, uid, gid
+
+# Room for the kernel's maximum of fds per message plus one credentials block.
+MAX_FDS: Final = 253
+CMSG_ALL_FDS: Final = socket.CMSG_SPACE(MAX_FDS * _INT_SIZE)
+CMSG_CREDS: Final = socket.CMSG_SPACE(_UCRED.size)
+
+
+class Credentials(NamedTuple):
+    pid: int
+    uid: int
+    gid: int
+
+
+class Received(NamedTuple):
+    """What one recvmsg brought. ``data == b""`` on a stream means EOF."""
+
+    data: bytes
+    fds: tuple[int, ...]
+    truncated: bool  # MSG_CTRUNC: fds were dropped; ``fds`` is empty, all closed
+    creds: Credentials | None
+    address: str | bytes | None
+
+
+def cmsg_space_for(nfds: int) -> int:
+    """Control buffer size for up to ``nfds`` fds and one credentials block."""
+    return socket.CMSG_SPACE(max(nfds, 1) * _INT_SIZE) + CMSG_CREDS
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close every fd, ignoring ones already closed (EBADF)."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _parse_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[list[int], Credentials | None]:
+    fds: list[int] = []
+    creds: Credentials | None = None
+    for level, kind, payload in ancdata:
+        if level != socket.SOL_SOCKET:
+            continue
+        if kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _INT_SIZE
+            fds.extend(array.array("i", payload[:usable]))
+        elif kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
+            creds = Credentials(*_UCRED.unpack_from(payload))
+    return fds, creds
+
+
+def recv_with_fds(sock: socket.socket, bufsize: int, maxfds: int = MAX_FDS) -> Received:
+    """One recvmsg that also collects fds (close-on-exec) and credentials.
+
+    Raises what ``recvmsg`` raises (``BlockingIOError`` on a non-blocking
+    socket with nothing to read). On ``MSG_CTRUNC`` every fd that arrived
+    is closed and ``truncated`` is set; the data is returned as usual.
+    """
+    data, ancdata, flags, address = sock.recvmsg(bufsize, cmsg_space_for(maxfds), socket.MSG_CMSG_CLOEXEC)
+    fds, creds = _parse_ancillary(ancdata)
+    truncated = bool(flags & socket.MSG_CTRUNC)
+    if truncated:
+        close_fds(fds)
+        fds = []
+    return Received(data, tuple(fds), truncated, creds, address or None)
+
+
+class ReceivedInto(NamedTuple):
+    """What one recvmsg_into brought; the bytes are ``buffer[:nbytes]``."""
+
+    nbytes: int
+    fds: tuple[int, ...]
+    truncated: bool  # MSG_CTRUNC: fds were dropped; ``fds`` is empty, all closed
+    creds: Credentials | None
+    address: str | bytes | None
+    data_truncated: bool  # MSG_TRUNC: a datagram or record did not fit the buffer
+
+
+def recv_into_with_fds(
+    sock: socket.socket, buffer: bytearray | memoryview, maxfds: int = MAX_FDS
+) -> ReceivedInto:
+    """Like :func:`recv_with_fds`, into a caller's reusable buffer (no
+    allocation per read on the hot path)."""
+    nbytes, ancdata, flags, address = sock.recvmsg_into(
+        [buffer], cmsg_space_for(maxfds), socket.MSG_CMSG_CLOEXEC
+    )
+    fds, creds = _parse_ancillary(ancdata)
+    truncated = bool(flags & socket.MSG_CTRUNC)
+    if truncated:
+        close_fds(fds)
+        fds = []
+    return ReceivedInto(nbytes, tuple(fds), truncated, creds, address or None, bool(flags & socket.MSG_TRUNC))
+
+
+def send_with_fds(
+    sock: socket.socket,
+    buffers: Sequence[bytes | memoryview],
+    fds: Sequence[int] = (),
+    address: str | bytes | None = None,
+) -> int:
+    """sendmsg of ``buffers`` with ``fds`` attached to their first byte.
+
+    Returns the number of bytes sent (on a stream maybe fewer than offered;
+    the fds went with the first byte all the same).
+    """
+    ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    if address is None:
+        return sock.sendmsg(buffers, ancdata)
+    return sock.sendmsg(buffers, ancdata, 0, address)
+
+
+def peer_credentials(sock: socket.socket) -> Credentials:
+    """pid, uid and gid of the peer of a connected Unix socket (SO_PEERCRED),
+    as the kernel recorded them at connect time: the client cannot forge them."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return Credentials(*_UCRED.unpack(raw))
+
+
+def enable_credentials(sock: socket.socket) -> None:
+    """Ask the kernel to attach the sender's credentials to every datagram."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)

@@ -1,0 +1,47 @@
+"""Bodies of the frames whose content has structure.
+
+ERROR bodies are binary (``u16 code`` + UTF-8 message) so a C client can read
+them without a JSON parser. Control bodies that are read by people and
+scripts (STATUS) are UTF-8 JSON objects: they change shape as the daemon
+grows, and JSON lets old clients ignore keys they do not know.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, Final
+
+from ipcd.protocol.errors import RemoteProtocolError
+from ipcd.protocol.ops import ErrorCode
+
+_ERROR_HEAD: Final = struct.Struct("!H")
+
+
+def encode_error(code: ErrorCode, message: str) -> bytes:
+    return _ERROR_HEAD.pack(int(code)) + message.encode("utf-8", "replace")
+
+
+def decode_error(body: bytes) -> tuple[int, str]:
+    """(code, message) of an ERROR body. Unknown codes are returned as ints."""
+    if len(body) < _ERROR_HEAD.size:
+        raise RemoteProtocolError("ERROR frame body shorter than its code", ErrorCode.MALFORMED, fatal=False)
+    (code,) = _ERROR_HEAD.unpack_from(body)
+    return code, body[_ERROR_HEAD.size :].decode("utf-8", "replace")
+
+
+def encode_json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode_json(body: bytes) -> dict[str, Any]:
+    """Parse a JSON-object body; anything else is the peer's protocol error."""
+    try:
+        obj = json.loads(body.decode("utf-8")) if body else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RemoteProtocolError(
+            f"body is not UTF-8 JSON: {exc}", ErrorCode.BAD_REQUEST, fatal=False
+        ) from exc
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError("body is not a JSON object", ErrorCode.BAD_REQUEST, fatal=False)
+    return obj
