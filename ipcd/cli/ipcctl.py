@@ -1,0 +1,249 @@
+"""``ipcctl``: the command-line client of ipcd.
+
+Exit codes: 0 ok; 1 the daemon refused; 2 usage; 69 daemon unreachable;
+75 timed out. Errors are one line on stderr: what happened, what to do.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from ipcd import __version__
+from ipcd.cli.pingstats import PingStats
+from ipcd.client import (
+    Client,
+    ClientError,
+    ConnectionLost,
+    DaemonUnreachable,
+    DatagramClient,
+    RequestTimeout,
+    ServerError,
+)
+from ipcd.settings import DEFAULT_SOCKET_DIR
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 69  # EX_UNAVAILABLE
+EXIT_TIMEOUT = 75  # EX_TEMPFAIL
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Options:
+    def __init__(self, socket_dir: Path, json_output: bool, timeout: float) -> None:
+        self.socket_dir = socket_dir
+        self.json = json_output
+        self.timeout = timeout
+
+    def client(self) -> Client:
+        return Client(self.socket_dir, self.timeout)
+
+    def datagram_client(self) -> DatagramClient:
+        return DatagramClient(self.socket_dir, self.timeout)
+
+    def emit(self, obj: dict[str, Any]) -> None:
+        click.echo(json.dumps(obj, sort_keys=True))
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"ipcctl: {message}", err=True)
+    sys.exit(code)
+
+
+def handles_errors(func: F) -> F:
+    """Map client exceptions to the documented exit codes, one line each."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except DaemonUnreachable as exc:
+            fail(str(exc), EXIT_UNREACHABLE)
+        except RequestTimeout as exc:
+            fail(str(exc), EXIT_TIMEOUT)
+        except ServerError as exc:
+            fail(f"the daemon refused: {exc.message} ({exc.code_name})", EXIT_REFUSED)
+        except ConnectionLost as exc:
+            fail(f"{exc}; retry, and check the daemon's log if it persists", EXIT_UNREACHABLE)
+        except ClientError as exc:
+            fail(str(exc), EXIT_REFUSED)
+
+    return wrapper  # type: ignore[return-value]
+
+
+pass_options = click.make_pass_decorator(Options)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ipcctl")
+@click.option(
+    "--socket-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="IPCD_SOCKET_DIR",
+    show_envvar=True,
+    default=DEFAULT_SOCKET_DIR,
+    show_default=True,
+    help="Where the daemon's sockets are.",
+)
+@click.option("--json", "json_output", is_flag=True, help="One JSON object per result, for scripts.")
+@click.option(
+    "--timeout", type=click.FloatRange(min=0.001), default=10.0, show_default=True, help="Seconds to wait."
+)
+@click.pass_context
+def cli(ctx: click.Context, socket_dir: Path, json_output: bool, timeout: float) -> None:
+    """Talk to the ipcd daemon.
+
+    Exit codes: 0 ok, 1 the daemon refused, 2 usage, 69 daemon unreachable,
+    75 timed out.
+    """
+    ctx.obj = Options(socket_dir, json_output, timeout)
+
+
+@cli.command()
+@click.option("--dgram", is_flag=True, help="Use the datagram socket.")
+@click.argument("text", nargs=-1, required=True)
+@pass_options
+@handles_errors
+def echo(opts: Options, dgram: bool, text: tuple[str, ...]) -> None:
+    """Send TEXT to the daemon and print what comes back."""
+    payload = " ".join(text).encode()
+    maker = opts.datagram_client if dgram else opts.client
+    with maker() as client:
+        start = time.perf_counter()
+        reply = client.echo(payload)
+        rtt = time.perf_counter() - start
+    if opts.json:
+        opts.emit(
+            {
+                "text": reply.decode(errors="replace"),
+                "bytes": len(reply),
+                "transport": "dgram" if dgram else "stream",
+                "rtt_ms": round(rtt * 1000, 4),
+            }
+        )
+    else:
+        click.echo(reply.decode(errors="replace"))
+
+
+@cli.command()
+@click.option(
+    "-c", "--count", type=click.IntRange(min=1), default=5, show_default=True, help="Requests to send."
+)
+@click.option(
+    "-s",
+    "--size",
+    type=click.IntRange(min=0, max=1 << 19),
+    default=56,
+    show_default=True,
+    help="Payload bytes per request.",
+)
+@click.option(
+    "-i",
+    "--interval",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds between requests.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Only the summary.")
+@click.option("--dgram", is_flag=True, help="Use the datagram socket (lost replies count as loss).")
+@pass_options
+@handles_errors
+def ping(opts: Options, count: int, size: int, interval: float, quiet: bool, dgram: bool) -> None:
+    """Measure round trips to the daemon, like ping(8)."""
+    payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    stats = PingStats()
+    maker = opts.datagram_client if dgram else opts.client
+    target = str(opts.socket_dir / ("dgram.sock" if dgram else "stream.sock"))
+    verbose = not quiet and not opts.json
+    if verbose:
+        click.echo(f"PING {target}: {size} data bytes")
+    started = time.perf_counter()
+    with maker() as client:
+        for seq in range(1, count + 1):
+            stats.sent += 1
+            try:
+                rtt = client.ping(payload)
+            except RequestTimeout:
+                if not dgram:
+                    raise
+                if verbose:
+                    click.echo(f"request seq={seq} timed out")
+                continue
+            stats.rtts.append(rtt)
+            if verbose:
+                click.echo(f"{size + 16} bytes from {target}: seq={seq} time={rtt * 1000:.3f} ms")
+            if interval and seq < count:
+                time.sleep(interval)
+    elapsed = time.perf_counter() - started
+    if opts.json:
+        opts.emit(
+            {"target": target, "transport": "dgram" if dgram else "stream", "size": size, **stats.summary()}
+        )
+    else:
+        if verbose:
+            click.echo("")
+        for line in stats.lines(target, elapsed):
+            click.echo(line)
+    if not stats.received:
+        fail(f"no replies from {target}", EXIT_TIMEOUT)
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    return f"{n} B"
+
+
+def _human_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d"] if days else []
+    if hours or days:
+        parts.append(f"{hours}h")
+    if minutes or hours or days:
+        parts.append(f"{minutes}m")
+    parts.append(f"{secs}s")
+    return "".join(parts)
+
+
+@cli.command()
+@pass_options
+@handles_errors
+def status(opts: Options) -> None:
+    """Show the daemon, its workers and their connections."""
+    with opts.client() as client:
+        doc = client.status()
+    if opts.json:
+        opts.emit(doc)
+        return
+    totals = doc["totals"]
+    click.echo(f"ipcd {doc['version']}, master pid {doc['pid']}, up {_human_duration(doc['uptime'])}")
+    click.echo(f"sockets: {doc['sockets']['stream']}, {doc['sockets']['dgram']}")
+    click.echo(
+        f"workers: {totals['workers']}, connections: {totals['connections']}, "
+        f"rss: {_human_bytes(totals['rss'])} in all, respawns: {doc['respawns']}"
+    )
+    click.echo(f"{'PID':>8}  {'STATE':<9} {'CONNS':>6} {'RSS':>10} {'RECEIVED':>9} {'UPTIME':>9}")
+    for w in doc["workers"]:
+        click.echo(
+            f"{w['pid']:>8}  {w['state']:<9} {w['connections']:>6} {_human_bytes(w['rss']):>10} "
+            f"{w['received']:>9} {_human_duration(w['uptime']):>9}"
+        )
+
+
+def main() -> None:
+    cli()

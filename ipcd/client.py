@@ -1,0 +1,290 @@
+"""Blocking Python client for ipcd (what ``ipcctl`` is built on).
+
+Usage::
+
+    from ipcd.client import Client
+
+    with Client() as client:              # /tmp/ipcd, or $IPCD_SOCKET_DIR
+        assert client.echo(b"hi") == b"hi"
+        print(client.status()["workers"])
+
+Every failure is one of the exceptions below, each with a message fit to
+show a user: :class:`DaemonUnreachable` (no daemon listening),
+:class:`RequestTimeout`, :class:`ServerError` (the daemon refused, with its
+error code) and :class:`ConnectionLost`. Requests can be pipelined with
+:meth:`Client.send` and :meth:`Client.receive`.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import socket
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ipcd import fdpass
+from ipcd.protocol import (
+    NEED_DATA,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    Op,
+    RemoteProtocolError,
+    decode_error,
+    decode_json,
+    decode_record,
+    encode_frame,
+    op_name,
+    reply_op,
+)
+from ipcd.settings import DGRAM_SOCKET, STREAM_SOCKET, default_socket_dir
+
+DEFAULT_TIMEOUT = 10.0
+_RECV_SIZE = 256 * 1024
+
+
+class ClientError(Exception):
+    """Base of every client error."""
+
+
+class DaemonUnreachable(ClientError):
+    """No daemon answers at the socket path."""
+
+
+class RequestTimeout(ClientError):
+    """The daemon did not answer in time."""
+
+
+class ConnectionLost(ClientError):
+    """The daemon closed the connection (its reason, if it sent one, is the message)."""
+
+
+class ServerError(ClientError):
+    """The daemon answered with an ERROR frame."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def code_name(self) -> str:
+        try:
+            return ErrorCode(self.code).name
+        except ValueError:
+            return str(self.code)
+
+
+def _unreachable(path: Path, exc: OSError) -> DaemonUnreachable:
+    if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+        hint = "is ipcd running? start it with 'ipcd serve' or check --socket-dir"
+    elif exc.errno == errno.EACCES:
+        hint = "permission denied: ask the admin for access (--socket-mode/--socket-group)"
+    else:
+        hint = "check that ipcd is running"
+    return DaemonUnreachable(f"cannot connect to {path}: {exc.strerror}; {hint}")
+
+
+class Client:
+    """One stream connection to the daemon."""
+
+    def __init__(self, socket_dir: str | Path | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        self.socket_dir = Path(socket_dir) if socket_dir is not None else default_socket_dir()
+        self.path = self.socket_dir / STREAM_SOCKET
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._decoder = FrameDecoder(max_frame_size=1 << 30)
+        self._early: dict[int, Frame] = {}  # replies read while waiting for another
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(self.path))
+        except TimeoutError:
+            self.sock.close()
+            raise RequestTimeout(
+                f"connecting to {self.path} timed out; the daemon may be overloaded"
+            ) from None
+        except OSError as exc:
+            self.sock.close()
+            raise _unreachable(self.path, exc) from None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        fdpass.close_fds(self._decoder.take_pending_fds())
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    # -- pipelining primitives -----------------------------------------------
+
+    def send(self, op: int, body: bytes = b"", fds: Sequence[int] = ()) -> int:
+        """Send one request; return its request id."""
+        request_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        frame = encode_frame(op, request_id, body, nfds=len(fds))
+        try:
+            if fds:
+                sent = fdpass.send_with_fds(self.sock, [frame], fds)
+                if sent < len(frame):
+                    self.sock.sendall(frame[sent:])
+            else:
+                self.sock.sendall(frame)
+        except TimeoutError:
+            raise RequestTimeout(f"sending to {self.path} timed out: the daemon is not reading") from None
+        except OSError as exc:
+            raise ConnectionLost(f"connection to {self.path} lost while sending: {exc.strerror}") from None
+        return request_id
+
+    def receive(self) -> Frame:
+        """The next frame from the daemon, whatever request it answers.
+        Keep-alive PINGs from the daemon are answered here."""
+        while True:
+            frame = self._next_frame()
+            if frame.op == Op.PING:
+                self.sock.sendall(encode_frame(Op.PONG, frame.request_id, frame.body))
+                continue
+            return frame
+
+    def _next_frame(self) -> Frame:
+        while True:
+            try:
+                event = self._decoder.next_event()
+            except RemoteProtocolError as exc:
+                fdpass.close_fds(exc.fds)
+                raise ConnectionLost(f"the daemon sent an invalid frame: {exc.message}") from None
+            if event is not NEED_DATA:
+                return event
+            try:
+                got = fdpass.recv_with_fds(self.sock, _RECV_SIZE)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"no answer from {self.path} within {self.timeout:g}s; try a larger --timeout"
+                ) from None
+            except OSError as exc:
+                raise ConnectionLost(f"connection to {self.path} lost: {exc.strerror}") from None
+            if not got.data and not got.fds:
+                raise ConnectionLost(f"the daemon closed the connection ({self.path})")
+            self._decoder.receive_data(got.data, got.fds, got.truncated)
+
+    def wait_reply(self, request_id: int) -> Frame:
+        """The reply to ``request_id``; raises :class:`ServerError` for an ERROR."""
+        frame = self._early.pop(request_id, None)
+        while frame is None:
+            got = self.receive()
+            if got.request_id == request_id:
+                frame = got
+            elif got.op == Op.ERROR and got.request_id == 0:
+                code, message = decode_error(got.body)
+                raise ConnectionLost(message) if code >= 40 else ServerError(code, message)
+            else:
+                self._early[got.request_id] = got
+        if frame.op == Op.ERROR:
+            code, message = decode_error(frame.body)
+            raise ServerError(code, message)
+        return frame
+
+    def request(self, op: int, body: bytes = b"", fds: Sequence[int] = ()) -> Frame:
+        reply = self.wait_reply(self.send(op, body, fds))
+        if reply.op != reply_op(op):
+            fdpass.close_fds(reply.fds)
+            raise ConnectionLost(f"expected {op_name(reply_op(op))}, the daemon sent {op_name(reply.op)}")
+        return reply
+
+    # -- operations ----------------------------------------------------------
+
+    def echo(self, data: bytes) -> bytes:
+        return self.request(Op.ECHO, data).body
+
+    def ping(self, payload: bytes = b"") -> float:
+        """Round-trip time of one PING, in seconds."""
+        start = time.perf_counter()
+        self.request(Op.PING, payload)
+        return time.perf_counter() - start
+
+    def status(self) -> dict[str, Any]:
+        return decode_json(self.request(Op.STATUS).body)
+
+
+class DatagramClient:
+    """Requests over dgram.sock; replies come to this socket's own
+    (autobound, abstract) address."""
+
+    def __init__(self, socket_dir: str | Path | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        self.socket_dir = Path(socket_dir) if socket_dir is not None else default_socket_dir()
+        self.path = self.socket_dir / DGRAM_SOCKET
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("")  # Linux autobind: a unique abstract address to be answered at
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(self.path))
+        except OSError as exc:
+            self.sock.close()
+            raise _unreachable(self.path, exc) from None
+
+    def __enter__(self) -> DatagramClient:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, op: int, body: bytes = b"") -> int:
+        request_id = next(self._ids)
+        try:
+            self.sock.send(encode_frame(op, request_id, body))
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                raise ClientError(f"{len(body)} bytes is too large for one datagram; send less") from None
+            raise _unreachable(self.path, exc) from None
+        return request_id
+
+    def wait_reply(self, request_id: int) -> Frame:
+        """The reply to ``request_id`` (stale replies to earlier, timed-out
+        requests are skipped)."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            if deadline is not None:
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                got = fdpass.recv_with_fds(self.sock, _RECV_SIZE, maxfds=1)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"no datagram answer from {self.path} within {self.timeout:g}s"
+                ) from None
+            except OSError as exc:
+                raise _unreachable(self.path, exc) from None
+            fdpass.close_fds(got.fds)
+            try:
+                frame = decode_record(got.data, (), max_frame_size=1 << 30)
+            except RemoteProtocolError as exc:
+                raise ConnectionLost(f"the daemon sent an invalid datagram: {exc.message}") from None
+            if frame.request_id != request_id:
+                continue
+            if frame.op == Op.ERROR:
+                code, message = decode_error(frame.body)
+                raise ServerError(code, message)
+            return frame
+
+    def request(self, op: int, body: bytes = b"") -> Frame:
+        return self.wait_reply(self.send(op, body))
+
+    def echo(self, data: bytes) -> bytes:
+        return self.request(Op.ECHO, data).body
+
+    def ping(self, payload: bytes = b"") -> float:
+        start = time.perf_counter()
+        self.request(Op.PING, payload)
+        return time.perf_counter() - start

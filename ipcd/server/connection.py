@@ -1,0 +1,299 @@
+"""One client stream connection inside a worker.
+
+Theory of operation
+-------------------
+An idle connection costs this object, its socket object and a selector
+entry: the decoder is created on the first byte and its buffer is emptied
+whenever it is fully consumed, the outbound queue exists only while output
+is pending, and reads go into the worker's one shared buffer.
+
+Reads: one ``recvmsg_into`` per readiness event (level-triggered epoll
+brings us back; a busy client cannot starve the others), every whole frame
+is dispatched, then all replies go out in one ``sendmsg`` (writev).
+
+Writes are bounded. Replies to a client's own requests pause its reads when
+its queue passes a quarter of ``max_outbuf`` (backpressure, as TCP does); a
+frame the daemon pushes that would take the queue past ``max_outbuf`` cuts
+the client off. Either way, a client whose pending output makes no progress
+for ``send_timeout`` is cut off with a reason, logged and (best effort) sent
+as an ERROR frame. An fd queued for sending belongs to the connection: it is
+closed once the kernel has it, or when the connection dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ipcd import fdpass
+from ipcd.protocol import (
+    NEED_DATA,
+    ErrorCode,
+    FrameDecoder,
+    Op,
+    RemoteProtocolError,
+    encode_error,
+    encode_frame,
+)
+
+if TYPE_CHECKING:
+    from ipcd.server.worker import Worker
+
+log = logging.getLogger("ipcd.worker")
+
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
+_MAX_IOV = 64  # buffers per sendmsg; well under IOV_MAX
+
+
+class _Pending:
+    """One queued frame; ``data`` shrinks as it is sent."""
+
+    __slots__ = ("data", "fds")
+
+    def __init__(self, data: bytes | memoryview, fds: tuple[int, ...]) -> None:
+        self.data = data
+        self.fds = fds
+
+
+class Connection:
+    __slots__ = (
+        "_creds",
+        "_events",
+        "_head_started",
+        "_out",
+        "closed",
+        "closing",
+        "decoder",
+        "id",
+        "last_progress",
+        "last_read",
+        "out_bytes",
+        "sock",
+        "worker",
+    )
+
+    def __init__(self, worker: Worker, sock: socket.socket, conn_id: int) -> None:
+        self.worker = worker
+        self.sock = sock
+        self.id = conn_id
+        self.decoder: FrameDecoder | None = None
+        self._out: deque[_Pending] | None = None
+        self._head_started = False  # the first queued frame is partly sent
+        self.out_bytes = 0
+        self._creds: fdpass.Credentials | None = None
+        self._events = _READ
+        self.closed = False
+        self.closing = False  # no more reads; close once the queue is empty
+        self.last_read = worker.now
+        self.last_progress = worker.now
+
+    # -- identity ----------------------------------------------------------
+
+    @property
+    def creds(self) -> fdpass.Credentials:
+        """The peer's pid/uid/gid from SO_PEERCRED, fetched on first use."""
+        if self._creds is None:
+            self._creds = fdpass.peer_credentials(self.sock)
+        return self._creds
+
+    def describe(self) -> str:
+        try:
+            creds = self.creds
+        except OSError:
+            return f"connection {self.id}"
+        return f"connection {self.id} (pid {creds.pid}, uid {creds.uid})"
+
+    # -- events ------------------------------------------------------------
+
+    def on_event(self, mask: int) -> None:
+        if mask & _WRITE:
+            self.flush()
+        if mask & _READ and not self.closed:
+            self._read()
+
+    def _read(self) -> None:
+        worker = self.worker
+        try:
+            got = fdpass.recv_into_with_fds(self.sock, worker.read_buffer, worker.settings.max_fds)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close(f"read failed: {exc.strerror}")
+            return
+        if not got.nbytes and not got.fds:
+            self._on_eof()
+            return
+        self.last_read = worker.now
+        decoder = self.decoder
+        if decoder is None:
+            decoder = self.decoder = FrameDecoder(worker.settings.max_frame_size)
+        decoder.receive_data(worker.read_view[: got.nbytes], got.fds, got.truncated)
+        dispatch = worker.dispatch
+        while True:
+            try:
+                event = decoder.next_event()
+            except RemoteProtocolError as exc:
+                fdpass.close_fds(exc.fds)
+                worker.stats.protocol_errors += 1
+                self.send_error(exc.request_id, exc.code, exc.message)
+                if exc.fatal:
+                    log.info("%s: protocol error, closing: %s", self.describe(), exc.message)
+                    self.close_after_flush()
+                    return
+                continue
+            if event is NEED_DATA:
+                break
+            dispatch(self, event)
+            if self.closed or self.closing:
+                return
+        if self._out:
+            self.flush()
+            if self.out_bytes > worker.pause_threshold and not self.closed:
+                self._set_events(_WRITE)  # backpressure: stop reading until it drains
+
+    def _on_eof(self) -> None:
+        if self.decoder is not None and self.decoder.buffered:
+            log.info("%s: peer closed mid-frame (%d bytes pending)", self.describe(), self.decoder.buffered)
+        self.close_after_flush()
+
+    # -- output ------------------------------------------------------------
+
+    def send_frame(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
+        """Queue one encoded frame (and take ownership of ``fds``)."""
+        if self.closed:
+            fdpass.close_fds(fds)
+            return
+        out = self._out
+        if out is None:
+            out = self._out = deque()
+            self.worker.to_flush.add(self)  # written at the end of this loop iteration
+        out.append(_Pending(data, fds))
+        self.out_bytes += len(data)
+        if self.out_bytes > self.worker.settings.max_outbuf:
+            self.cut_off(
+                ErrorCode.SLOW_CONSUMER,
+                f"outbound buffer passed {self.worker.settings.max_outbuf} bytes: the client is not reading",
+            )
+
+    def send_error(self, request_id: int, code: ErrorCode, message: str) -> None:
+        self.send_frame(encode_frame(Op.ERROR, request_id, encode_error(code, message)))
+
+    def flush(self) -> None:
+        """Write as much of the queue as the socket takes."""
+        out = self._out
+        sock = self.sock
+        while out:
+            head = out[0]
+            fds = head.fds
+            buffers = [head.data]
+            for index in range(1, min(len(out), _MAX_IOV)):
+                entry = out[index]
+                if entry.fds:
+                    break  # fds must ride on the first byte of their own sendmsg
+                buffers.append(entry.data)
+            try:
+                if fds:
+                    sent = fdpass.send_with_fds(sock, buffers, fds)
+                else:
+                    sent = sock.sendmsg(buffers)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self.close(f"write failed: {exc.strerror}")
+                return
+            if fds:
+                fdpass.close_fds(fds)  # the kernel holds its own references now
+                head.fds = ()
+            self.out_bytes -= sent
+            self.last_progress = self.worker.now
+            offered = sum(len(buffer) for buffer in buffers)
+            remaining = sent
+            while remaining:
+                entry = out[0]
+                size = len(entry.data)
+                if remaining >= size:
+                    out.popleft()
+                    remaining -= size
+                    self._head_started = False
+                else:
+                    entry.data = memoryview(entry.data)[remaining:]
+                    self._head_started = True
+                    remaining = 0
+            if sent < offered:
+                break  # the socket took less than offered: it is full
+        self._after_flush()
+
+    def _after_flush(self) -> None:
+        if self.closed:
+            return
+        if not self._out:
+            self._out = None
+            self.worker.stalled.discard(self)
+            if self.closing:
+                self.close(None)
+                return
+            self._set_events(_READ)
+            return
+        self.worker.stalled.add(self)
+        if self.closing or self.out_bytes > self.worker.pause_threshold:
+            self._set_events(_WRITE)
+        else:
+            self._set_events(_READ | _WRITE)
+
+    def _set_events(self, events: int) -> None:
+        if events != self._events:
+            self._events = events
+            self.worker.loop.set_events(self.sock, events, self.on_event)
+
+    # -- closing -----------------------------------------------------------
+
+    def close_after_flush(self) -> None:
+        """Stop reading; close as soon as the queued output is sent."""
+        self.closing = True
+        if self._out:
+            self.flush()
+        else:
+            self.close(None)
+
+    def cut_off(self, code: ErrorCode, reason: str) -> None:
+        """Drop what is queued, tell the client why (best effort), close."""
+        log.warning("%s: cut off: %s", self.describe(), reason)
+        self.worker.stats.cut_off += 1
+        out = self._out
+        if out:
+            keep = 1 if self._head_started else 0
+            while len(out) > keep:
+                fdpass.close_fds(out.pop().fds)
+            self.out_bytes = sum(len(entry.data) for entry in out)
+        if not self._head_started:
+            # Bypass send_frame: its limit check is what brought us here.
+            frame = encode_frame(Op.ERROR, 0, encode_error(code, reason))
+            if out is None:
+                out = self._out = deque()
+            out.append(_Pending(frame, ()))
+            self.out_bytes += len(frame)
+        self.closing = True
+        self.flush()
+        self.close(reason)
+
+    def close(self, reason: str | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.closing = True
+        worker = self.worker
+        worker.loop.remove(self.sock)
+        if self._out:
+            for entry in self._out:
+                fdpass.close_fds(entry.fds)
+            self._out = None
+        if self.decoder is not None:
+            fdpass.close_fds(self.decoder.take_pending_fds())
+            self.decoder = None
+        self.sock.close()
+        worker.stalled.discard(self)
+        worker.connection_closed(self, reason)

@@ -1,0 +1,261 @@
+"""The master: owns the sockets, accepts, hands each connection to a worker.
+
+Theory of operation: the data path is
+
+    client --connect--> stream.sock --accept (master)--> fd
+        --sendmsg SCM_RIGHTS over the worker's SEQPACKET channel--> worker
+        --recvmsg--> Connection --frames--> service --reply--> client
+
+The master closes its copy of the fd right after passing it, so a worker
+crash takes only its own connections with it. The master accepts only while
+some worker is READY (until then the kernel's backlog holds connections),
+and it is deliberately small: signals (:mod:`signals`), the pool and its
+reaping (:mod:`pool`), the status document (:mod:`status`) live elsewhere.
+This module wires them to the loop and answers the channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ipcd import __version__, fdpass
+from ipcd.protocol import Frame, RemoteProtocolError, decode_json, encode_json
+from ipcd.server.channel import ChannelClosed, ChannelOp
+from ipcd.server.loop import EventLoop
+from ipcd.server.pool import WorkerHandle, WorkerPool, WorkerState
+from ipcd.server.signals import SignalDispatcher
+from ipcd.server.status import build_status
+from ipcd.settings import Settings, SettingsError, reload_settings
+from ipcd.socketdir import BoundSocket, DaemonLock, SocketDirError, bind_socket, prepare_socket_dir
+
+log = logging.getLogger("ipcd.master")
+
+_ACCEPT_BATCH = 64
+_HEARTBEAT_INTERVAL = 2.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+class Master:
+    def __init__(self, settings: Settings, overrides: Mapping[str, Any]) -> None:
+        self.settings = settings
+        self._overrides = dict(overrides)
+        self.loop = EventLoop()
+        self.lock = DaemonLock(settings.lock_path)
+        self.stream: BoundSocket | None = None
+        self.dgram: BoundSocket | None = None
+        self.pool: WorkerPool | None = None
+        self.signals: SignalDispatcher | None = None
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self._accepting = False
+        self._stopping = False
+        self._stop_deadline = 0.0
+        self.exit_code = 0
+        self.error: str | None = None
+
+    # -- start -------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Socket dir, lock and sockets; raises with a one-line reason."""
+        try:
+            prepare_socket_dir(self.settings.socket_dir)
+            self.lock.acquire()
+            self.stream = bind_socket(
+                self.settings.stream_path,
+                socket.SOCK_STREAM,
+                self.settings.socket_mode,
+                self.settings.socket_group,
+            )
+            self.dgram = bind_socket(
+                self.settings.dgram_path,
+                socket.SOCK_DGRAM,
+                self.settings.socket_mode,
+                self.settings.socket_group,
+            )
+        except SocketDirError as exc:
+            self._close_sockets()
+            raise StartupError(str(exc)) from None
+        fdpass.enable_credentials(self.dgram.sock)
+
+    def _child_setup(self) -> None:
+        """In a freshly forked worker: drop everything that is the master's."""
+        if self.signals is not None:
+            self.signals.close(forked=True)
+        self.loop.close()  # closes our copy of the epoll fd; the parent's stays intact
+        if self.stream is not None:
+            self.stream.sock.close()  # workers never accept
+        self.lock.release()
+
+    def run(self) -> int:
+        self.bind()
+        assert self.stream is not None
+        assert self.dgram is not None
+        self.signals = SignalDispatcher(self.loop)
+        self.signals.on(signal.SIGTERM, self._on_stop_signal)
+        self.signals.on(signal.SIGINT, self._on_stop_signal)
+        self.signals.on(signal.SIGHUP, lambda _sig: self.reload())
+        self.signals.on(signal.SIGCHLD, lambda _sig: self._reap())
+        self.pool = WorkerPool(
+            self.settings,
+            self.dgram.sock,
+            self._child_setup,
+            on_channel=lambda h: self.loop.add_reader(h.channel, lambda _m: self._on_channel(h)),
+            remove_channel=lambda h: self.loop.remove(h.channel),
+        )
+        self.pool.spawn_generation(self.settings.workers)
+        self.loop.call_later(_HEARTBEAT_INTERVAL, self._heartbeat)
+        log.info(
+            "ipcd %s serving on %s with %d workers (master pid %d)",
+            __version__,
+            self.settings.socket_dir,
+            self.settings.workers,
+            os.getpid(),
+        )
+        try:
+            while not (self._stopping and not self.pool.workers):
+                wait = self.pool.spawn_due()
+                if self._stopping:
+                    remaining = self._stop_deadline - time.monotonic()
+                    if remaining <= 0:
+                        self.pool.kill_all()
+                        remaining = 0.5
+                    wait = remaining if wait is None else min(wait, remaining)
+                self.loop.run_once(wait)
+                if self.pool.gave_up and not self._stopping:
+                    self.error = self.pool.gave_up
+                    self.exit_code = 3
+                    self.stop()
+                self._sync_accepting()
+        finally:
+            self._close_sockets()
+            self.lock.release()
+        log.info("ipcd stopped")
+        return self.exit_code
+
+    # -- accepting ---------------------------------------------------------
+
+    def _sync_accepting(self) -> None:
+        assert self.pool is not None
+        assert self.stream is not None
+        want = not self._stopping and bool(self.pool.running())
+        if want != self._accepting:
+            self._accepting = want
+            if want:
+                self.loop.add_reader(self.stream.sock, self._on_accept)
+            else:
+                self.loop.remove(self.stream.sock)
+
+    def _on_accept(self, mask: int) -> None:
+        assert self.pool is not None
+        assert self.stream is not None
+        listener = self.stream.sock
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # EMFILE and friends: log, keep serving
+                log.error("accept failed: %s", exc.strerror)
+                return
+            with conn:
+                if self.pool.pass_connection(conn.fileno()) is None:
+                    log.error("no worker could take a connection; closing it")
+
+    # -- channel -----------------------------------------------------------
+
+    def _on_channel(self, handle: WorkerHandle) -> None:
+        assert self.pool is not None
+        for _ in range(64):
+            try:
+                record = handle.channel.recv()
+            except BlockingIOError:
+                return
+            except (ChannelClosed, OSError):
+                self.pool.channel_closed(handle)
+                return
+            except RemoteProtocolError as exc:
+                log.error("bad record from worker %d: %s", handle.pid, exc.message)
+                continue
+            self._on_record(handle, record)
+
+    def _on_record(self, handle: WorkerHandle, record: Frame) -> None:
+        assert self.pool is not None
+        fdpass.close_fds(record.fds)  # workers send none; never keep stray ones
+        handle.last_heartbeat = time.monotonic()
+        if record.op == ChannelOp.READY:
+            self.pool.mark_ready(handle)
+            if all(w.state is not WorkerState.STARTING for w in self.pool.workers.values()):
+                log.info("all %d workers ready", len(self.pool.running()))
+        elif record.op == ChannelOp.LOAD:
+            try:
+                handle.load = {k: int(v) for k, v in decode_json(record.body).items()}
+            except (RemoteProtocolError, TypeError, ValueError):
+                log.error("malformed load report from worker %d", handle.pid)
+        elif record.op == ChannelOp.STATUS_QUERY:
+            status = build_status(self.settings, self.pool, self.started, self.started_wall)
+            try:
+                handle.channel.send(
+                    ChannelOp.STATUS_RESULT, encode_json(status), request_id=record.request_id
+                )
+            except (BlockingIOError, ChannelClosed, OSError) as exc:
+                log.warning("cannot answer worker %d's status query: %s", handle.pid, exc)
+
+    def _heartbeat(self) -> None:
+        assert self.pool is not None
+        now = time.monotonic()
+        timeout = self.settings.worker_timeout
+        for handle in list(self.pool.workers.values()):
+            if timeout and handle.channel_open and now - handle.last_heartbeat > timeout:
+                self.pool.kill(handle, f"has not answered for {now - handle.last_heartbeat:.0f}s")
+        self.pool.broadcast(ChannelOp.HEARTBEAT)
+        self.loop.call_later(_HEARTBEAT_INTERVAL, self._heartbeat)
+
+    # -- signals -----------------------------------------------------------
+
+    def _reap(self) -> None:
+        assert self.pool is not None
+        self.pool.reap(on_change=lambda: None)
+
+    def _on_stop_signal(self, signum: signal.Signals) -> None:
+        log.info("%s received; stopping", signum.name)
+        self.stop()
+
+    def stop(self) -> None:
+        if self._stopping or self.pool is None:
+            return
+        self._stopping = True
+        self._stop_deadline = time.monotonic() + self.settings.stop_timeout
+        self._sync_accepting()
+        self.pool.stop_all()
+
+    def reload(self) -> None:
+        assert self.pool is not None
+        if self._stopping:
+            return
+        try:
+            fresh, kept = reload_settings(self.settings, self._overrides)
+        except SettingsError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        if kept:
+            log.warning("reload: %s only change on restart; kept as they were", ", ".join(kept))
+        self.settings = fresh
+        logging.getLogger("ipcd").setLevel(fresh.log_level.upper())
+        log.info("reloading: starting %d new workers, draining the old ones", fresh.workers)
+        self.pool.replace_all(fresh)
+
+    def _close_sockets(self) -> None:
+        for bound in (self.stream, self.dgram):
+            if bound is not None:
+                bound.unlink()
+                bound.sock.close()
+        self.stream = self.dgram = None

@@ -1,0 +1,63 @@
+"""The STATUS document, built by the master from what it knows of each worker."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from ipcd import __version__
+from ipcd.server.pool import WorkerHandle, WorkerPool
+from ipcd.settings import Settings
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of ``pid`` (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _worker_entry(handle: WorkerHandle, now: float) -> dict[str, Any]:
+    return {
+        "pid": handle.pid,
+        "state": handle.state.value,
+        "generation": handle.generation,
+        "connections": handle.connections,
+        "rss": rss_bytes(handle.pid),
+        "received": handle.load.get("received", 0),
+        "frames": handle.load.get("frames", 0),
+        "datagrams": handle.load.get("datagrams", 0),
+        "protocol_errors": handle.load.get("protocol_errors", 0),
+        "cut_off": handle.load.get("cut_off", 0),
+        "uptime": round(now - handle.started, 3),
+    }
+
+
+def build_status(settings: Settings, pool: WorkerPool, started: float, started_wall: float) -> dict[str, Any]:
+    now = time.monotonic()
+    workers = [_worker_entry(h, now) for h in sorted(pool.workers.values(), key=lambda h: h.started)]
+    return {
+        "version": __version__,
+        "pid": os.getpid(),
+        "uptime": round(now - started, 3),
+        "started": started_wall,
+        "socket_dir": str(settings.socket_dir),
+        "sockets": {"stream": str(settings.stream_path), "dgram": str(settings.dgram_path)},
+        "rss": rss_bytes(os.getpid()),
+        "generation": pool.generation,
+        "respawns": pool.respawns,
+        "workers": workers,
+        "totals": {
+            "workers": len(workers),
+            "connections": sum(w["connections"] for w in workers),
+            "rss": sum(w["rss"] for w in workers) + rss_bytes(os.getpid()),
+            "received": sum(w["received"] for w in workers),
+            "frames": sum(w["frames"] for w in workers),
+            "datagrams": sum(w["datagrams"] for w in workers),
+        },
+    }

@@ -1,0 +1,250 @@
+"""A worker process: serves the connections the master passes it.
+
+Theory of operation: a worker never accepts. Its channel to the master
+brings each accepted connection as an ``SCM_RIGHTS`` fd (op CONN); the
+worker wraps it, registers it with its own epoll loop and serves it until
+either side closes. It also reads the shared datagram socket. After each
+loop iteration in which its connection count changed it reports its load,
+which is how the master picks the least-loaded worker. EOF on the channel
+means the master is gone: the worker exits rather than serve orphaned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+
+from ipcd import fdpass
+from ipcd.protocol import (
+    ErrorCode,
+    Frame,
+    Op,
+    RemoteProtocolError,
+    decode_json,
+    encode_frame,
+    encode_json,
+    op_name,
+)
+from ipcd.server.channel import Channel, ChannelClosed, ChannelOp
+from ipcd.server.connection import Connection
+from ipcd.server.dgram import DatagramEndpoint
+from ipcd.server.loop import EventLoop
+from ipcd.server.signals import SignalDispatcher
+from ipcd.services import StreamHandler, stream_handlers
+from ipcd.settings import Settings
+
+log = logging.getLogger("ipcd.worker")
+
+READ_BUFFER_SIZE = 256 * 1024
+_SWEEP_INTERVAL = 1.0
+
+
+@dataclasses.dataclass
+class WorkerStats:
+    received: int = 0  # connections received from the master as passed fds
+    closed: int = 0
+    frames: int = 0
+    protocol_errors: int = 0
+    cut_off: int = 0
+    datagrams: int = 0
+
+
+StatusCallback = Callable[[dict[str, object]], None]
+
+
+class Worker:
+    def __init__(
+        self, settings: Settings, channel: Channel, dgram: socket.socket | None, generation: int
+    ) -> None:
+        self.settings = settings
+        self.channel = channel
+        self.dgram = dgram
+        self.generation = generation
+        self.loop = EventLoop()
+        self.connections: dict[int, Connection] = {}
+        self.stalled: set[Connection] = set()
+        self.to_flush: set[Connection] = set()  # got output this iteration
+        self.stats = WorkerStats()
+        self.read_buffer = bytearray(READ_BUFFER_SIZE)
+        self.read_view = memoryview(self.read_buffer)
+        self.pause_threshold = max(settings.max_outbuf // 4, 64 * 1024)
+        self.handlers: dict[int, StreamHandler] = stream_handlers()
+        self.draining = False
+        self._exit_code: int | None = None
+        self._ids = itertools.count(1)
+        self._load_dirty = True
+        self._status_waiters: dict[int, tuple[int, int]] = {}  # token -> (conn id, request id)
+        self._dgram_endpoint: DatagramEndpoint | None = None
+
+    @property
+    def now(self) -> float:
+        return self.loop.now
+
+    # -- life cycle --------------------------------------------------------
+
+    def run(self) -> int:
+        signals = SignalDispatcher(self.loop)
+        signals.on(signal.SIGTERM, lambda _sig: self.stop("terminated"))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the master decides
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.loop.add_reader(self.channel, self._on_channel)
+        if self.dgram is not None:
+            self._dgram_endpoint = DatagramEndpoint(self, self.dgram)
+            self.loop.add_reader(self.dgram, self._dgram_endpoint.on_readable)
+        if self.settings.send_timeout or self.settings.idle_timeout:
+            self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
+        self.channel.send(ChannelOp.READY)
+        log.debug("worker %d ready (generation %d)", os.getpid(), self.generation)
+        while self._exit_code is None:
+            self.loop.run_once()
+            if self.to_flush:
+                self._flush_all()
+            if self._load_dirty and self._exit_code is None:
+                self._report_load()
+        signals.close()
+        return self._exit_code
+
+    def _flush_all(self) -> None:
+        pending, self.to_flush = self.to_flush, set()
+        for conn in pending:
+            if not conn.closed:
+                conn.flush()
+
+    def stop(self, reason: str) -> None:
+        """Close every connection (telling each why) and exit."""
+        for conn in list(self.connections.values()):
+            conn.send_error(0, ErrorCode.SHUTTING_DOWN, f"ipcd is stopping ({reason})")
+            conn.flush()
+            conn.close(None)
+        self._exit_code = 0
+
+    def drain(self, timeout: float) -> None:
+        """Old generation after a reload: no new work; exit when idle."""
+        self.draining = True
+        if self.dgram is not None:
+            self.loop.remove(self.dgram)
+        self.loop.call_later(timeout, lambda: self.stop("drain timeout after reload"))
+        if not self.connections:
+            self._exit_code = 0
+
+    # -- channel -----------------------------------------------------------
+
+    def _on_channel(self, mask: int) -> None:
+        for _ in range(64):
+            try:
+                record = self.channel.recv()
+            except BlockingIOError:
+                return
+            except ChannelClosed:
+                log.warning("worker %d: master went away; exiting", os.getpid())
+                self.stop("master went away")
+                return
+            except RemoteProtocolError as exc:
+                log.error("worker %d: bad record from master: %s", os.getpid(), exc.message)
+                continue
+            self._on_record(record)
+
+    def _on_record(self, record: Frame) -> None:
+        op = record.op
+        if op == ChannelOp.CONN:
+            if len(record.fds) != 1:
+                fdpass.close_fds(record.fds)
+                return
+            self.adopt(record.fds[0])
+        elif op == ChannelOp.HEARTBEAT:
+            self._send_to_master(ChannelOp.HEARTBEAT_ACK)
+        elif op == ChannelOp.STATUS_RESULT:
+            self._deliver_status(record.request_id, record.body)
+        elif op == ChannelOp.DRAIN:
+            self.drain(float(record.body.decode() or self.settings.drain_timeout))
+        elif op == ChannelOp.STOP:
+            self.stop("stopped by the master")
+        else:
+            fdpass.close_fds(record.fds)
+            log.error("worker %d: unknown channel op %s", os.getpid(), op_name(op))
+
+    def _send_to_master(self, op: ChannelOp, body: bytes = b"", request_id: int = 0) -> bool:
+        try:
+            self.channel.send(op, body, request_id=request_id)
+        except (BlockingIOError, ChannelClosed) as exc:
+            log.warning("worker %d: cannot reach the master (%s)", os.getpid(), exc)
+            return False
+        return True
+
+    def _report_load(self) -> None:
+        load = {"connections": len(self.connections), **dataclasses.asdict(self.stats)}
+        if self._send_to_master(ChannelOp.LOAD, encode_json(load)):
+            self._load_dirty = False
+
+    # -- connections -------------------------------------------------------
+
+    def adopt(self, fd: int) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
+        sock.setblocking(False)
+        conn = Connection(self, sock, next(self._ids))
+        self.connections[conn.id] = conn
+        self.stats.received += 1
+        self._load_dirty = True
+        self.loop.add_reader(sock, conn.on_event)
+
+    def connection_closed(self, conn: Connection, reason: str | None) -> None:
+        self.connections.pop(conn.id, None)
+        self.stats.closed += 1
+        self._load_dirty = True
+        if self.draining and not self.connections:
+            self._exit_code = 0
+
+    def dispatch(self, conn: Connection, frame: Frame) -> None:
+        self.stats.frames += 1
+        handler = self.handlers.get(frame.op)
+        if handler is None:
+            fdpass.close_fds(frame.fds)
+            conn.send_error(frame.request_id, ErrorCode.UNKNOWN_OP, f"unknown operation {op_name(frame.op)}")
+            return
+        handler(self, conn, frame)
+
+    def _sweep(self) -> None:
+        now = self.now
+        send_timeout = self.settings.send_timeout
+        if send_timeout:
+            for conn in [c for c in self.stalled if now - c.last_progress > send_timeout]:
+                conn.cut_off(
+                    ErrorCode.SLOW_CONSUMER,
+                    f"no output could be sent for {send_timeout:g}s: the client is not reading",
+                )
+        idle_timeout = self.settings.idle_timeout
+        if idle_timeout:
+            for conn in [c for c in self.connections.values() if now - c.last_read > idle_timeout]:
+                if not conn.closing:
+                    conn.send_error(0, ErrorCode.IDLE_TIMEOUT, f"idle for {idle_timeout:g}s; closing")
+                    conn.close_after_flush()
+        self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
+    # -- status ------------------------------------------------------------
+
+    def query_status(self, conn: Connection, request_id: int) -> None:
+        token = next(self._ids)
+        self._status_waiters[token] = (conn.id, request_id)
+        if not self._send_to_master(ChannelOp.STATUS_QUERY, request_id=token):
+            del self._status_waiters[token]
+            conn.send_error(request_id, ErrorCode.INTERNAL, "the master did not take the status query")
+
+    def _deliver_status(self, token: int, body: bytes) -> None:
+        waiter = self._status_waiters.pop(token, None)
+        if waiter is None:
+            return
+        conn = self.connections.get(waiter[0])
+        if conn is None:
+            return
+        try:
+            status = decode_json(body)
+        except RemoteProtocolError:
+            conn.send_error(waiter[1], ErrorCode.INTERNAL, "malformed status from the master")
+            return
+        status["served_by"] = os.getpid()
+        conn.send_frame(encode_frame(Op.STATUS_REPLY, waiter[1], encode_json(status)))

@@ -1,0 +1,29 @@
+"""Admin: STATUS, answered from the master's view of every worker.
+
+The worker that received the request cannot see the other workers, so it
+forwards the query over its channel; the master answers with the whole
+picture and the worker adds its own pid as ``served_by``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ipcd import fdpass
+from ipcd.protocol import ErrorCode, Frame, Op
+
+if TYPE_CHECKING:
+    from ipcd.server.connection import Connection
+    from ipcd.server.worker import Worker
+    from ipcd.services import StreamHandler
+
+
+def _status(worker: Worker, conn: Connection, frame: Frame) -> None:
+    if frame.fds:
+        fdpass.close_fds(frame.fds)
+        conn.send_error(frame.request_id, ErrorCode.FDS_NOT_EXPECTED, "STATUS takes no fds")
+        return
+    worker.query_status(conn, frame.request_id)
+
+
+STREAM: dict[int, StreamHandler] = {Op.STATUS: _status}

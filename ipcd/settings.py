@@ -1,0 +1,244 @@
+"""Daemon settings: defaults < TOML file < environment (IPCD_*) < flags.
+
+Theory of operation: one table, :data:`OPTIONS`, declares every setting once
+(name, type, default, help). The ``ipcd`` command builds its click options
+from it (click reads the flag, else the ``IPCD_*`` variable), the TOML loader
+validates file keys against it, and ``--help`` documents it. What the user
+gave on the command line or in the environment is kept as *overrides*, so a
+reload (SIGHUP) re-reads the file and the flags still win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+DEFAULT_SOCKET_DIR: Final = Path("/tmp/ipcd")
+STREAM_SOCKET: Final = "stream.sock"
+DGRAM_SOCKET: Final = "dgram.sock"
+LOCK_FILE: Final = ".lock"
+SOCKET_DIR_ENV: Final = "IPCD_SOCKET_DIR"
+
+
+class SettingsError(Exception):
+    """A setting has a bad value; the message says which and what to do."""
+
+
+def default_socket_dir() -> Path:
+    """``IPCD_SOCKET_DIR`` if set, else /tmp/ipcd (shared with ipcctl)."""
+    return Path(os.environ.get(SOCKET_DIR_ENV) or DEFAULT_SOCKET_DIR)
+
+
+def _positive_int(value: Any) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def _non_negative_float(value: Any) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
+def _octal_mode(value: Any) -> int:
+    mode = value if isinstance(value, int) else int(str(value), 8)
+    if not 0 <= mode <= 0o777:
+        raise ValueError("must be an octal mode like 0666")
+    return mode
+
+
+def _log_level(value: Any) -> str:
+    level = str(value).lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ValueError("must be one of debug, info, warning, error")
+    return level
+
+
+def _size(value: Any) -> int:
+    """A byte count: 65536, "64K", "4M"."""
+    text = str(value).strip().upper()
+    factor = 1
+    for suffix, mult in (("K", 1024), ("M", 1024**2), ("G", 1024**3)):
+        if text.endswith(suffix):
+            text, factor = text[:-1], mult
+            break
+    number = int(text) * factor
+    if number < 1:
+        raise ValueError("must be at least 1 byte")
+    return number
+
+
+def _group(value: Any) -> str:
+    name = str(value)
+    if name and not name.isdigit():
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            raise ValueError(f"no group named {name!r}") from None
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionSpec:
+    name: str  # settings field; the flag is --name-with-dashes
+    parse: Callable[[Any], Any]
+    help: str
+    metavar: str
+    reloadable: bool = True
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def envvar(self) -> str:
+        return "IPCD_" + self.name.upper()
+
+
+OPTIONS: Final[tuple[OptionSpec, ...]] = (
+    OptionSpec("socket_dir", Path, "Directory of stream.sock and dgram.sock.", "DIR", reloadable=False),
+    OptionSpec("workers", _positive_int, "Worker processes to pre-fork (default: CPU count).", "N"),
+    OptionSpec("log_level", _log_level, "debug, info, warning or error.", "LEVEL"),
+    OptionSpec("socket_mode", _octal_mode, "Mode of the sockets (default 0666).", "MODE", reloadable=False),
+    OptionSpec(
+        "socket_group",
+        _group,
+        "Group owning the sockets (with a narrower --socket-mode).",
+        "GROUP",
+        reloadable=False,
+    ),
+    OptionSpec("max_frame_size", _size, "Largest frame accepted, header included (default 1M).", "BYTES"),
+    OptionSpec("max_fds", _positive_int, "Most fds accepted with one frame (default 16, at most 253).", "N"),
+    OptionSpec(
+        "max_outbuf", _size, "Outbound buffer per connection before it is cut off (default 4M).", "BYTES"
+    ),
+    OptionSpec(
+        "send_timeout",
+        _non_negative_float,
+        "Cut off a connection whose pending output makes no progress this long (default 30; 0 off).",
+        "SECS",
+    ),
+    OptionSpec(
+        "idle_timeout", _non_negative_float, "Close connections silent this long (default 0: never).", "SECS"
+    ),
+    OptionSpec(
+        "drain_timeout",
+        _non_negative_float,
+        "On reload, time old workers get to finish their connections (default 30).",
+        "SECS",
+    ),
+    OptionSpec(
+        "stop_timeout",
+        _non_negative_float,
+        "On stop, time workers get before they are killed (default 10).",
+        "SECS",
+    ),
+    OptionSpec(
+        "worker_timeout",
+        _non_negative_float,
+        "Kill a worker that misses heartbeats this long (default 30; 0 off).",
+        "SECS",
+    ),
+)
+OPTIONS_BY_NAME: Final = {spec.name: spec for spec in OPTIONS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    socket_dir: Path = DEFAULT_SOCKET_DIR
+    workers: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    log_level: str = "info"
+    socket_mode: int = 0o666
+    socket_group: str = ""
+    max_frame_size: int = 1 << 20
+    max_fds: int = 16
+    max_outbuf: int = 4 << 20
+    send_timeout: float = 30.0
+    idle_timeout: float = 0.0
+    drain_timeout: float = 30.0
+    stop_timeout: float = 10.0
+    worker_timeout: float = 30.0
+    config_file: Path | None = None
+
+    @property
+    def stream_path(self) -> Path:
+        return self.socket_dir / STREAM_SOCKET
+
+    @property
+    def dgram_path(self) -> Path:
+        return self.socket_dir / DGRAM_SOCKET
+
+    @property
+    def lock_path(self) -> Path:
+        return self.socket_dir / LOCK_FILE
+
+
+def _parse(name: str, value: Any, source: str) -> Any:
+    spec = OPTIONS_BY_NAME[name]
+    try:
+        parsed = spec.parse(value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{source}: {spec.flag.lstrip('-')} = {value!r}: {exc}") from None
+    if name == "max_fds" and parsed > 253:
+        raise SettingsError(f"{source}: max-fds = {value!r}: the kernel passes at most 253 fds at once")
+    if name == "max_frame_size" and parsed < 16:
+        raise SettingsError(f"{source}: max-frame-size = {value!r}: must hold a 16-byte header")
+    return parsed
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Settings from a TOML file. Keys are the flag names (``max-outbuf``
+    or ``max_outbuf``), optionally under an ``[ipcd]`` table."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    table = data.get("ipcd", data)
+    if not isinstance(table, dict):
+        raise SettingsError(f"config file {path}: [ipcd] must be a table")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in OPTIONS_BY_NAME:
+            known = ", ".join(spec.flag.lstrip("-") for spec in OPTIONS)
+            raise SettingsError(f"config file {path}: unknown key {key!r} (known: {known})")
+        values[name] = _parse(name, value, f"config file {path}")
+    return values
+
+
+def load_settings(overrides: Mapping[str, Any], config_file: Path | None = None) -> Settings:
+    """Merge defaults, the config file and overrides (flags and environment,
+    already merged by click: the flag wins over the variable)."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(read_config_file(config_file))
+    for name, value in overrides.items():
+        if value is not None:
+            values[name] = _parse(name, value, OPTIONS_BY_NAME[name].flag)
+    if "socket_dir" not in values:
+        values["socket_dir"] = DEFAULT_SOCKET_DIR
+    values["socket_dir"] = Path(os.path.abspath(values["socket_dir"]))
+    return Settings(config_file=config_file, **values)
+
+
+def reload_settings(current: Settings, overrides: Mapping[str, Any]) -> tuple[Settings, list[str]]:
+    """Re-read the config file for SIGHUP. Returns the new settings and the
+    names of changed settings that only take effect on restart (kept as they were)."""
+    fresh = load_settings(overrides, current.config_file)
+    kept: list[str] = []
+    for spec in OPTIONS:
+        if not spec.reloadable and getattr(fresh, spec.name) != getattr(current, spec.name):
+            kept.append(spec.flag.lstrip("-"))
+            fresh = dataclasses.replace(fresh, **{spec.name: getattr(current, spec.name)})
+    return fresh, kept
