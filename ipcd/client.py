@@ -141,8 +141,36 @@ class Client:
         except TimeoutError:
             raise RequestTimeout(f"sending to {self.path} timed out: the daemon is not reading") from None
         except OSError as exc:
-            raise ConnectionLost(f"connection to {self.path} lost while sending: {exc.strerror}") from None
+            reason = self._parting_words()
+            raise ConnectionLost(
+                reason or f"connection to {self.path} lost while sending: {exc.strerror}"
+            ) from None
         return request_id
+
+    def _parting_words(self) -> str | None:
+        """After the connection broke: the message of an ERROR frame the
+        daemon sent before closing (why it cut us off), if one is buffered."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    got = fdpass.recv_with_fds(self.sock, _RECV_SIZE)
+                except OSError:
+                    break
+                if not got.data:
+                    break
+                self._decoder.receive_data(got.data, got.fds, got.truncated)
+            while True:
+                event = self._decoder.next_event()
+                if event is NEED_DATA:
+                    return None
+                fdpass.close_fds(event.fds)
+                if event.op == Op.ERROR and event.request_id == 0:
+                    return decode_error(event.body)[1]
+        except RemoteProtocolError:
+            return None
+        finally:
+            self.sock.settimeout(self.timeout)
 
     def receive(self) -> Frame:
         """The next frame from the daemon, whatever request it answers.

@@ -76,12 +76,15 @@ def recv_with_fds(sock: socket.socket, bufsize: int, maxfds: int = MAX_FDS) -> R
     """One recvmsg that also collects fds (close-on-exec) and credentials.
 
     Raises what ``recvmsg`` raises (``BlockingIOError`` on a non-blocking
-    socket with nothing to read). On ``MSG_CTRUNC`` every fd that arrived
-    is closed and ``truncated`` is set; the data is returned as usual.
+    socket with nothing to read). On ``MSG_CTRUNC``, or when more than
+    ``maxfds`` fds arrived (the control buffer is rounded up and also holds
+    room for credentials, so the kernel may deliver more than asked for),
+    every fd that arrived is closed and ``truncated`` is set; the data is
+    returned as usual.
     """
     data, ancdata, flags, address = sock.recvmsg(bufsize, cmsg_space_for(maxfds), socket.MSG_CMSG_CLOEXEC)
     fds, creds = _parse_ancillary(ancdata)
-    truncated = bool(flags & socket.MSG_CTRUNC)
+    truncated = bool(flags & socket.MSG_CTRUNC) or len(fds) > maxfds
     if truncated:
         close_fds(fds)
         fds = []

@@ -247,3 +247,7 @@ def status(opts: Options) -> None:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

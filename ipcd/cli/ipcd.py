@@ -84,3 +84,7 @@ def serve(config_file: Path | None, **overrides: Any) -> None:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -38,7 +38,10 @@ def decode_json(body: bytes) -> dict[str, Any]:
     """Parse a JSON-object body; anything else is the peer's protocol error."""
     try:
         obj = json.loads(body.decode("utf-8")) if body else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError covers UnicodeDecodeError and JSONDecodeError, and also an
+    # integer literal over sys.get_int_max_str_digits(); RecursionError is a
+    # deeply nested array or object. All are the peer's doing.
+    except (ValueError, RecursionError) as exc:
         raise RemoteProtocolError(
             f"body is not UTF-8 JSON: {exc}", ErrorCode.BAD_REQUEST, fatal=False
         ) from exc

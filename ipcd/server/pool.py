@@ -9,8 +9,8 @@ Theory of operation (states, after supervisor)::
 A worker is constructed in the master and forked; the child closes what is
 the master's (``child_setup``) and runs :class:`Worker` until it returns,
 then ``os._exit``s, never unwinding into the master's code. A worker that
-exits before READY is a boot failure; after ``MAX_BOOT_FAILURES`` in a row
-(or one exit with ``EXIT_BOOT_FAILED``) the pool gives up and the master
+exits before READY (or with ``EXIT_BOOT_FAILED``) is a boot failure; after
+``MAX_BOOT_FAILURES`` in a row the pool gives up and the master
 stops with an error instead of forking forever. Boot failures back off
 exponentially. Reaping is ``waitpid(-1, WNOHANG)`` until nothing is left.
 """
@@ -167,10 +167,7 @@ class WorkerPool:
         if handle.state is WorkerState.STARTING or os.waitstatus_to_exitcode(status) == EXIT_BOOT_FAILED:
             self.boot_failures += 1
             log.error("worker %d failed to boot: %s (%d in a row)", handle.pid, how, self.boot_failures)
-            if (
-                self.boot_failures >= MAX_BOOT_FAILURES
-                or os.waitstatus_to_exitcode(status) == EXIT_BOOT_FAILED
-            ):
+            if self.boot_failures >= MAX_BOOT_FAILURES:
                 self.gave_up = (
                     f"workers keep failing to boot ({self.boot_failures} in a row, last {how}); "
                     "see the log above for the cause"
