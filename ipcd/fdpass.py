@@ -96,22 +96,25 @@ class ReceivedInto(NamedTuple):
 
     nbytes: int
     fds: tuple[int, ...]
-    truncated: bool  # MSG_CTRUNC: fds were dropped; ``fds`` is empty, all closed
+    truncated: bool  # as in Received: ``fds`` is empty, all closed
     creds: Credentials | None
     address: str | bytes | None
     data_truncated: bool  # MSG_TRUNC: a datagram or record did not fit the buffer
 
 
 def recv_into_with_fds(
-    sock: socket.socket, buffer: bytearray | memoryview, maxfds: int = MAX_FDS
+    sock: socket.socket, buffer: bytearray | memoryview, maxfds: int = MAX_FDS, cmsg_space: int = 0
 ) -> ReceivedInto:
     """Like :func:`recv_with_fds`, into a caller's reusable buffer (no
-    allocation per read on the hot path)."""
+    allocation per read on the hot path). ``cmsg_space``, if given, is a
+    precomputed ``cmsg_space_for(maxfds)``."""
     nbytes, ancdata, flags, address = sock.recvmsg_into(
-        [buffer], cmsg_space_for(maxfds), socket.MSG_CMSG_CLOEXEC
+        [buffer], cmsg_space or cmsg_space_for(maxfds), socket.MSG_CMSG_CLOEXEC
     )
+    if not ancdata and not flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+        return ReceivedInto(nbytes, (), False, None, address or None, False)  # the common case
     fds, creds = _parse_ancillary(ancdata)
-    truncated = bool(flags & socket.MSG_CTRUNC)
+    truncated = bool(flags & socket.MSG_CTRUNC) or len(fds) > maxfds
     if truncated:
         close_fds(fds)
         fds = []
@@ -120,7 +123,7 @@ def recv_into_with_fds(
 
 def send_with_fds(
     sock: socket.socket,
-    buffers: Sequence[bytes | memoryview],
+    buffers: Sequence[bytes | bytearray | memoryview],
     fds: Sequence[int] = (),
     address: str | bytes | None = None,
 ) -> int:

@@ -164,6 +164,11 @@ class FrameDecoder:
         """Bytes received but not yet returned as frames."""
         return len(self._buf) - self._pos
 
+    @property
+    def idle(self) -> bool:
+        """Nothing buffered and no fds waiting for their frame."""
+        return self._pos == len(self._buf) and not self._batches
+
     def receive_data(
         self, data: bytes | bytearray | memoryview, fds: Sequence[int] = (), fds_truncated: bool = False
     ) -> None:

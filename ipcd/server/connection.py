@@ -38,6 +38,7 @@ from ipcd.protocol import (
     encode_error,
     encode_frame,
 )
+from ipcd.protocol.fastpath import ECHO_PREFIX, reflect_run, scan_plain_run
 
 if TYPE_CHECKING:
     from ipcd.server.worker import Worker
@@ -54,7 +55,7 @@ class _Pending:
 
     __slots__ = ("data", "fds")
 
-    def __init__(self, data: bytes | memoryview, fds: tuple[int, ...]) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview, fds: tuple[int, ...]) -> None:
         self.data = data
         self.fds = fds
 
@@ -118,7 +119,9 @@ class Connection:
     def _read(self) -> None:
         worker = self.worker
         try:
-            got = fdpass.recv_into_with_fds(self.sock, worker.read_buffer, worker.settings.max_fds)
+            got = fdpass.recv_into_with_fds(
+                self.sock, worker.read_buffer, worker.settings.max_fds, worker.cmsg_space
+            )
         except BlockingIOError:
             return
         except OSError as exc:
@@ -128,10 +131,17 @@ class Connection:
             self._on_eof()
             return
         self.last_read = worker.now
+        view = worker.read_view
+        start = 0
         decoder = self.decoder
+        if not got.fds and not got.truncated and (decoder is None or decoder.idle):
+            start = self._echo_fast_path(worker.read_buffer, got.nbytes)
+            if start == got.nbytes:
+                self._after_read()
+                return
         if decoder is None:
             decoder = self.decoder = FrameDecoder(worker.settings.max_frame_size)
-        decoder.receive_data(worker.read_view[: got.nbytes], got.fds, got.truncated)
+        decoder.receive_data(view[start : got.nbytes], got.fds, got.truncated)
         dispatch = worker.dispatch
         while True:
             try:
@@ -150,9 +160,37 @@ class Connection:
             dispatch(self, event)
             if self.closed or self.closing:
                 return
+        self._after_read()
+
+    def _echo_fast_path(self, buf: bytearray, nbytes: int) -> int:
+        """Answer a leading run of plain ECHO frames in one copy (see
+        ipcd.protocol.fastpath); return how many bytes it consumed."""
+        worker = self.worker
+        offsets = scan_plain_run(buf, nbytes, ECHO_PREFIX, worker.max_frame_size)
+        if not offsets:
+            return 0
+        worker.stats.frames += len(offsets)
+        reply = reflect_run(buf, offsets)
+        if self._out is None:  # nothing queued: try the socket directly
+            try:
+                sent = self.sock.send(reply)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.close(f"write failed: {exc.strerror}")
+                return nbytes
+            if sent == len(reply):
+                self.last_progress = worker.now
+                return sent
+            self.send_frame(bytes(reply[sent:]))
+        else:
+            self.send_frame(reply)
+        return len(reply)
+
+    def _after_read(self) -> None:
         if self._out:
             self.flush()
-            if self.out_bytes > worker.pause_threshold and not self.closed:
+            if self.out_bytes > self.worker.pause_threshold and not self.closed:
                 self._set_events(_WRITE)  # backpressure: stop reading until it drains
 
     def _on_eof(self) -> None:
@@ -162,7 +200,11 @@ class Connection:
 
     # -- output ------------------------------------------------------------
 
-    def send_frame(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
+    @property
+    def has_output(self) -> bool:
+        return self._out is not None and not self.closed
+
+    def send_frame(self, data: bytes | bytearray, fds: tuple[int, ...] = ()) -> None:
         """Queue one encoded frame (and take ownership of ``fds``)."""
         if self.closed:
             fdpass.close_fds(fds)

@@ -73,6 +73,8 @@ class Worker:
         self.read_buffer = bytearray(READ_BUFFER_SIZE)
         self.read_view = memoryview(self.read_buffer)
         self.pause_threshold = max(settings.max_outbuf // 4, 64 * 1024)
+        self.max_frame_size = settings.max_frame_size
+        self.cmsg_space = fdpass.cmsg_space_for(settings.max_fds)
         self.handlers: dict[int, StreamHandler] = stream_handlers()
         self.draining = False
         self._exit_code: int | None = None
@@ -112,7 +114,7 @@ class Worker:
     def _flush_all(self) -> None:
         pending, self.to_flush = self.to_flush, set()
         for conn in pending:
-            if not conn.closed:
+            if conn.has_output:
                 conn.flush()
 
     def stop(self, reason: str) -> None:

@@ -1,0 +1,84 @@
+"""The echo fast path must answer exactly what the general path answers."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipcd.protocol import (
+    NEED_DATA,
+    FrameDecoder,
+    Op,
+    RemoteProtocolError,
+    encode_frame,
+    encode_header,
+    reply_op,
+)
+from ipcd.protocol.fastpath import ECHO_PREFIX, reflect_run, run_end, scan_plain_run
+
+MAX = 4096
+
+
+def general_replies(data: bytes) -> tuple[bytes, int]:
+    """Replies the general decoder gives to the leading plain ECHO frames,
+    and how many bytes those frames span (the fast path's contract)."""
+    decoder = FrameDecoder(MAX)
+    decoder.receive_data(data)
+    out = bytearray()
+    consumed = 0
+    while True:
+        try:
+            frame = decoder.next_event()
+        except RemoteProtocolError:
+            break
+        if frame is NEED_DATA or frame.op != Op.ECHO or frame.flags or frame.fds:
+            break
+        out += encode_header(reply_op(frame.op), frame.request_id, len(frame.body)) + frame.body
+        consumed += 16 + len(frame.body)
+    return bytes(out), consumed
+
+
+echo_frames = st.lists(
+    st.tuples(st.integers(0, 0xFFFFFFFF), st.binary(max_size=200)).map(
+        lambda t: encode_frame(Op.ECHO, t[0], t[1])
+    ),
+    max_size=20,
+)
+other_frames = st.sampled_from(
+    [
+        encode_frame(Op.PING, 1, b"p"),
+        encode_frame(Op.ECHO, 2, b"f", flags=1),
+        encode_frame(Op.ECHO, 3, b"", nfds=1),
+        encode_frame(Op.ECHO, 4, b"x" * MAX),  # over the limit
+        b"garbage!" * 3,
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(echo_frames, st.one_of(st.just(b""), other_frames), st.integers(0, 40))
+def test_fast_path_matches_general_path(frames: list[bytes], tail: bytes, cut: int) -> None:
+    data = b"".join(frames) + tail
+    data = data[: max(len(data) - cut, 0)]  # possibly end mid-frame
+    buf = bytearray(data)
+    offsets = scan_plain_run(buf, len(buf), ECHO_PREFIX, MAX)
+    expected, consumed = general_replies(data)
+    if not offsets:
+        assert expected == b""
+        return
+    assert run_end(buf, offsets) == consumed
+    assert bytes(reflect_run(buf, offsets)) == expected
+
+
+def test_run_stops_at_the_first_frame_that_is_not_plain_echo() -> None:
+    data = bytearray(
+        encode_frame(Op.ECHO, 1, b"a") + encode_frame(Op.PING, 2, b"b") + encode_frame(Op.ECHO, 3)
+    )
+    assert scan_plain_run(data, len(data), ECHO_PREFIX, MAX) == [0]
+
+
+def test_incomplete_frame_is_left_for_the_decoder() -> None:
+    data = bytearray(encode_frame(Op.ECHO, 1, b"abc") + encode_frame(Op.ECHO, 2, b"defg")[:-1])
+    offsets = scan_plain_run(data, len(data), ECHO_PREFIX, MAX)
+    assert offsets == [0]
+    assert run_end(data, offsets) == 19
