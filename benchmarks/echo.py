@@ -185,8 +185,15 @@ def dgram(ipcd: Server, raw: Server, s: Settings, problems: list[str]) -> Table:
     return _latency("dgram", title, ipcd, raw, s, dgram=True)
 
 
+def _idle(ipcd: Server, raw: Server, s: Settings, problems: list[str]) -> Table:
+    from benchmarks.idle import idle  # noqa: PLC0415 - idle imports this module
+
+    return idle(ipcd, raw, s, problems)
+
+
 SCENARIOS: dict[str, Callable[[Server, Server, Settings, list[str]], Table]] = {
     "throughput": throughput,
     "latency": latency,
     "dgram": dgram,
+    "idle": _idle,
 }

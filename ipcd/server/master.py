@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -38,6 +39,16 @@ log = logging.getLogger("ipcd.master")
 
 _ACCEPT_BATCH = 64
 _HEARTBEAT_INTERVAL = 2.0
+_ACCEPT_PAUSE = 0.1
+
+
+def raise_fd_limit() -> None:
+    """Every connection is an fd in some worker: lift the soft RLIMIT_NOFILE
+    to the hard limit, as servers do (workers inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.debug("fd limit raised from %d to %d", soft, hard)
 
 
 class StartupError(Exception):
@@ -57,6 +68,7 @@ class Master:
         self.started = time.monotonic()
         self.started_wall = time.time()
         self._accepting = False
+        self._accept_paused = False
         self._stopping = False
         self._stop_deadline = 0.0
         self.exit_code = 0
@@ -66,6 +78,7 @@ class Master:
 
     def bind(self) -> None:
         """Socket dir, lock and sockets; raises with a one-line reason."""
+        raise_fd_limit()
         try:
             prepare_socket_dir(self.settings.socket_dir)
             self.lock.acquire()
@@ -146,7 +159,7 @@ class Master:
     def _sync_accepting(self) -> None:
         assert self.pool is not None
         assert self.stream is not None
-        want = not self._stopping and bool(self.pool.running())
+        want = not self._stopping and not self._accept_paused and bool(self.pool.running())
         if want != self._accepting:
             self._accepting = want
             if want:
@@ -163,12 +176,27 @@ class Master:
                 conn, _ = listener.accept()
             except BlockingIOError:
                 return
-            except OSError as exc:  # EMFILE and friends: log, keep serving
-                log.error("accept failed: %s", exc.strerror)
+            except OSError as exc:
+                self._accept_failed(exc)
                 return
             with conn:
                 if self.pool.pass_connection(conn.fileno()) is None:
                     log.error("no worker could take a connection; closing it")
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of fds (EMFILE/ENFILE) or memory: the listener stays readable,
+        so a level-triggered loop would spin. Pause accepting briefly; the
+        kernel's backlog holds new clients meanwhile."""
+        log.error("accept failed: %s; pausing accepts for %gs", exc.strerror, _ACCEPT_PAUSE)
+        assert self.stream is not None
+        self.loop.remove(self.stream.sock)
+        self._accept_paused = True
+
+        def resume() -> None:
+            self._accept_paused = False
+            self._sync_accepting()
+
+        self.loop.call_later(_ACCEPT_PAUSE, resume)
 
     # -- channel -----------------------------------------------------------
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ipcd.client import ConnectionLost, ServerError
-from ipcd.protocol import ErrorCode
+from ipcd.protocol import ErrorCode, Op, encode_frame
 from ipcd.settings import OPTIONS
 from tests.daemon import (
     Daemon,
@@ -22,6 +22,7 @@ from tests.daemon import (
     fd_count,
     holder_of,
     listening_inode,
+    raw_connect,
     server_side_inode,
     wait_for,
 )
@@ -257,3 +258,35 @@ def test_serve_help_documents_every_setting() -> None:
     for spec in OPTIONS:
         assert spec.flag in out
         assert spec.envvar in out
+
+
+def test_master_out_of_fds_pauses_accepting_and_recovers(daemon: Daemon) -> None:
+    """EMFILE on accept: the listener stays readable, so a naive loop would
+    spin at 100% CPU. The master must pause, log, and serve once fds free up."""
+    limit = fd_count(daemon.pid)
+    hard = int(
+        subprocess.run(
+            ["prlimit", "--noheadings", "--output=HARD", "--nofile", f"--pid={daemon.pid}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    subprocess.run(["prlimit", f"--nofile={limit}:", f"--pid={daemon.pid}"], check=True)
+    waiting = raw_connect(daemon)  # queued in the backlog; accept fails with EMFILE
+    try:
+        waiting.sendall(encode_frame(Op.ECHO, 7, b"patience"))
+        wait_for(lambda: "pausing accepts" in daemon.log(), what="the EMFILE pause in the log")
+        cpu_before = _cpu_ticks(daemon.pid)
+        time.sleep(0.5)
+        assert _cpu_ticks(daemon.pid) - cpu_before < 25  # < 0.25 s of CPU in 0.5 s: no busy loop
+        subprocess.run(["prlimit", f"--nofile={hard}:", f"--pid={daemon.pid}"], check=True)
+        reply = waiting.recv(100)
+        assert reply == encode_frame(Op.ECHO_REPLY, 7, b"patience")
+    finally:
+        waiting.close()
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
