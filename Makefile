@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
+PY_DIRS := $(wildcard ipcd tests benchmarks examples)
+
 .PHONY: install run test lint fmt bench clean
 
 install: $(STAMP)
@@ -19,16 +21,16 @@ run: install
 	$(BIN)/ipcd serve
 
 lint: install
-	$(BIN)/ruff check ipcd tests benchmarks examples
-	$(BIN)/ruff format --check ipcd tests benchmarks examples
+	$(BIN)/ruff check $(PY_DIRS)
+	$(BIN)/ruff format --check $(PY_DIRS)
 	$(BIN)/mypy
 
 test: install lint
 	$(BIN)/pytest
 
 fmt: install
-	$(BIN)/ruff format ipcd tests benchmarks examples
-	$(BIN)/ruff check --fix ipcd tests benchmarks examples
+	$(BIN)/ruff format $(PY_DIRS)
+	$(BIN)/ruff check --fix $(PY_DIRS)
 
 bench: install
 	$(BIN)/python -m benchmarks
