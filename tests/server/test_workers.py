@@ -62,7 +62,11 @@ def test_connections_are_spread_and_arrive_as_passed_fds(daemon: Daemon) -> None
 def test_kill_9_of_a_worker_loses_only_its_connections(daemon: Daemon) -> None:
     workers = daemon.worker_pids()
     master_baseline = fd_count(daemon.pid)
-    worker_baseline = fd_count(workers[0])
+    # Idle workers hold the same fds; sample once they agree (the status
+    # query behind worker_pids() may still be open on one of them).
+    worker_baseline = wait_for(
+        lambda: fd_count(workers[0]) == fd_count(workers[1]) and fd_count(workers[0]), what="idle workers"
+    )
     clients = [daemon.client() for _ in range(6)]
     for client in clients:
         client.echo(b"warm")

@@ -1,0 +1,128 @@
+"""Structured bodies: binary ERROR bodies and JSON-object bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipcd.protocol import ErrorCode, RemoteProtocolError, decode_error, decode_json, encode_error, encode_json
+
+# -- ERROR bodies -------------------------------------------------------------
+
+
+def test_error_body_is_a_big_endian_code_then_utf8() -> None:
+    assert encode_error(ErrorCode.TOO_LARGE, "big") == b"\x00\x03big"
+    assert encode_error(ErrorCode.INTERNAL, "é") == b"\x00\x32\xc3\xa9"
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+@pytest.mark.parametrize("message", ["", "no such channel", "ünïcödé ✓ 🚀", "two\nlines", "x" * 10_000])
+def test_error_round_trip(code: ErrorCode, message: str) -> None:
+    assert decode_error(encode_error(code, message)) == (code, message)
+
+
+@settings(max_examples=200, deadline=None)
+@given(code=st.sampled_from(ErrorCode), message=st.text())
+def test_error_round_trip_any_text(code: ErrorCode, message: str) -> None:
+    assert decode_error(encode_error(code, message)) == (code, message)
+
+
+def test_unknown_error_code_is_returned_as_an_int() -> None:
+    assert decode_error(b"\xff\xfeadded later") == (0xFFFE, "added later")
+
+
+def test_error_message_that_is_not_utf8_is_replaced_not_raised() -> None:
+    assert decode_error(b"\x00\x01bad \xff byte") == (ErrorCode.MALFORMED, "bad \ufffd byte")
+
+
+def test_error_message_with_a_lone_surrogate_is_encoded_anyway() -> None:
+    assert encode_error(ErrorCode.INTERNAL, "a\udc80b") == b"\x00\x32a?b"
+
+
+@pytest.mark.parametrize("body", [b"", b"\x00"])
+def test_error_body_shorter_than_its_code_is_a_remote_error(body: bytes) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_error(body)
+    assert info.value.code == ErrorCode.MALFORMED
+    assert not info.value.fatal
+
+
+# -- JSON bodies --------------------------------------------------------------
+
+
+def test_json_round_trip() -> None:
+    obj = {"workers": [{"pid": 12, "load": 0.5}], "name": "ïpcd", "ready": True, "limit": None}
+    assert decode_json(encode_json(obj)) == obj
+
+
+def test_json_is_compact_and_sorted() -> None:
+    assert encode_json({"b": 1, "a": [1, 2], "c": {"z": 0, "y": 1}}) == b'{"a":[1,2],"b":1,"c":{"y":1,"z":0}}'
+
+
+def test_empty_body_is_an_empty_object() -> None:
+    assert decode_json(b"") == {}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{",
+        b"not json",
+        b"{'single': 'quotes'}",
+        b'{"a": 1} trailing',
+        b"\xff\xfe{}",  # not UTF-8
+        b'{"a": "\xc3"}',  # a truncated UTF-8 sequence
+        b"\xef\xbb\xbf{}",  # a UTF-8 byte order mark
+        b"[" * 100_000,  # nested deeper than the parser recurses
+        b'{"a": ' * 100_000,
+        b'{"n": ' + b"1" * 5_000 + b"}",  # over the int digits limit of str -> int
+        b" ",
+    ],
+    ids=lambda b: repr(b[:24]),
+)
+def test_body_that_is_not_json_is_a_bad_request(body: bytes) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_json(body)
+    assert info.value.code == ErrorCode.BAD_REQUEST
+    assert not info.value.fatal
+
+
+@pytest.mark.parametrize("body", [b"[]", b"[1, 2]", b"1", b"1.5", b'"text"', b"null", b"true"])
+def test_json_that_is_not_an_object_is_a_bad_request(body: bytes) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_json(body)
+    assert info.value.code == ErrorCode.BAD_REQUEST
+    assert not info.value.fatal
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(obj=st.dictionaries(st.text(), json_values, max_size=4))
+def test_json_round_trip_any_object(obj: dict[str, Any]) -> None:
+    assert decode_json(encode_json(obj)) == obj
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.binary()
+    | st.text(alphabet='{}[]":,.-+eE0123456789 truefalsn\\u').map(str.encode)
+    | st.integers(1, 3_000).map(lambda n: b"[" * n + b"]" * n)
+)
+def test_any_body_is_an_object_or_a_bad_request(body: bytes) -> None:
+    code: ErrorCode | None = None
+    try:
+        obj = decode_json(body)
+    except RemoteProtocolError as exc:
+        code = exc.code
+    else:
+        assert isinstance(obj, dict)
+    assert code in (None, ErrorCode.BAD_REQUEST)
