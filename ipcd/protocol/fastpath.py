@@ -5,6 +5,7 @@ frames (ECHO, no fds, no flags). Decoding each into a Frame, dispatching it
 and encoding a reply costs a few microseconds of Python per frame; here a
 run is validated with one 8-byte prefix comparison and one length read per
 frame, and answered as a single copy of the run with each op byte patched
+in the same pass
 (the reply op is the request op with the reply bit set, the rest of the
 frame is identical). Anything that is not exactly such a frame stops the
 scan; the caller hands the rest to the general :class:`FrameDecoder`, which
@@ -33,41 +34,31 @@ def plain_prefix(op: int) -> bytes:
 ECHO_PREFIX: Final = plain_prefix(Op.ECHO)
 
 
-def scan_plain_run(buf: bytes | bytearray, end: int, prefix: bytes, max_frame_size: int) -> list[int]:
-    """Offsets of the complete frames at the start of ``buf[:end]`` that
-    begin with ``prefix`` and fit ``max_frame_size``; stops at the first
-    frame that does not (or is incomplete). The run ends at the end of the
-    last frame listed."""
-    offsets: list[int] = []
-    pos = 0
+def reflect_plain_run(
+    buf: bytes | bytearray, end: int, prefix: bytes, max_frame_size: int
+) -> tuple[bytearray, int]:
+    """Replies to the complete frames at the start of ``buf[:end]`` that
+    begin with ``prefix`` and fit ``max_frame_size``: a copy of them with the
+    reply bit set on each op byte, and how many frames that is. The scan
+    stops at the first frame that does not qualify or is incomplete, so
+    ``len(reply)`` is also the number of bytes consumed."""
+    reply = bytearray(buf[:end])
+    startswith = buf.startswith
     unpack_length = _LENGTH.unpack_from
     max_body = max_frame_size - HEADER_SIZE
-    startswith = buf.startswith
+    reply_op = prefix[_OP_OFFSET] | REPLY_BIT
+    pos = 0
+    count = 0
     while pos + HEADER_SIZE <= end:
         if not startswith(prefix, pos):
             break
         (length,) = unpack_length(buf, pos + _LENGTH_OFFSET)
-        if length > max_body:
-            break
         nxt = pos + HEADER_SIZE + length
-        if nxt > end:
+        if length > max_body or nxt > end:
             break
-        offsets.append(pos)
+        reply[pos + _OP_OFFSET] = reply_op
         pos = nxt
-    return offsets
-
-
-def run_end(buf: bytes | bytearray | memoryview, offsets: list[int]) -> int:
-    """Where the run of frames at ``offsets`` ends."""
-    last = offsets[-1]
-    length: int = _LENGTH.unpack_from(buf, last + _LENGTH_OFFSET)[0]
-    return last + HEADER_SIZE + length
-
-
-def reflect_run(buf: bytes | bytearray | memoryview, offsets: list[int]) -> bytearray:
-    """The replies to a run of plain frames: a copy with the reply bit set
-    on every op byte."""
-    reply = bytearray(buf[: run_end(buf, offsets)])
-    for offset in offsets:
-        reply[offset + _OP_OFFSET] |= REPLY_BIT
-    return reply
+        count += 1
+    if pos < end:
+        del reply[pos:]
+    return reply, count

@@ -38,7 +38,7 @@ from ipcd.protocol import (
     encode_error,
     encode_frame,
 )
-from ipcd.protocol.fastpath import ECHO_PREFIX, reflect_run, scan_plain_run
+from ipcd.protocol.fastpath import ECHO_PREFIX, reflect_plain_run
 
 if TYPE_CHECKING:
     from ipcd.server.worker import Worker
@@ -166,11 +166,10 @@ class Connection:
         """Answer a leading run of plain ECHO frames in one copy (see
         ipcd.protocol.fastpath); return how many bytes it consumed."""
         worker = self.worker
-        offsets = scan_plain_run(buf, nbytes, ECHO_PREFIX, worker.max_frame_size)
-        if not offsets:
+        reply, count = reflect_plain_run(buf, nbytes, ECHO_PREFIX, worker.max_frame_size)
+        if not count:
             return 0
-        worker.stats.frames += len(offsets)
-        reply = reflect_run(buf, offsets)
+        worker.stats.frames += count
         if self._out is None:  # nothing queued: try the socket directly
             try:
                 sent = self.sock.send(reply)

@@ -14,18 +14,19 @@ from ipcd.protocol import (
     encode_header,
     reply_op,
 )
-from ipcd.protocol.fastpath import ECHO_PREFIX, reflect_run, run_end, scan_plain_run
+from ipcd.protocol.fastpath import ECHO_PREFIX, reflect_plain_run
 
 MAX = 4096
 
 
-def general_replies(data: bytes) -> tuple[bytes, int]:
+def general_replies(data: bytes) -> tuple[bytes, int, int]:
     """Replies the general decoder gives to the leading plain ECHO frames,
     and how many bytes those frames span (the fast path's contract)."""
     decoder = FrameDecoder(MAX)
     decoder.receive_data(data)
     out = bytearray()
     consumed = 0
+    count = 0
     while True:
         try:
             frame = decoder.next_event()
@@ -35,7 +36,8 @@ def general_replies(data: bytes) -> tuple[bytes, int]:
             break
         out += encode_header(reply_op(frame.op), frame.request_id, len(frame.body)) + frame.body
         consumed += 16 + len(frame.body)
-    return bytes(out), consumed
+        count += 1
+    return bytes(out), consumed, count
 
 
 echo_frames = st.lists(
@@ -60,25 +62,21 @@ other_frames = st.sampled_from(
 def test_fast_path_matches_general_path(frames: list[bytes], tail: bytes, cut: int) -> None:
     data = b"".join(frames) + tail
     data = data[: max(len(data) - cut, 0)]  # possibly end mid-frame
-    buf = bytearray(data)
-    offsets = scan_plain_run(buf, len(buf), ECHO_PREFIX, MAX)
-    expected, consumed = general_replies(data)
-    if not offsets:
-        assert expected == b""
-        return
-    assert run_end(buf, offsets) == consumed
-    assert bytes(reflect_run(buf, offsets)) == expected
+    reply, count = reflect_plain_run(data, len(data), ECHO_PREFIX, MAX)
+    expected, consumed, frames_answered = general_replies(data)
+    assert bytes(reply) == expected
+    assert len(reply) == consumed
+    assert count == frames_answered
 
 
 def test_run_stops_at_the_first_frame_that_is_not_plain_echo() -> None:
-    data = bytearray(
-        encode_frame(Op.ECHO, 1, b"a") + encode_frame(Op.PING, 2, b"b") + encode_frame(Op.ECHO, 3)
-    )
-    assert scan_plain_run(data, len(data), ECHO_PREFIX, MAX) == [0]
+    data = encode_frame(Op.ECHO, 1, b"a") + encode_frame(Op.PING, 2, b"b") + encode_frame(Op.ECHO, 3)
+    reply, count = reflect_plain_run(data, len(data), ECHO_PREFIX, MAX)
+    assert count == 1
+    assert bytes(reply) == encode_frame(Op.ECHO_REPLY, 1, b"a")
 
 
 def test_incomplete_frame_is_left_for_the_decoder() -> None:
-    data = bytearray(encode_frame(Op.ECHO, 1, b"abc") + encode_frame(Op.ECHO, 2, b"defg")[:-1])
-    offsets = scan_plain_run(data, len(data), ECHO_PREFIX, MAX)
-    assert offsets == [0]
-    assert run_end(data, offsets) == 19
+    data = encode_frame(Op.ECHO, 1, b"abc") + encode_frame(Op.ECHO, 2, b"defg")[:-1]
+    reply, count = reflect_plain_run(data, len(data), ECHO_PREFIX, MAX)
+    assert (len(reply), count) == (19, 1)
