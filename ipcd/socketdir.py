@@ -161,7 +161,14 @@ def bind_socket(path: Path, kind: socket.SocketKind, mode: int, group: str = "")
     _clear_stale(path, kind)
     sock = socket.socket(socket.AF_UNIX, kind)
     try:
-        sock.bind(str(path))
+        # bind() creates the file with 0777 & ~umask, and python-daemon sets
+        # the umask to 0: until the chmod below anyone could connect, even
+        # with a narrow --socket-mode. Create it owner-only instead.
+        umask = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(umask)
         os.chmod(path, mode)
         if group:
             gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid

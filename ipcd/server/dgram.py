@@ -25,6 +25,7 @@ from ipcd.protocol import (
     encode_frame,
     op_name,
 )
+from ipcd.protocol.frames import HEADER, HEADER_SIZE
 from ipcd.services import datagram_handlers
 
 if TYPE_CHECKING:
@@ -33,6 +34,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("ipcd.worker")
 
 _BATCH = 32  # datagrams read per readiness event before yielding to others
+
+
+def _request_id(data: memoryview, nbytes: int) -> int:
+    """The request id in a datagram's header, to address an error about it."""
+    return int(HEADER.unpack_from(data)[6]) if nbytes >= HEADER_SIZE else 0
 
 
 class DatagramEndpoint:
@@ -56,6 +62,14 @@ class DatagramEndpoint:
             if got.data_truncated:
                 fdpass.close_fds(got.fds)
                 self._reply_error(got.address, 0, ErrorCode.TOO_LARGE, "datagram larger than the read buffer")
+                continue
+            if got.truncated:  # over --max-fds: the kernel dropped some, fdpass closed the rest
+                self._reply_error(
+                    got.address,
+                    _request_id(worker.read_view, got.nbytes),
+                    ErrorCode.FDS_TRUNCATED,
+                    f"datagram carried more than {worker.settings.max_fds} fds; they were all closed",
+                )
                 continue
             try:
                 frame = decode_record(
