@@ -19,9 +19,11 @@ one ``recvmsg`` (it stops right after such a write, never before). So each
 batch of fds is remembered with the stream range ``[start, end)`` of the bytes
 that came with it; the batch belongs to a frame that starts inside that range.
 A frame that declares fds takes the batch whose range holds its first byte; a
-batch whose range is passed without any frame claiming it was sent with a
-frame that declared none. Both mismatches are errors that keep the stream in
-sync (``fatal=False``); the fds involved are handed to the caller to close.
+frame that declares none but starts in a batch's range and runs past its end
+is the only one that can own it, and is refused; a batch whose range is passed
+without any frame claiming it was sent with a frame that declared none.
+These mismatches are errors that keep the stream in sync (``fatal=False``);
+the fds involved are handed to the caller to close.
 
 Datagrams and ``SOCK_SEQPACKET`` records carry exactly one frame each and are
 decoded by :func:`decode_record`.
@@ -236,6 +238,22 @@ class FrameDecoder:
             self._pos = 0
             buf.clear()
         if not nfds:
+            if (
+                batches
+                and batches[0].start <= frame_start < batches[0].end <= frame_start + HEADER_SIZE + length
+            ):
+                # fds came with this frame's first byte and the frame runs to
+                # (or past) the end of their chunk: no later frame can own them.
+                batch = batches.popleft()
+                raise RemoteProtocolError(
+                    f"{op_name(op)} frame declares no fds but "
+                    + ("more than this daemon accepts at once" if batch.truncated else str(len(batch.fds)))
+                    + " arrived with it; they were closed",
+                    ErrorCode.FDS_TRUNCATED if batch.truncated else ErrorCode.FD_MISMATCH,
+                    fatal=False,
+                    request_id=request_id,
+                    fds=batch.fds,
+                )
             return Frame(op, request_id, body, (), flags)
         if batches and batches[0].truncated and batches[0].start <= frame_start < batches[0].end:
             batches.popleft()
