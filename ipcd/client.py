@@ -21,10 +21,11 @@ import errno
 import itertools
 import socket
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from ipcd import fdpass
 from ipcd.protocol import (
@@ -38,6 +39,7 @@ from ipcd.protocol import (
     decode_json,
     decode_record,
     encode_frame,
+    encode_json,
     op_name,
     reply_op,
 )
@@ -99,6 +101,7 @@ class Client:
         self._ids = itertools.count(1)
         self._decoder = FrameDecoder(max_frame_size=1 << 30)
         self._early: dict[int, Frame] = {}  # replies read while waiting for another
+        self.events: deque[Frame] = deque()  # daemon-initiated frames (chat deliveries), in order
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
@@ -213,6 +216,8 @@ class Client:
             elif got.op == Op.ERROR and got.request_id == 0:
                 code, message = decode_error(got.body)
                 raise ConnectionLost(message) if code >= 40 else ServerError(code, message)
+            elif got.request_id == 0:
+                self.events.append(got)
             else:
                 self._early[got.request_id] = got
         if frame.op == Op.ERROR:
@@ -240,6 +245,78 @@ class Client:
 
     def status(self) -> dict[str, Any]:
         return decode_json(self.request(Op.STATUS).body)
+
+    # -- chat ------------------------------------------------------------------
+
+    def call(self, op: Op, **args: Any) -> dict[str, Any]:
+        """A chat request with a JSON body; its JSON reply."""
+        body = encode_json({k: v for k, v in args.items() if v is not None})
+        return decode_json(self.request(op, body).body)
+
+    def nick(self, nick: str) -> str:
+        return str(self.call(Op.NICK, nick=nick)["nick"])
+
+    def join(self, room: str, history: int = 0) -> dict[str, Any]:
+        """Join ``room``; the last ``history`` messages follow as events."""
+        return self.call(Op.JOIN, room=room, history=history or None)
+
+    def part(self, room: str) -> None:
+        self.call(Op.PART, room=room)
+
+    def say(self, room: str, text: str) -> int:
+        """Post to a room (no need to join); returns the message's sequence number."""
+        return int(self.call(Op.SAY, room=room, text=text)["seq"])
+
+    def msg(self, to: str, text: str) -> int:
+        return int(self.call(Op.MSG, to=to, text=text)["seq"])
+
+    def rooms(self) -> list[dict[str, Any]]:
+        return list(self.call(Op.ROOMS)["rooms"])
+
+    def who(self, room: str | None = None) -> list[dict[str, Any]]:
+        return list(self.call(Op.WHO, room=room)["members"])
+
+    def topic(self, room: str, topic: str | None = None) -> str:
+        return str(self.call(Op.TOPIC, room=room, topic=topic)["topic"])
+
+    def history(self, room: str, count: int | None = None) -> list[dict[str, Any]]:
+        return list(self.call(Op.HISTORY, room=room, count=count)["messages"])
+
+    def next_event(self, timeout: float | None = None) -> ChatEvent:
+        """The next chat delivery (MESSAGE, PRIVATE or NOTICE), waiting up to
+        ``timeout`` seconds (None: the client's timeout; 0 with none queued
+        raises RequestTimeout at once)."""
+        if self.events:
+            return ChatEvent.from_frame(self.events.popleft())
+        previous = self.sock.gettimeout()
+        if timeout is not None:
+            self.sock.settimeout(timeout if timeout > 0 else 1e-6)
+        try:
+            while True:
+                frame = self.receive()
+                if frame.request_id == 0 and frame.op in _EVENT_OPS:
+                    return ChatEvent.from_frame(frame)
+                if frame.op == Op.ERROR and frame.request_id == 0:
+                    code, message = decode_error(frame.body)
+                    raise ConnectionLost(message) if code >= 40 else ServerError(code, message)
+                self._early[frame.request_id] = frame
+        finally:
+            self.sock.settimeout(previous)
+
+
+class ChatEvent(NamedTuple):
+    """A chat delivery: ``kind`` is "message", "private" or "notice"; ``data``
+    is its JSON object (room, from, uid, seq, ts, text, ...)."""
+
+    kind: str
+    data: dict[str, Any]
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> ChatEvent:
+        return cls(_EVENT_OPS[frame.op], decode_json(frame.body))
+
+
+_EVENT_OPS: dict[int, str] = {Op.MESSAGE: "message", Op.PRIVATE: "private", Op.NOTICE: "notice"}
 
 
 class DatagramClient:
@@ -316,3 +393,8 @@ class DatagramClient:
         start = time.perf_counter()
         self.request(Op.PING, payload)
         return time.perf_counter() - start
+
+    def say(self, room: str, text: str) -> int:
+        """Post to a room as this process's uid (like logger(1) to syslog)."""
+        reply = self.request(Op.SAY, encode_json({"room": room, "text": text}))
+        return int(decode_json(reply.body)["seq"])

@@ -164,6 +164,10 @@ class Settings:
     send_timeout: float = 30.0
     idle_timeout: float = 0.0
     drain_timeout: float = 30.0
+    history_size: int = 100
+    max_message: int = 16 * 1024
+    rate_limit: float = 50.0
+    rooms_per_connection: int = 64
     stop_timeout: float = 10.0
     worker_timeout: float = 30.0
     config_file: Path | None = None

@@ -6,80 +6,17 @@ Exit codes: 0 ok; 1 the daemon refused; 2 usage; 69 daemon unreachable;
 
 from __future__ import annotations
 
-import functools
-import json
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
 
 import click
 
 from ipcd import __version__
+from ipcd.cli import chatcmds
+from ipcd.cli.common import EXIT_TIMEOUT, Options, fail, handles_errors, pass_options
 from ipcd.cli.pingstats import PingStats
-from ipcd.client import (
-    Client,
-    ClientError,
-    ConnectionLost,
-    DaemonUnreachable,
-    DatagramClient,
-    RequestTimeout,
-    ServerError,
-)
+from ipcd.client import RequestTimeout
 from ipcd.settings import DEFAULT_SOCKET_DIR
-
-EXIT_REFUSED = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 69  # EX_UNAVAILABLE
-EXIT_TIMEOUT = 75  # EX_TEMPFAIL
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Options:
-    def __init__(self, socket_dir: Path, json_output: bool, timeout: float) -> None:
-        self.socket_dir = socket_dir
-        self.json = json_output
-        self.timeout = timeout
-
-    def client(self) -> Client:
-        return Client(self.socket_dir, self.timeout)
-
-    def datagram_client(self) -> DatagramClient:
-        return DatagramClient(self.socket_dir, self.timeout)
-
-    def emit(self, obj: dict[str, Any]) -> None:
-        click.echo(json.dumps(obj, sort_keys=True))
-
-
-def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"ipcctl: {message}", err=True)
-    sys.exit(code)
-
-
-def handles_errors(func: F) -> F:
-    """Map client exceptions to the documented exit codes, one line each."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except DaemonUnreachable as exc:
-            fail(str(exc), EXIT_UNREACHABLE)
-        except RequestTimeout as exc:
-            fail(str(exc), EXIT_TIMEOUT)
-        except ServerError as exc:
-            fail(f"the daemon refused: {exc.message} ({exc.code_name})", EXIT_REFUSED)
-        except ConnectionLost as exc:
-            fail(f"{exc}; retry, and check the daemon's log if it persists", EXIT_UNREACHABLE)
-        except ClientError as exc:
-            fail(str(exc), EXIT_REFUSED)
-
-    return wrapper  # type: ignore[return-value]
-
-
-pass_options = click.make_pass_decorator(Options)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -243,6 +180,10 @@ def status(opts: Options) -> None:
             f"{w['pid']:>8}  {w['state']:<9} {w['connections']:>6} {_human_bytes(w['rss']):>10} "
             f"{w['received']:>9} {_human_duration(w['uptime']):>9}"
         )
+
+
+for command in (chatcmds.send, chatcmds.listen, chatcmds.rooms, chatcmds.who):
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -21,9 +21,34 @@ class Op(enum.IntEnum):
     ECHO = 0x02
     STATUS = 0x03
 
+    # chat: JSON bodies, see docs/protocol.md
+    NICK = 0x10
+    JOIN = 0x11
+    PART = 0x12
+    SAY = 0x13  # a message to a room
+    MSG = 0x14  # a private message to a nick
+    ROOMS = 0x15
+    WHO = 0x16
+    TOPIC = 0x17
+    HISTORY = 0x18
+
     PONG = PING | REPLY_BIT
     ECHO_REPLY = ECHO | REPLY_BIT
     STATUS_REPLY = STATUS | REPLY_BIT
+    NICK_REPLY = NICK | REPLY_BIT
+    JOIN_REPLY = JOIN | REPLY_BIT
+    PART_REPLY = PART | REPLY_BIT
+    SAY_REPLY = SAY | REPLY_BIT
+    MSG_REPLY = MSG | REPLY_BIT
+    ROOMS_REPLY = ROOMS | REPLY_BIT
+    WHO_REPLY = WHO | REPLY_BIT
+    TOPIC_REPLY = TOPIC | REPLY_BIT
+    HISTORY_REPLY = HISTORY | REPLY_BIT
+
+    # daemon-initiated (request id 0)
+    MESSAGE = 0x40  # a room message delivered to a member
+    PRIVATE = 0x41  # a private message delivered to its target
+    NOTICE = 0x42  # join, part, quit, topic and nick changes
 
     ERROR = 0xFF
 

@@ -12,8 +12,12 @@ spot a worker that is alive but stuck.
 from __future__ import annotations
 
 import enum
+import json
 import socket
+import struct
+from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 from ipcd import fdpass
 from ipcd.protocol import ErrorCode, Frame, RemoteProtocolError, decode_record, encode_frame
@@ -29,11 +33,33 @@ class ChannelOp(enum.IntEnum):
     STOP = 0x22  # close everything now and exit
     HEARTBEAT = 0x23
     STATUS_RESULT = 0x24  # request id = the worker's token
+    CHAT_REPLY = 0x25  # meta {conn, join?, part?, dgram?} + the client-ready reply frame
+    DELIVER = 0x26  # meta {room} or {conns} + client-ready frames to copy to each
     # worker -> master
     READY = 0x30  # booted; may be sent connections
     LOAD = 0x31  # JSON counters: connections, received, ...
     HEARTBEAT_ACK = 0x32
     STATUS_QUERY = 0x33  # request id = token to answer with
+    CHAT_REQUEST = 0x34  # meta {conn, rid, op, uid, gid, pid, dgram?} + the client's body
+    CHAT_GONE = 0x35  # meta {conn}: a connection with a chat session closed
+
+
+_META_LEN = struct.Struct("!I")
+
+
+def pack_meta(meta: dict[str, Any], payload: bytes = b"") -> bytes:
+    """A record body: u32 length, a JSON object, then opaque payload bytes."""
+    head = json.dumps(meta, separators=(",", ":")).encode()
+    return _META_LEN.pack(len(head)) + head + payload
+
+
+def unpack_meta(body: bytes) -> tuple[dict[str, Any], bytes]:
+    (size,) = _META_LEN.unpack_from(body)
+    end = _META_LEN.size + size
+    meta = json.loads(body[_META_LEN.size : end])
+    if not isinstance(meta, dict):
+        raise ValueError("channel meta is not a JSON object")
+    return meta, body[end:]
 
 
 class ChannelClosed(Exception):
@@ -44,6 +70,8 @@ class Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buffer: bytearray | None = None  # allocated on the first recv
+        self._backlog: deque[bytes] | None = None  # records the peer had no room for yet
+        self.backlog_bytes = 0
 
     @classmethod
     def pair(cls) -> tuple[Channel, Channel]:
@@ -63,6 +91,39 @@ class Channel:
             fdpass.send_with_fds(self.sock, [record], fds)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise ChannelClosed(str(exc)) from exc
+
+    def post(self, op: ChannelOp, body: bytes = b"", request_id: int = 0) -> None:
+        """Send a record (no fds) or queue it if the peer's queue is full; the
+        order of posted records is kept. Raises :class:`ChannelClosed`."""
+        record = encode_frame(op, request_id, body)
+        if self._backlog:
+            self._backlog.append(record)
+            self.backlog_bytes += len(record)
+            return
+        try:
+            self.sock.send(record)
+        except BlockingIOError:
+            self._backlog = deque([record])
+            self.backlog_bytes = len(record)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise ChannelClosed(str(exc)) from exc
+
+    @property
+    def has_backlog(self) -> bool:
+        return bool(self._backlog)
+
+    def flush_backlog(self) -> None:
+        """Send queued records while the peer takes them."""
+        backlog = self._backlog
+        while backlog:
+            try:
+                self.sock.send(backlog[0])
+            except BlockingIOError:
+                return
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise ChannelClosed(str(exc)) from exc
+            self.backlog_bytes -= len(backlog.popleft())
+        self._backlog = None
 
     def recv(self) -> Frame:
         """Receive one record (fds close-on-exec). Raises ``BlockingIOError``

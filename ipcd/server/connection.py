@@ -42,6 +42,7 @@ from ipcd.protocol.fastpath import ECHO_PREFIX, reflect_plain_run
 
 if TYPE_CHECKING:
     from ipcd.server.worker import Worker
+    from ipcd.services.chat import ChatState
 
 log = logging.getLogger("ipcd.worker")
 
@@ -66,6 +67,7 @@ class Connection:
         "_events",
         "_head_started",
         "_out",
+        "chat",
         "closed",
         "closing",
         "decoder",
@@ -86,6 +88,7 @@ class Connection:
         self._head_started = False  # the first queued frame is partly sent
         self.out_bytes = 0
         self._creds: fdpass.Credentials | None = None
+        self.chat: ChatState | None = None  # created on the first chat operation
         self._events = _READ
         self.closed = False
         self.closing = False  # no more reads; close once the queue is empty

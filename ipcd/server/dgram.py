@@ -85,6 +85,9 @@ class DatagramEndpoint:
                     got.address, frame.request_id, ErrorCode.FDS_NOT_EXPECTED, "datagrams cannot carry fds"
                 )
                 continue
+            if frame.op == Op.SAY:  # posted as the sender's uid; the hub answers
+                worker.chat.forward_datagram(frame, got.creds, got.address)
+                continue
             handler = self.handlers.get(frame.op)
             if handler is None:
                 self._reply_error(
@@ -96,14 +99,14 @@ class DatagramEndpoint:
                 continue
             reply = handler(frame, got.creds)
             if reply is not None:
-                self._send(got.address, reply)
+                self.send(got.address, reply)
 
     def _reply_error(
         self, address: str | bytes | None, request_id: int, code: ErrorCode, message: str
     ) -> None:
-        self._send(address, encode_frame(Op.ERROR, request_id, encode_error(code, message)))
+        self.send(address, encode_frame(Op.ERROR, request_id, encode_error(code, message)))
 
-    def _send(self, address: str | bytes | None, data: bytes) -> None:
+    def send(self, address: str | bytes | None, data: bytes) -> None:
         if not address:
             self.dropped_replies += 1  # an unbound sender has no address to answer
             return

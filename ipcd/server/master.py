@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import selectors
 import signal
 import socket
 import time
@@ -26,8 +27,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from ipcd import __version__, fdpass
+from ipcd.chat.hub import Hub, Limits
 from ipcd.protocol import Frame, RemoteProtocolError, decode_json, encode_json
 from ipcd.server.channel import ChannelClosed, ChannelOp
+from ipcd.server.hublink import HubLink
 from ipcd.server.loop import EventLoop
 from ipcd.server.pool import WorkerHandle, WorkerPool, WorkerState
 from ipcd.server.signals import SignalDispatcher
@@ -40,6 +43,14 @@ log = logging.getLogger("ipcd.master")
 _ACCEPT_BATCH = 64
 _HEARTBEAT_INTERVAL = 2.0
 _ACCEPT_PAUSE = 0.1
+
+
+def _chat_limits(settings: Settings) -> Limits:
+    return Limits(
+        history=settings.history_size,
+        max_text=settings.max_message,
+        rooms_per_connection=settings.rooms_per_connection,
+    )
 
 
 def raise_fd_limit() -> None:
@@ -73,6 +84,8 @@ class Master:
         self._stop_deadline = 0.0
         self.exit_code = 0
         self.error: str | None = None
+        self.hub = Hub(_chat_limits(settings))
+        self.hublink = HubLink(self.hub, self.loop, self._watch_channel)
 
     # -- start -------------------------------------------------------------
 
@@ -117,12 +130,13 @@ class Master:
         self.signals.on(signal.SIGINT, self._on_stop_signal)
         self.signals.on(signal.SIGHUP, lambda _sig: self.reload())
         self.signals.on(signal.SIGCHLD, lambda _sig: self._reap())
-        self.pool = WorkerPool(
+        self.pool = self.hublink.pool = WorkerPool(
             self.settings,
             self.dgram.sock,
             self._child_setup,
-            on_channel=lambda h: self.loop.add_reader(h.channel, lambda _m: self._on_channel(h)),
+            on_channel=lambda h: self.loop.add_reader(h.channel, lambda mask: self._on_channel(h, mask)),
             remove_channel=lambda h: self.loop.remove(h.channel),
+            on_gone=self.hublink.worker_gone,
         )
         self.pool.spawn_generation(self.settings.workers)
         self.loop.call_later(_HEARTBEAT_INTERVAL, self._heartbeat)
@@ -200,8 +214,10 @@ class Master:
 
     # -- channel -----------------------------------------------------------
 
-    def _on_channel(self, handle: WorkerHandle) -> None:
+    def _on_channel(self, handle: WorkerHandle, mask: int) -> None:
         assert self.pool is not None
+        if mask & selectors.EVENT_WRITE:
+            self.hublink.flush(handle)
         for _ in range(64):
             try:
                 record = handle.channel.recv()
@@ -214,6 +230,10 @@ class Master:
                 log.error("bad record from worker %d: %s", handle.pid, exc.message)
                 continue
             self._on_record(handle, record)
+
+    def _watch_channel(self, handle: WorkerHandle, writable: bool) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writable else 0)
+        self.loop.set_events(handle.channel, events, lambda mask: self._on_channel(handle, mask))
 
     def _on_record(self, handle: WorkerHandle, record: Frame) -> None:
         assert self.pool is not None
@@ -228,8 +248,13 @@ class Master:
                 handle.load = {k: int(v) for k, v in decode_json(record.body).items()}
             except (RemoteProtocolError, TypeError, ValueError):
                 log.error("malformed load report from worker %d", handle.pid)
+        elif record.op == ChannelOp.CHAT_REQUEST:
+            self.hublink.request(handle, record.body)
+        elif record.op == ChannelOp.CHAT_GONE:
+            self.hublink.connection_gone(handle, record.body)
         elif record.op == ChannelOp.STATUS_QUERY:
             status = build_status(self.settings, self.pool, self.started, self.started_wall)
+            status["chat"] = self.hub.stats()
             try:
                 handle.channel.send(
                     ChannelOp.STATUS_RESULT, encode_json(status), request_id=record.request_id
@@ -277,6 +302,7 @@ class Master:
         if kept:
             log.warning("reload: %s only change on restart; kept as they were", ", ".join(kept))
         self.settings = fresh
+        self.hub.limits = _chat_limits(fresh)
         logging.getLogger("ipcd").setLevel(fresh.log_level.upper())
         log.info("reloading: starting %d new workers, draining the old ones", fresh.workers)
         self.pool.replace_all(fresh)

@@ -82,12 +82,14 @@ class WorkerPool:
         child_setup: Callable[[], None],
         on_channel: Callable[[WorkerHandle], None],
         remove_channel: Callable[[WorkerHandle], None],
+        on_gone: Callable[[WorkerHandle], None] = lambda handle: None,
     ) -> None:
         self.settings = settings
         self.dgram = dgram
         self._child_setup = child_setup
         self._on_channel = on_channel
         self._remove_channel = remove_channel
+        self._on_gone = on_gone
         self.workers: dict[int, WorkerHandle] = {}
         self.generation = 0
         self.boot_failures = 0
@@ -143,6 +145,7 @@ class WorkerPool:
             handle.channel_open = False
             self._remove_channel(handle)
             handle.channel.close()
+            self._on_gone(handle)
 
     def reap(self, on_change: Callable[[], None]) -> None:
         while True:

@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import selectors
 import signal
 import socket
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from ipcd.server.dgram import DatagramEndpoint
 from ipcd.server.loop import EventLoop
 from ipcd.server.signals import SignalDispatcher
 from ipcd.services import StreamHandler, stream_handlers
+from ipcd.services.chat import ChatRouter
 from ipcd.settings import Settings
 
 log = logging.getLogger("ipcd.worker")
@@ -82,6 +84,7 @@ class Worker:
         self._load_dirty = True
         self._status_waiters: dict[int, tuple[int, int]] = {}  # token -> (conn id, request id)
         self._dgram_endpoint: DatagramEndpoint | None = None
+        self.chat = ChatRouter(self)
 
     @property
     def now(self) -> float:
@@ -95,6 +98,7 @@ class Worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the master decides
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.loop.add_reader(self.channel, self._on_channel)
+        self._channel_events = selectors.EVENT_READ
         if self.dgram is not None:
             self._dgram_endpoint = DatagramEndpoint(self, self.dgram)
             self.loop.add_reader(self.dgram, self._dgram_endpoint.on_readable)
@@ -106,6 +110,8 @@ class Worker:
             self.loop.run_once()
             if self.to_flush:
                 self._flush_all()
+            if self.channel.has_backlog:
+                self._flush_channel()
             if self._load_dirty and self._exit_code is None:
                 self._report_load()
         signals.close()
@@ -136,7 +142,21 @@ class Worker:
 
     # -- channel -----------------------------------------------------------
 
+    def _flush_channel(self) -> None:
+        """Records the master had no room for: send them when it does."""
+        try:
+            self.channel.flush_backlog()
+        except ChannelClosed:
+            self.stop("master went away")
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.channel.has_backlog else 0)
+        if events != self._channel_events:
+            self._channel_events = events
+            self.loop.set_events(self.channel, events, self._on_channel)
+
     def _on_channel(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush_channel()
         for _ in range(64):
             try:
                 record = self.channel.recv()
@@ -158,6 +178,10 @@ class Worker:
                 fdpass.close_fds(record.fds)
                 return
             self.adopt(record.fds[0])
+        elif op == ChannelOp.DELIVER:
+            self.chat.on_deliver(record.body)
+        elif op == ChannelOp.CHAT_REPLY:
+            self.chat.on_reply(record.body)
         elif op == ChannelOp.HEARTBEAT:
             self._send_to_master(ChannelOp.HEARTBEAT_ACK)
         elif op == ChannelOp.STATUS_RESULT:
@@ -172,8 +196,8 @@ class Worker:
 
     def _send_to_master(self, op: ChannelOp, body: bytes = b"", request_id: int = 0) -> bool:
         try:
-            self.channel.send(op, body, request_id=request_id)
-        except (BlockingIOError, ChannelClosed) as exc:
+            self.channel.post(op, body, request_id=request_id)
+        except ChannelClosed as exc:
             log.warning("worker %d: cannot reach the master (%s)", os.getpid(), exc)
             return False
         return True
@@ -196,6 +220,7 @@ class Worker:
 
     def connection_closed(self, conn: Connection, reason: str | None) -> None:
         self.connections.pop(conn.id, None)
+        self.chat.connection_closed(conn)
         self.stats.closed += 1
         self._load_dirty = True
         if self.draining and not self.connections:
@@ -226,6 +251,10 @@ class Worker:
                     conn.send_error(0, ErrorCode.IDLE_TIMEOUT, f"idle for {idle_timeout:g}s; closing")
                     conn.close_after_flush()
         self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
+    def reply_datagram(self, address: bytes, frame: bytes) -> None:
+        if self._dgram_endpoint is not None:
+            self._dgram_endpoint.send(address, frame)
 
     # -- status ------------------------------------------------------------
 

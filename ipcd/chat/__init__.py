@@ -1,0 +1,1 @@
+"""Local chat: the hub (in the master) and its wire helpers."""

@@ -1,0 +1,396 @@
+"""The chat hub: rooms, members, sequence numbers and history.
+
+Theory of operation
+-------------------
+The hub lives in the master, which outlives every worker, so a worker crash
+loses only that worker's connections: the hub drops their memberships
+(telling the rooms) and everyone else carries on with the same sequence.
+It does no I/O: it is fed a worker's forwarded request and returns the
+records to send (:class:`Out`), which keeps every rule testable in-process.
+
+A room message is sequenced (``seq`` per room, from 1, no gaps), encoded
+*once* as a client-ready MESSAGE frame, kept in the room's bounded history,
+and routed once per worker that has members in the room; the worker copies
+the same bytes to each of its local members. The channel between master
+and a worker is ordered, so every member connected when a message is sent
+receives it once, in sequence order. Notices (join, part, quit, topic,
+nick) do not take sequence numbers, so a gap in ``seq`` always means a lost
+message, never a notice.
+
+Identity comes from the kernel (SO_PEERCRED / SCM_CREDENTIALS, forwarded by
+the worker): a message carries its sender's uid whatever nick they chose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pwd
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any
+
+from ipcd.protocol import (
+    ErrorCode,
+    Op,
+    RemoteProtocolError,
+    encode_error,
+    encode_frame,
+    encode_json,
+    reply_op,
+)
+from ipcd.protocol.chat import (
+    DEFAULT_ROOM,
+    TOPIC_MAX,
+    check_count,
+    check_nick,
+    check_room,
+    check_text,
+    parse_body,
+    sanitize_text,
+)
+from ipcd.server.channel import ChannelOp, pack_meta
+
+_CHUNK = 128 * 1024  # replayed history per channel record, well under RECORD_MAX
+Member = tuple[int, int]  # (worker pid, connection id)
+Args = dict[str, Any]  # a request body
+Result = tuple[dict[str, Any], dict[str, Any]]  # (meta for the worker, reply body)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    history: int = 100  # messages kept per room
+    max_text: int = 16 * 1024  # bytes of UTF-8 text per message
+    rooms_per_connection: int = 64
+    max_rooms: int = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Out:
+    worker: int
+    op: ChannelOp
+    body: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Sender:
+    """Who sent a request, as the kernel reported it to the worker."""
+
+    worker: int
+    conn: int  # 0 for a datagram
+    request_id: int
+    uid: int
+    gid: int
+    pid: int
+    dgram: str | None = None  # hex of the datagram sender's address
+
+
+@dataclasses.dataclass(eq=False)
+class Session:
+    member: Member
+    nick: str
+    uid: int
+    pid: int
+    rooms: set[str] = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass(eq=False)
+class Room:
+    name: str
+    topic: str = ""
+    seq: int = 0
+    members: dict[Member, Session] = dataclasses.field(default_factory=dict)
+    workers: Counter[int] = dataclasses.field(default_factory=Counter)
+    history: deque[tuple[dict[str, Any], bytes]] = dataclasses.field(default_factory=deque)
+
+
+class ChatError(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def user_name(uid: int) -> str:
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid{uid}"
+    return name if name[:1].isalpha() or name[:1] == "_" else f"u{name}"
+
+
+class Hub:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.rooms: dict[str, Room] = {}
+        self._room(DEFAULT_ROOM, create=True)
+        self.sessions: dict[Member, Session] = {}
+        self.nicks: dict[str, Session] = {}
+        self.private_seq = 0
+        self.messages = 0
+        self._reply_at = 0
+
+    # -- entry points ------------------------------------------------------
+
+    def handle(self, sender: Sender, op: int, body: bytes) -> list[Out]:
+        """One forwarded request; returns the reply and any deliveries."""
+        out: list[Out] = []
+        self._reply_at = 0  # a handler may move its reply after records it emits first
+        try:
+            args = parse_body(body)
+            handler = _HANDLERS.get(op)
+            if handler is None:
+                raise ChatError(ErrorCode.UNKNOWN_OP, f"operation 0x{op:02x} is not a chat operation")
+            meta, result = handler(self, sender, args, out)
+            frame = encode_frame(reply_op(op), sender.request_id, encode_json(result))
+        except (ChatError, RemoteProtocolError) as exc:
+            meta = {}
+            frame = encode_frame(Op.ERROR, sender.request_id, encode_error(exc.code, exc.message))
+        meta["conn"] = sender.conn
+        if sender.dgram is not None:
+            meta["dgram"] = sender.dgram
+        out.insert(self._reply_at, Out(sender.worker, ChannelOp.CHAT_REPLY, pack_meta(meta, frame)))
+        return out
+
+    def connection_gone(self, member: Member) -> list[Out]:
+        session = self.sessions.pop(member, None)
+        if session is None:
+            return []
+        del self.nicks[session.nick]
+        out: list[Out] = []
+        for name in sorted(session.rooms):
+            self._leave(self.rooms[name], session, "quit", out)
+        return out
+
+    def worker_gone(self, worker: int) -> list[Out]:
+        out: list[Out] = []
+        for member in [m for m in self.sessions if m[0] == worker]:
+            out += [o for o in self.connection_gone(member) if o.worker != worker]
+        return out
+
+    def stats(self) -> dict[str, int]:
+        return {"rooms": len(self.rooms), "chatters": len(self.sessions), "messages": self.messages}
+
+    # -- sessions ----------------------------------------------------------
+
+    def _session(self, sender: Sender) -> Session:
+        """The sender's session, created with its user name (made unique)."""
+        member = (sender.worker, sender.conn)
+        session = self.sessions.get(member)
+        if session is None:
+            if not sender.conn:
+                raise ChatError(ErrorCode.BAD_REQUEST, "datagrams can only post to rooms (SAY)")
+            base = user_name(sender.uid)
+            nick, n = base, 1
+            while nick in self.nicks:
+                n += 1
+                nick = f"{base}-{n}"
+            session = Session(member, nick, sender.uid, sender.pid)
+            self.sessions[member] = session
+            self.nicks[nick] = session
+        return session
+
+    def _room(self, name: str, create: bool) -> Room:
+        room = self.rooms.get(name)
+        if room is None:
+            if not create:
+                raise ChatError(ErrorCode.NOT_FOUND, f"no room named {name!r}; join it to create it")
+            if len(self.rooms) >= self.limits.max_rooms:
+                raise ChatError(
+                    ErrorCode.LIMIT_EXCEEDED, f"the daemon holds {len(self.rooms)} rooms: its limit"
+                )
+            room = self.rooms[name] = Room(name, history=deque(maxlen=self.limits.history))
+        return room
+
+    # -- fan-out -----------------------------------------------------------
+
+    def _to_room(self, room: Room, frame: bytes, out: list[Out]) -> None:
+        meta = pack_meta({"room": room.name}, frame)
+        for worker in room.workers:
+            out.append(Out(worker, ChannelOp.DELIVER, meta))
+
+    @staticmethod
+    def _deliver_to(worker: int, conn: int, frames: list[bytes], out: list[Out]) -> None:
+        """Frames for one connection, in records of at most ``_CHUNK`` bytes."""
+        batch: list[bytes] = []
+        size = 0
+        for frame in frames:
+            if batch and size + len(frame) > _CHUNK:
+                out.append(Out(worker, ChannelOp.DELIVER, pack_meta({"conns": [conn]}, b"".join(batch))))
+                batch, size = [], 0
+            batch.append(frame)
+            size += len(frame)
+        if batch:
+            out.append(Out(worker, ChannelOp.DELIVER, pack_meta({"conns": [conn]}, b"".join(batch))))
+
+    def _notice(self, room: Room, event: str, session: Session, out: list[Out], **extra: Any) -> None:
+        notice = {
+            "room": room.name,
+            "event": event,
+            "nick": session.nick,
+            "uid": session.uid,
+            "seq": room.seq,
+            "ts": time.time(),
+            **extra,
+        }
+        self._to_room(room, encode_frame(Op.NOTICE, 0, encode_json(notice)), out)
+
+    def _leave(self, room: Room, session: Session, event: str, out: list[Out]) -> None:
+        member = session.member
+        if room.members.pop(member, None) is None:
+            return
+        session.rooms.discard(room.name)
+        room.workers[member[0]] -= 1
+        if room.workers[member[0]] <= 0:
+            del room.workers[member[0]]
+        self._notice(room, event, session, out)
+        if not room.members and not room.history and room.name != DEFAULT_ROOM:
+            del self.rooms[room.name]
+
+    # -- operations --------------------------------------------------------
+
+    def _nick(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+        wanted = check_nick(args.get("nick"))
+        session = self._session(sender)
+        if wanted != session.nick:
+            holder = self.nicks.get(wanted)
+            if holder is not None:
+                raise ChatError(
+                    ErrorCode.EXISTS, f"nick {wanted!r} is taken by uid {holder.uid}; choose another"
+                )
+            old = session.nick
+            del self.nicks[old]
+            session.nick = wanted
+            self.nicks[wanted] = session
+            for name in sorted(session.rooms):
+                self._notice(self.rooms[name], "nick", session, out, old=old)
+        return {}, {"nick": session.nick}
+
+    def _join(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+        name = check_room(args.get("room", DEFAULT_ROOM))
+        want_history = check_count(args.get("history"), self.limits.history, "history")
+        session = self._session(sender)
+        room = self._room(name, create=True)
+        if name not in session.rooms:
+            if len(session.rooms) >= self.limits.rooms_per_connection:
+                raise ChatError(
+                    ErrorCode.LIMIT_EXCEEDED,
+                    f"a connection may join at most {self.limits.rooms_per_connection} rooms; part one first",
+                )
+            self._notice(room, "join", session, out)  # to the members already there
+            room.members[session.member] = session
+            room.workers[sender.worker] += 1
+            session.rooms.add(name)
+        self._reply_at = len(out)  # the joiner's worker indexes it only from the reply on
+        replay = list(room.history)[-want_history:] if want_history else []
+        # After the reply record, on the same ordered channel: before any new message.
+        self._deliver_to(sender.worker, sender.conn, [frame for _, frame in replay], out)
+        result = {
+            "room": name,
+            "nick": session.nick,
+            "topic": room.topic,
+            "seq": room.seq,
+            "members": sorted(s.nick for s in room.members.values()),
+            "history": len(replay),
+        }
+        return {"join": name}, result
+
+    def _part(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+        name = check_room(args.get("room"))
+        session = self.sessions.get((sender.worker, sender.conn))
+        if session is None or name not in session.rooms:
+            raise ChatError(ErrorCode.NOT_FOUND, f"you are not in room {name!r}")
+        self._leave(self.rooms[name], session, "part", out)
+        return {"part": name}, {"room": name}
+
+    def _say(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+        name = check_room(args.get("room", DEFAULT_ROOM))
+        text = sanitize_text(check_text(args.get("text"), self.limits.max_text))
+        session = self.sessions.get((sender.worker, sender.conn)) if sender.conn else None
+        room = self._room(name, create=True)
+        room.seq += 1
+        message = {
+            "room": name,
+            "from": session.nick if session else user_name(sender.uid),
+            "uid": sender.uid,
+            "seq": room.seq,
+            "ts": time.time(),
+            "text": text,
+        }
+        frame = encode_frame(Op.MESSAGE, 0, encode_json(message))
+        room.history.append((message, frame))
+        self.messages += 1
+        self._to_room(room, frame, out)
+        return {}, {"room": name, "seq": room.seq, "ts": message["ts"]}
+
+    def _msg(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+        target_nick = check_nick(args.get("to"))
+        text = sanitize_text(check_text(args.get("text"), self.limits.max_text))
+        session = self._session(sender)
+        target = self.nicks.get(target_nick)
+        if target is None:
+            raise ChatError(ErrorCode.NOT_FOUND, f"no one is connected as {target_nick!r}; see 'ipcctl who'")
+        self.private_seq += 1
+        message = {
+            "from": session.nick,
+            "uid": session.uid,
+            "to": target.nick,
+            "seq": self.private_seq,
+            "ts": time.time(),
+            "text": text,
+        }
+        frame = encode_frame(Op.PRIVATE, 0, encode_json(message))
+        out.append(Out(target.member[0], ChannelOp.DELIVER, pack_meta({"conns": [target.member[1]]}, frame)))
+        self.messages += 1
+        return {}, {"to": target.nick, "seq": self.private_seq, "ts": message["ts"]}
+
+    def _rooms(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+        rooms = [
+            {"room": r.name, "members": len(r.members), "topic": r.topic, "seq": r.seq}
+            for r in sorted(self.rooms.values(), key=lambda r: r.name)
+        ]
+        return {}, {"rooms": rooms}
+
+    def _who(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+        room_name = args.get("room")
+        if room_name is None:
+            sessions = list(self.sessions.values())
+        else:
+            sessions = list(self._room(check_room(room_name), create=False).members.values())
+        members = [
+            {"nick": s.nick, "uid": s.uid, "pid": s.pid, "rooms": sorted(s.rooms)}
+            for s in sorted(sessions, key=lambda s: s.nick)
+        ]
+        return {}, {"room": room_name, "members": members}
+
+    def _topic(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+        room = self._room(check_room(args.get("room", DEFAULT_ROOM)), create=False)
+        topic = args.get("topic")
+        if topic is not None:
+            if not isinstance(topic, str) or len(topic) > TOPIC_MAX:
+                raise ChatError(ErrorCode.BAD_REQUEST, f"topic must be a string of at most {TOPIC_MAX} chars")
+            session = self._session(sender)
+            if room.name not in session.rooms:
+                raise ChatError(ErrorCode.PERMISSION_DENIED, f"join {room.name!r} to set its topic")
+            room.topic = sanitize_text(topic).replace("\n", " ")
+            self._notice(room, "topic", session, out, topic=room.topic)
+        return {}, {"room": room.name, "topic": room.topic}
+
+    def _history(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+        room = self._room(check_room(args.get("room", DEFAULT_ROOM)), create=False)
+        count = check_count(args.get("count", self.limits.history), self.limits.history, "count")
+        messages = [message for message, _ in list(room.history)[-count:]] if count else []
+        return {}, {"room": room.name, "messages": messages}
+
+
+_HANDLERS: dict[int, Callable[[Hub, Sender, Args, list[Out]], Result]] = {
+    Op.NICK: Hub._nick,
+    Op.JOIN: Hub._join,
+    Op.PART: Hub._part,
+    Op.SAY: Hub._say,
+    Op.MSG: Hub._msg,
+    Op.ROOMS: Hub._rooms,
+    Op.WHO: Hub._who,
+    Op.TOPIC: Hub._topic,
+    Op.HISTORY: Hub._history,
+}

@@ -1,0 +1,136 @@
+"""``ipcctl send | listen | rooms | who``: chat from scripts and terminals."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from ipcd.cli.common import Options, fail, handles_errors, pass_options
+from ipcd.client import ChatEvent, RequestTimeout
+from ipcd.protocol.chat import DEFAULT_ROOM
+
+
+def format_event(event: ChatEvent) -> str:
+    """One line a person reads: ``[room] nick: text``."""
+    d = event.data
+    if event.kind == "message":
+        return f"[{d['room']}] {d['from']}: {d['text']}"
+    if event.kind == "private":
+        return f"[private] {d['from']} -> {d['to']}: {d['text']}"
+    what = {
+        "join": "joined",
+        "part": "left",
+        "quit": "disconnected",
+        "topic": f"set the topic to: {d.get('topic', '')}",
+        "nick": f"is now known as {d['nick']} (was {d.get('old', '?')})",
+    }.get(d.get("event", ""), d.get("event", "?"))
+    who = d.get("old", d["nick"]) if d.get("event") == "nick" else d["nick"]
+    return f"[{d['room']}] * {who} {what}"
+
+
+def event_json(event: ChatEvent) -> dict[str, Any]:
+    return {"type": event.kind, **event.data}
+
+
+@click.command()
+@click.option("--room", "-r", default=None, help=f"Room to post to (default {DEFAULT_ROOM}).")
+@click.option("--to", "to", default=None, metavar="NICK", help="Send a private message instead.")
+@click.option("--dgram", is_flag=True, help="Post over the datagram socket (rooms only), like logger(1).")
+@click.argument("text", nargs=-1)
+@pass_options
+@handles_errors
+def send(opts: Options, room: str | None, to: str | None, dgram: bool, text: tuple[str, ...]) -> None:
+    """Send TEXT to a room (or --to a nick); without TEXT, one message per
+    line of standard input. Exits 0 once every message is acknowledged."""
+    if room and to:
+        fail("give --room or --to, not both", 2)
+    if to and dgram:
+        fail("--dgram posts to rooms only; drop --to or --dgram", 2)
+    lines = [" ".join(text)] if text else [line.rstrip("\n") for line in sys.stdin]
+    room = room or DEFAULT_ROOM
+    lines = [line for line in lines if line]
+    if dgram:
+        with opts.datagram_client() as posting:
+            seqs = [posting.say(room, line) for line in lines]
+    else:
+        with opts.client() as client:
+            seqs = [client.msg(to, line) if to else client.say(room, line) for line in lines]
+    if opts.json:
+        for seq, line in zip(seqs, lines, strict=True):
+            opts.emit({"room": None if to else room, "to": to, "seq": seq, "text": line})
+
+
+@click.command()
+@click.option(
+    "--room", "-r", "rooms", multiple=True, help=f"Room to listen to; repeatable (default {DEFAULT_ROOM})."
+)
+@click.option("--count", "-n", type=click.IntRange(min=1), default=None, help="Exit after N messages.")
+@click.option(
+    "--history", type=click.IntRange(min=0), default=0, help="First replay the last N messages of each room."
+)
+@click.option("--nick", default=None, help="Listen under this nick (default: your user name).")
+@click.option("--notices/--no-notices", default=False, help="Also print joins, parts and topic changes.")
+@pass_options
+@handles_errors
+def listen(
+    opts: Options, rooms: tuple[str, ...], count: int | None, history: int, nick: str | None, notices: bool
+) -> None:
+    """Print room messages (and private messages to you) as they come:
+    ``[room] nick: text``, or one JSON object per line with --json."""
+    seen = 0
+    with opts.client() as client:
+        if nick:
+            client.nick(nick)
+        for room in rooms or (DEFAULT_ROOM,):
+            client.join(room, history=history)
+        try:
+            while count is None or seen < count:
+                try:
+                    event = client.next_event(timeout=3600.0)
+                except RequestTimeout:
+                    continue  # quiet room; a listener waits for ever
+                if event.kind == "notice" and not notices:
+                    continue
+                click.echo(json_line(event) if opts.json else format_event(event))
+                if event.kind != "notice":
+                    seen += 1
+        except KeyboardInterrupt:
+            return
+
+
+def json_line(event: ChatEvent) -> str:
+    return json.dumps(event_json(event), sort_keys=True, ensure_ascii=False)
+
+
+@click.command()
+@pass_options
+@handles_errors
+def rooms(opts: Options) -> None:
+    """List the rooms with their members, topic and last sequence number."""
+    with opts.client() as client:
+        found = client.rooms()
+    if opts.json:
+        opts.emit({"rooms": found})
+        return
+    click.echo(f"{'ROOM':<24} {'MEMBERS':>7} {'SEQ':>8}  TOPIC")
+    for room in found:
+        click.echo(f"{room['room']:<24} {room['members']:>7} {room['seq']:>8}  {room['topic']}")
+
+
+@click.command()
+@click.argument("room", required=False)
+@pass_options
+@handles_errors
+def who(opts: Options, room: str | None) -> None:
+    """List who is connected (in ROOM, if given), with their uid."""
+    with opts.client() as client:
+        members = client.who(room)
+    if opts.json:
+        opts.emit({"room": room, "members": members})
+        return
+    click.echo(f"{'NICK':<20} {'UID':>6} {'PID':>8}  ROOMS")
+    for m in members:
+        click.echo(f"{m['nick']:<20} {m['uid']:>6} {m['pid']:>8}  {' '.join(m['rooms'])}")

@@ -1,0 +1,79 @@
+"""Chat request bodies: names, limits and parsing, sans-IO.
+
+Theory of operation: chat bodies are UTF-8 JSON objects (a C client needs a
+small JSON writer, not a schema compiler). Everything a client sends is
+checked here, once, at the boundary, into typed values or a non-fatal
+``RemoteProtocolError`` with the code a client should see. Identity is
+never taken from a body: the sender's uid comes from the kernel.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+from ipcd.protocol.errors import RemoteProtocolError
+from ipcd.protocol.messages import decode_json
+from ipcd.protocol.ops import ErrorCode
+
+DEFAULT_ROOM: Final = "lobby"
+NAME_MAX: Final = 64
+NICK_MAX: Final = 32
+TOPIC_MAX: Final = 256
+_ROOM_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_NICK_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+
+
+def _bad(message: str) -> RemoteProtocolError:
+    return RemoteProtocolError(message, ErrorCode.BAD_REQUEST, fatal=False)
+
+
+def check_room(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _bad("room must be a non-empty string")
+    if len(value) > NAME_MAX or not _ROOM_RE.fullmatch(value):
+        raise _bad(
+            f"bad room name {value[:80]!r}: use up to {NAME_MAX} letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def check_nick(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _bad("nick must be a non-empty string")
+    if len(value) > NICK_MAX or not _NICK_RE.fullmatch(value):
+        raise _bad(
+            f"bad nick {value[:80]!r}: use up to {NICK_MAX} letters, digits, '_', '.' or '-', "
+            "starting with a letter or '_'"
+        )
+    return value
+
+
+def check_text(value: Any, limit: int) -> str:
+    if not isinstance(value, str):
+        raise _bad("text must be a string")
+    size = len(value.encode())
+    if size > limit:
+        raise RemoteProtocolError(
+            f"message of {size} bytes is over the limit of {limit}", ErrorCode.LIMIT_EXCEEDED, fatal=False
+        )
+    return value
+
+
+def check_count(value: Any, limit: int, name: str) -> int:
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _bad(f"{name} must be a non-negative integer")
+    return min(value, limit)
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    return decode_json(body)
+
+
+def sanitize_text(text: str) -> str:
+    """Drop terminal control characters (ESC, BEL, ...) but keep tabs and
+    newlines: a message must not be able to drive the reader's terminal."""
+    return "".join(ch for ch in text if ch >= " " or ch in "\t\n")

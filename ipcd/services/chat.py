@@ -1,0 +1,172 @@
+"""Chat in a worker: forward requests to the hub, fan deliveries out locally.
+
+Theory of operation: the worker owns no chat state that matters. It checks
+what it can alone (the per-connection rate limit), attaches the sender's
+kernel credentials, and forwards the request to the hub in the master. What
+comes back is either a client-ready reply for one connection, or a delivery:
+one record per message for this whole worker, which it copies to each of its
+local members of the room. The local room index is rebuilt from the hub's
+answers (a JOIN reply adds the connection, a PART reply removes it), so after
+a worker crash nothing needs restoring. A connection that had a chat session
+tells the hub when it closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from ipcd import fdpass
+from ipcd.fdpass import Credentials
+from ipcd.protocol import ErrorCode, Frame, Op
+from ipcd.server.channel import ChannelClosed, ChannelOp, pack_meta, unpack_meta
+
+if TYPE_CHECKING:
+    from ipcd.server.connection import Connection
+    from ipcd.server.worker import Worker
+    from ipcd.services import StreamHandler
+
+log = logging.getLogger("ipcd.worker")
+
+CHAT_OPS = (Op.NICK, Op.JOIN, Op.PART, Op.SAY, Op.MSG, Op.ROOMS, Op.WHO, Op.TOPIC, Op.HISTORY)
+RATED_OPS = (Op.SAY, Op.MSG)
+
+
+class ChatState:
+    """Per-connection chat state, created on the connection's first chat op."""
+
+    __slots__ = ("last", "rooms", "tokens")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.rooms: set[str] = set()
+        self.tokens = burst
+        self.last = now
+
+
+class ChatRouter:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.rooms: dict[str, set[Connection]] = {}
+
+    # -- requests ----------------------------------------------------------
+
+    def forward(self, conn: Connection, frame: Frame) -> None:
+        worker = self.worker
+        if frame.fds:
+            fdpass.close_fds(frame.fds)
+            conn.send_error(frame.request_id, ErrorCode.FDS_NOT_EXPECTED, "chat operations take no fds")
+            return
+        state = conn.chat
+        if state is None:
+            state = conn.chat = ChatState(self._burst, worker.now)
+        if frame.op in RATED_OPS and not self._take_token(state):
+            conn.send_error(
+                frame.request_id,
+                ErrorCode.RATE_LIMITED,
+                f"more than {worker.settings.rate_limit:g} messages/s; slow down and retry",
+            )
+            return
+        try:
+            creds = conn.creds
+        except OSError:
+            return  # the peer is already gone
+        meta = {"conn": conn.id, "rid": frame.request_id, "op": frame.op, **_creds(creds)}
+        self._post(ChannelOp.CHAT_REQUEST, pack_meta(meta, frame.body), conn, frame.request_id)
+
+    def forward_datagram(self, frame: Frame, creds: Credentials | None, address: str | bytes | None) -> None:
+        """A datagram SAY: posted as its sender's uid, answered at its address."""
+        if creds is None:
+            return  # SO_PASSCRED is set on the socket: the kernel always attaches them
+        addr = os.fsencode(address).hex() if address else None
+        meta = {"conn": 0, "rid": frame.request_id, "op": frame.op, "dgram": addr, **_creds(creds)}
+        self._post(ChannelOp.CHAT_REQUEST, pack_meta(meta, frame.body), None, frame.request_id)
+
+    def _post(self, op: ChannelOp, body: bytes, conn: Connection | None, request_id: int) -> None:
+        try:
+            self.worker.channel.post(op, body)
+        except ChannelClosed:
+            if conn is not None:
+                conn.send_error(request_id, ErrorCode.SHUTTING_DOWN, "the daemon is restarting; retry")
+
+    @property
+    def _burst(self) -> float:
+        return max(self.worker.settings.rate_limit * 2, 1.0)
+
+    def _take_token(self, state: ChatState) -> bool:
+        now = self.worker.now
+        rate = self.worker.settings.rate_limit
+        state.tokens = min(self._burst, state.tokens + (now - state.last) * rate)
+        state.last = now
+        if state.tokens < 1:
+            return False
+        state.tokens -= 1
+        return True
+
+    # -- answers from the hub ----------------------------------------------
+
+    def on_reply(self, body: bytes) -> None:
+        meta, frame = unpack_meta(body)
+        if meta.get("dgram"):
+            self.worker.reply_datagram(bytes.fromhex(meta["dgram"]), frame)
+            return
+        conn = self.worker.connections.get(meta.get("conn", 0))
+        if conn is None:
+            return  # it closed meanwhile; the hub hears CHAT_GONE
+        if "join" in meta:
+            self._index(conn, meta["join"], True)
+        if "part" in meta:
+            self._index(conn, meta["part"], False)
+        conn.send_frame(frame)
+
+    def on_deliver(self, body: bytes) -> None:
+        meta, frames = unpack_meta(body)
+        targets: Iterable[Connection]
+        if "room" in meta:
+            targets = self.rooms.get(meta["room"], ())
+        else:
+            connections = self.worker.connections
+            targets = [c for c in (connections.get(i) for i in meta.get("conns", ())) if c is not None]
+        for conn in list(targets):
+            conn.send_frame(frames)  # the same bytes object for every member
+
+    def _index(self, conn: Connection, room: str, joined: bool) -> None:
+        state = conn.chat
+        if state is None:
+            return
+        members = self.rooms.setdefault(room, set())
+        if joined:
+            members.add(conn)
+            state.rooms.add(room)
+        else:
+            members.discard(conn)
+            state.rooms.discard(room)
+            if not members:
+                del self.rooms[room]
+
+    def connection_closed(self, conn: Connection) -> None:
+        state = conn.chat
+        if state is None:
+            return
+        for room in state.rooms:
+            members = self.rooms.get(room)
+            if members is not None:
+                members.discard(conn)
+                if not members:
+                    del self.rooms[room]
+        try:
+            self.worker.channel.post(ChannelOp.CHAT_GONE, pack_meta({"conn": conn.id}))
+        except ChannelClosed:
+            pass
+
+
+def _creds(creds: Credentials) -> dict[str, Any]:
+    return {"uid": creds.uid, "gid": creds.gid, "pid": creds.pid}
+
+
+def _forward(worker: Worker, conn: Connection, frame: Frame) -> None:
+    worker.chat.forward(conn, frame)
+
+
+STREAM: dict[int, StreamHandler] = dict.fromkeys(CHAT_OPS, _forward)
