@@ -174,6 +174,9 @@ def status(opts: Options) -> None:
         f"workers: {totals['workers']}, connections: {totals['connections']}, "
         f"rss: {_human_bytes(totals['rss'])} in all, respawns: {doc['respawns']}"
     )
+    chat = doc.get("chat")
+    if chat:
+        click.echo(f"chat: {chat['rooms']} rooms, {chat['chatters']} chatters, {chat['messages']} messages")
     click.echo(f"{'PID':>8}  {'STATE':<9} {'CONNS':>6} {'RSS':>10} {'RECEIVED':>9} {'UPTIME':>9}")
     for w in doc["workers"]:
         click.echo(
