@@ -65,7 +65,8 @@ def check_socket_dir(path: Path, uid: int) -> None:
         raise SocketDirError(f"socket dir {path} exists and is not a directory; remove it or choose another")
     if st.st_uid not in (uid, 0):
         raise SocketDirError(
-            f"socket dir {path} is owned by {_owner_name(st.st_uid)}, not by {_owner_name(uid)} or root; "
+            f"socket dir {path} is owned by {_owner_name(st.st_uid)}, not by "
+            f"{_owner_name(uid) + ' or root' if uid else 'root'}; "
             "someone else may control it: remove it or choose another --socket-dir"
         )
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):

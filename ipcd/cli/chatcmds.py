@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ipcd.cli.common import Options, fail, handles_errors, pass_options
+from ipcd.cli.common import Options, fail, handles_errors, json_option, pass_options
 from ipcd.client import ChatEvent, RequestTimeout
 from ipcd.protocol.chat import DEFAULT_ROOM
 
@@ -36,6 +36,7 @@ def event_json(event: ChatEvent) -> dict[str, Any]:
 
 
 @click.command()
+@json_option
 @click.option("--room", "-r", default=None, help=f"Room to post to (default {DEFAULT_ROOM}).")
 @click.option("--to", "to", default=None, metavar="NICK", help="Send a private message instead.")
 @click.option("--dgram", is_flag=True, help="Post over the datagram socket (rooms only), like logger(1).")
@@ -64,6 +65,7 @@ def send(opts: Options, room: str | None, to: str | None, dgram: bool, text: tup
 
 
 @click.command()
+@json_option
 @click.option(
     "--room", "-r", "rooms", multiple=True, help=f"Room to listen to; repeatable (default {DEFAULT_ROOM})."
 )
@@ -106,6 +108,7 @@ def json_line(event: ChatEvent) -> str:
 
 
 @click.command()
+@json_option
 @pass_options
 @handles_errors
 def rooms(opts: Options) -> None:
@@ -121,6 +124,7 @@ def rooms(opts: Options) -> None:
 
 
 @click.command()
+@json_option
 @click.argument("room", required=False)
 @pass_options
 @handles_errors

@@ -72,3 +72,22 @@ def handles_errors(func: F) -> F:
 
 
 pass_options = click.make_pass_decorator(Options)
+
+
+def json_option(func: F) -> F:
+    """``--json`` after the command too (``ipcctl status --json``), the same
+    as the global ``ipcctl --json status``."""
+
+    def enable(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        options = ctx.find_object(Options)
+        if value and options is not None:
+            options.json = True
+
+    return click.option(
+        "--json",
+        "json_flag",
+        is_flag=True,
+        expose_value=False,
+        callback=enable,
+        help="JSON output, for scripts.",
+    )(func)

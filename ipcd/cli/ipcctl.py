@@ -13,7 +13,7 @@ import click
 
 from ipcd import __version__
 from ipcd.cli import chatcmds
-from ipcd.cli.common import EXIT_TIMEOUT, Options, fail, handles_errors, pass_options
+from ipcd.cli.common import EXIT_TIMEOUT, Options, fail, handles_errors, json_option, pass_options
 from ipcd.cli.pingstats import PingStats
 from ipcd.client import RequestTimeout
 from ipcd.settings import DEFAULT_SOCKET_DIR
@@ -45,6 +45,7 @@ def cli(ctx: click.Context, socket_dir: Path, json_output: bool, timeout: float)
 
 
 @cli.command()
+@json_option
 @click.option("--dgram", is_flag=True, help="Use the datagram socket.")
 @click.argument("text", nargs=-1, required=True)
 @pass_options
@@ -71,6 +72,7 @@ def echo(opts: Options, dgram: bool, text: tuple[str, ...]) -> None:
 
 
 @cli.command()
+@json_option
 @click.option(
     "-c", "--count", type=click.IntRange(min=1), default=5, show_default=True, help="Requests to send."
 )
@@ -158,6 +160,7 @@ def _human_duration(seconds: float) -> str:
 
 
 @cli.command()
+@json_option
 @pass_options
 @handles_errors
 def status(opts: Options) -> None:

@@ -9,7 +9,8 @@ Theory of operation (states, after supervisor)::
 A worker is constructed in the master and forked; the child closes what is
 the master's (``child_setup``) and runs :class:`Worker` until it returns,
 then ``os._exit``s, never unwinding into the master's code. A worker that
-exits before READY (or with ``EXIT_BOOT_FAILED``) is a boot failure; after
+exits before READY is a boot failure (a crash after READY is respawned at
+once, whatever its exit code); after
 ``MAX_BOOT_FAILURES`` in a row the pool gives up and the master
 stops with an error instead of forking forever. Boot failures back off
 exponentially. Reaping is ``waitpid(-1, WNOHANG)`` until nothing is left.
@@ -167,7 +168,7 @@ class WorkerPool:
         if self.stopping or handle.state is WorkerState.DRAINING:
             log.info("worker %d %s", handle.pid, how)
             return
-        if handle.state is WorkerState.STARTING or os.waitstatus_to_exitcode(status) == EXIT_BOOT_FAILED:
+        if handle.state is WorkerState.STARTING:
             self.boot_failures += 1
             log.error("worker %d failed to boot: %s (%d in a row)", handle.pid, how, self.boot_failures)
             if self.boot_failures >= MAX_BOOT_FAILURES:
