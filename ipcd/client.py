@@ -282,6 +282,65 @@ class Client:
     def history(self, room: str, count: int | None = None) -> list[dict[str, Any]]:
         return list(self.call(Op.HISTORY, room=room, count=count)["messages"])
 
+    # -- fd hand-off ------------------------------------------------------------
+
+    def put(
+        self,
+        name: str,
+        fds: Sequence[int],
+        *,
+        names: Sequence[str] | None = None,
+        allow_uids: Sequence[int] = (),
+        allow_gids: Sequence[int] = (),
+        public: bool = False,
+        ttl: float | None = None,
+        replace: bool = False,
+    ) -> dict[str, Any]:
+        """Store duplicates of ``fds`` under ``name`` (ours stay open)."""
+        args = {
+            "name": name,
+            "names": list(names) if names else None,
+            "allow_uids": list(allow_uids) or None,
+            "allow_gids": list(allow_gids) or None,
+            "public": public or None,
+            "ttl": ttl,
+            "replace": replace or None,
+        }
+        body = encode_json({k: v for k, v in args.items() if v is not None})
+        return decode_json(self.request(Op.PUT, body, fds).body)
+
+    def get(self, name: str, wait: float = 0.0) -> Handoff:
+        """Duplicates of the stored fds (the entry stays). With ``wait``,
+        wait up to that many seconds for the name to be put."""
+        return self._receive_fds(Op.GET, name, wait)
+
+    def take(self, name: str, wait: float = 0.0) -> Handoff:
+        """The stored fds; the entry is removed."""
+        return self._receive_fds(Op.TAKE, name, wait)
+
+    def _receive_fds(self, op: Op, name: str, wait: float) -> Handoff:
+        body = encode_json({"name": name, "wait": wait} if wait else {"name": name})
+        previous = self.sock.gettimeout()
+        if wait and previous is not None:
+            self.sock.settimeout(previous + wait)
+        try:
+            reply = self.request(op, body)
+        finally:
+            self.sock.settimeout(previous)
+        try:
+            meta = decode_json(reply.body)
+            return Handoff(str(meta["name"]), reply.fds, tuple(meta["names"]), int(meta["owner"]))
+        except (KeyError, TypeError, ValueError, RemoteProtocolError):
+            fdpass.close_fds(reply.fds)
+            raise ConnectionLost("the daemon sent a malformed hand-off reply") from None
+
+    def ls(self) -> dict[str, Any]:
+        """Entries this caller may get (with their fds described), and its quota."""
+        return decode_json(self.request(Op.LS, b"{}").body)
+
+    def rm(self, name: str) -> None:
+        self.request(Op.RM, encode_json({"name": name}))
+
     def next_event(self, timeout: float | None = None) -> ChatEvent:
         """The next chat delivery (MESSAGE, PRIVATE or NOTICE), waiting up to
         ``timeout`` seconds (None: the client's timeout; 0 with none queued
@@ -302,6 +361,15 @@ class Client:
                 self._early[frame.request_id] = frame
         finally:
             self.sock.settimeout(previous)
+
+
+class Handoff(NamedTuple):
+    """fds received from the store: the caller owns ``fds`` and must close them."""
+
+    name: str
+    fds: tuple[int, ...]
+    names: tuple[str, ...]  # one per fd (LISTEN_FDNAMES)
+    owner: int
 
 
 class ChatEvent(NamedTuple):

@@ -145,6 +145,18 @@ def peer_credentials(sock: socket.socket) -> Credentials:
     return Credentials(*_UCRED.unpack(raw))
 
 
+SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; Python lacks the constant
+
+
+def peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """Supplementary groups of a connected peer, as recorded at connect time."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 256 * _INT_SIZE)
+    except OSError:
+        return ()
+    return tuple(array.array("i", raw[: len(raw) - len(raw) % _INT_SIZE]))
+
+
 def enable_credentials(sock: socket.socket) -> None:
     """Ask the kernel to attach the sender's credentials to every datagram."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)

@@ -168,6 +168,7 @@ class Settings:
     max_message: int = 16 * 1024
     rate_limit: float = 50.0
     rooms_per_connection: int = 64
+    fd_quota: int = 64
     stop_timeout: float = 10.0
     worker_timeout: float = 30.0
     config_file: Path | None = None

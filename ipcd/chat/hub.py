@@ -50,6 +50,9 @@ from ipcd.protocol.chat import (
     sanitize_text,
 )
 from ipcd.server.channel import ChannelOp, pack_meta
+from ipcd.server.records import Out, Sender
+
+__all__ = ["ChatError", "Hub", "Limits", "Out", "Sender"]
 
 _CHUNK = 128 * 1024  # replayed history per channel record, well under RECORD_MAX
 Member = tuple[int, int]  # (worker pid, connection id)
@@ -63,26 +66,6 @@ class Limits:
     max_text: int = 16 * 1024  # bytes of UTF-8 text per message
     rooms_per_connection: int = 64
     max_rooms: int = 10_000
-
-
-@dataclasses.dataclass(frozen=True)
-class Out:
-    worker: int
-    op: ChannelOp
-    body: bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class Sender:
-    """Who sent a request, as the kernel reported it to the worker."""
-
-    worker: int
-    conn: int  # 0 for a datagram
-    request_id: int
-    uid: int
-    gid: int
-    pid: int
-    dgram: str | None = None  # hex of the datagram sender's address
 
 
 @dataclasses.dataclass(eq=False)

@@ -32,6 +32,13 @@ class Op(enum.IntEnum):
     TOPIC = 0x17
     HISTORY = 0x18
 
+    # fd hand-off: JSON bodies; PUT carries fds, GET/TAKE replies carry them
+    PUT = 0x20
+    GET = 0x21
+    TAKE = 0x22
+    LS = 0x23
+    RM = 0x24
+
     PONG = PING | REPLY_BIT
     ECHO_REPLY = ECHO | REPLY_BIT
     STATUS_REPLY = STATUS | REPLY_BIT
@@ -44,6 +51,11 @@ class Op(enum.IntEnum):
     WHO_REPLY = WHO | REPLY_BIT
     TOPIC_REPLY = TOPIC | REPLY_BIT
     HISTORY_REPLY = HISTORY | REPLY_BIT
+    PUT_REPLY = PUT | REPLY_BIT
+    GET_REPLY = GET | REPLY_BIT
+    TAKE_REPLY = TAKE | REPLY_BIT
+    LS_REPLY = LS | REPLY_BIT
+    RM_REPLY = RM | REPLY_BIT
 
     # daemon-initiated (request id 0)
     MESSAGE = 0x40  # a room message delivered to a member

@@ -33,15 +33,18 @@ class ChannelOp(enum.IntEnum):
     STOP = 0x22  # close everything now and exit
     HEARTBEAT = 0x23
     STATUS_RESULT = 0x24  # request id = the worker's token
-    CHAT_REPLY = 0x25  # meta {conn, join?, part?, dgram?} + the client-ready reply frame
+    ANSWER = 0x25  # meta {conn, join?, part?, dgram?} + the client-ready reply frame (+ its fds)
+    CHAT_REPLY = 0x25
     DELIVER = 0x26  # meta {room} or {conns} + client-ready frames to copy to each
     # worker -> master
     READY = 0x30  # booted; may be sent connections
     LOAD = 0x31  # JSON counters: connections, received, ...
     HEARTBEAT_ACK = 0x32
     STATUS_QUERY = 0x33  # request id = token to answer with
-    CHAT_REQUEST = 0x34  # meta {conn, rid, op, uid, gid, pid, dgram?} + the client's body
-    CHAT_GONE = 0x35  # meta {conn}: a connection with a chat session closed
+    FORWARD = 0x34  # meta {conn, rid, op, uid, gid, pid, groups, dgram?} + the client's body (+ fds)
+    CHAT_REQUEST = 0x34
+    GONE = 0x35  # meta {conn}: a connection that used the master's services closed
+    CHAT_GONE = 0x35
 
 
 _META_LEN = struct.Struct("!I")
@@ -62,6 +65,15 @@ def unpack_meta(body: bytes) -> tuple[dict[str, Any], bytes]:
     return meta, body[end:]
 
 
+class _Posted:
+    __slots__ = ("close_fds", "fds", "record")
+
+    def __init__(self, record: bytes, fds: tuple[int, ...], close_fds: bool) -> None:
+        self.record = record
+        self.fds = fds
+        self.close_fds = close_fds
+
+
 class ChannelClosed(Exception):
     """The other end of the channel is gone (EOF or a reset)."""
 
@@ -70,7 +82,7 @@ class Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buffer: bytearray | None = None  # allocated on the first recv
-        self._backlog: deque[bytes] | None = None  # records the peer had no room for yet
+        self._backlog: deque[_Posted] | None = None  # records the peer had no room for yet
         self.backlog_bytes = 0
 
     @classmethod
@@ -92,21 +104,39 @@ class Channel:
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise ChannelClosed(str(exc)) from exc
 
-    def post(self, op: ChannelOp, body: bytes = b"", request_id: int = 0) -> None:
-        """Send a record (no fds) or queue it if the peer's queue is full; the
-        order of posted records is kept. Raises :class:`ChannelClosed`."""
-        record = encode_frame(op, request_id, body)
+    def post(
+        self,
+        op: ChannelOp,
+        body: bytes = b"",
+        request_id: int = 0,
+        fds: Sequence[int] = (),
+        close_fds: bool = False,
+    ) -> None:
+        """Send a record, or queue it if the peer's queue is full; posted
+        records keep their order. With ``close_fds`` the fds are ours to give
+        away and are closed once sent (or if the peer is gone). Raises
+        :class:`ChannelClosed`."""
+        record = encode_frame(op, request_id, body, nfds=len(fds))
+        pending = _Posted(record, tuple(fds), close_fds)
         if self._backlog:
-            self._backlog.append(record)
+            self._backlog.append(pending)
             self.backlog_bytes += len(record)
             return
         try:
-            self.sock.send(record)
+            self._send_posted(pending)
         except BlockingIOError:
-            self._backlog = deque([record])
+            self._backlog = deque([pending])
             self.backlog_bytes = len(record)
+
+    def _send_posted(self, pending: _Posted) -> None:
+        try:
+            fdpass.send_with_fds(self.sock, [pending.record], pending.fds)
         except (BrokenPipeError, ConnectionResetError) as exc:
+            if pending.close_fds:
+                fdpass.close_fds(pending.fds)
             raise ChannelClosed(str(exc)) from exc
+        if pending.close_fds:
+            fdpass.close_fds(pending.fds)
 
     @property
     def has_backlog(self) -> bool:
@@ -117,13 +147,23 @@ class Channel:
         backlog = self._backlog
         while backlog:
             try:
-                self.sock.send(backlog[0])
+                self._send_posted(backlog[0])
             except BlockingIOError:
                 return
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                raise ChannelClosed(str(exc)) from exc
-            self.backlog_bytes -= len(backlog.popleft())
+            except ChannelClosed:
+                self.drop_backlog()
+                raise
+            self.backlog_bytes -= len(backlog.popleft().record)
         self._backlog = None
+
+    def drop_backlog(self) -> None:
+        """The peer is gone: close the fds queued records owned."""
+        while self._backlog:
+            pending = self._backlog.popleft()
+            if pending.close_fds:
+                fdpass.close_fds(pending.fds)
+        self._backlog = None
+        self.backlog_bytes = 0
 
     def recv(self) -> Frame:
         """Receive one record (fds close-on-exec). Raises ``BlockingIOError``
@@ -131,7 +171,7 @@ class Channel:
         if self._buffer is None:
             self._buffer = bytearray(RECORD_MAX)
         try:
-            got = fdpass.recv_into_with_fds(self.sock, self._buffer, maxfds=4)
+            got = fdpass.recv_into_with_fds(self.sock, self._buffer, maxfds=fdpass.MAX_FDS)
         except ConnectionResetError as exc:
             raise ChannelClosed(str(exc)) from exc
         if not got.nbytes and not got.fds:
@@ -147,4 +187,5 @@ class Channel:
             raise
 
     def close(self) -> None:
+        self.drop_backlog()
         self.sock.close()

@@ -1,11 +1,12 @@
-"""The master's side of chat: worker records in, hub records out.
+"""The master's side of its services: worker records in, records out.
 
-Theory of operation: the hub is pure logic; this module feeds it what
-workers forward and delivers what it returns, each record to its worker's
-channel, in order. Channels are non-blocking: a worker whose queue is full
-gets records queued in the master (write interest is watched until they
-drain). A worker that falls hopelessly behind is killed, so its clients see
-a disconnect, never a silent gap in a room's sequence.
+Theory of operation: the chat hub and the fd store are pure logic; this
+module feeds them what workers forward (by op) and delivers what they
+return, each record to its worker's channel, in order, with its fds.
+Channels are non-blocking: a worker whose queue is full gets records
+queued in the master (write interest is watched until they drain). A
+worker that falls hopelessly behind is killed, so its clients see a
+disconnect, never a silent gap in a room's sequence.
 """
 
 from __future__ import annotations
@@ -13,24 +14,33 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from ipcd.chat.hub import Hub, Out, Sender
+from ipcd import fdpass
+from ipcd.chat.hub import Hub
+from ipcd.handoff.store import Store
+from ipcd.protocol import Op
 from ipcd.server.channel import ChannelClosed, unpack_meta
 from ipcd.server.loop import EventLoop
 from ipcd.server.pool import WorkerHandle, WorkerPool
+from ipcd.server.records import Out, Sender
 
 log = logging.getLogger("ipcd.master")
 
 MAX_CHANNEL_BACKLOG = 64 << 20
+STORE_OPS = frozenset((Op.PUT, Op.GET, Op.TAKE, Op.LS, Op.RM))
 
 
 class HubLink:
-    def __init__(self, hub: Hub, loop: EventLoop, watch: Callable[[WorkerHandle, bool], None]) -> None:
+    def __init__(
+        self, hub: Hub, store: Store, loop: EventLoop, watch: Callable[[WorkerHandle, bool], None]
+    ) -> None:
         self.hub = hub
+        self.store = store
         self.loop = loop
         self.pool: WorkerPool | None = None
         self._watch = watch  # (handle, writable): set the channel's interest
 
-    def request(self, handle: WorkerHandle, body: bytes) -> None:
+    def request(self, handle: WorkerHandle, body: bytes, fds: tuple[int, ...] = ()) -> None:
+        """A forwarded request; ``fds`` came with it and are handed on or closed."""
         try:
             meta, payload = unpack_meta(body)
             sender = Sender(
@@ -41,11 +51,17 @@ class HubLink:
                 gid=int(meta["gid"]),
                 pid=int(meta["pid"]),
                 dgram=meta.get("dgram"),
+                groups=tuple(int(g) for g in meta.get("groups", ())),
             )
             op = int(meta["op"])
         except (ValueError, KeyError, TypeError):
-            log.error("malformed chat request from worker %d", handle.pid)
+            fdpass.close_fds(fds)
+            log.error("malformed request from worker %d", handle.pid)
             return
+        if op in STORE_OPS:
+            self.route(self.store.handle(sender, op, payload, fds))
+            return
+        fdpass.close_fds(fds)
         self.route(self.hub.handle(sender, op, payload))
 
     def connection_gone(self, handle: WorkerHandle, body: bytes) -> None:
@@ -55,19 +71,26 @@ class HubLink:
         except (ValueError, KeyError, TypeError):
             log.error("malformed CHAT_GONE from worker %d", handle.pid)
             return
+        self.store.connection_gone((handle.pid, conn))
         self.route(self.hub.connection_gone((handle.pid, conn)))
 
     def worker_gone(self, handle: WorkerHandle) -> None:
+        self.store.worker_gone(handle.pid)
         self.route(self.hub.worker_gone(handle.pid))
+
+    def tick(self, now: float) -> None:
+        self.route(self.store.tick(now))
 
     def route(self, outs: list[Out]) -> None:
         assert self.pool is not None
         for out in outs:
             handle = self.pool.workers.get(out.worker)
             if handle is None or not handle.channel_open:
+                if out.close_fds:
+                    fdpass.close_fds(out.fds)
                 continue
             try:
-                handle.channel.post(out.op, out.body)
+                handle.channel.post(out.op, out.body, fds=out.fds, close_fds=out.close_fds)
             except ChannelClosed:
                 self.pool.channel_closed(handle)
                 continue

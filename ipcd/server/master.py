@@ -28,6 +28,7 @@ from typing import Any
 
 from ipcd import __version__, fdpass
 from ipcd.chat.hub import Hub, Limits
+from ipcd.handoff.store import Store, StoreLimits
 from ipcd.protocol import Frame, RemoteProtocolError, decode_json, encode_json
 from ipcd.server.channel import ChannelClosed, ChannelOp
 from ipcd.server.hublink import HubLink
@@ -43,6 +44,7 @@ log = logging.getLogger("ipcd.master")
 _ACCEPT_BATCH = 64
 _HEARTBEAT_INTERVAL = 2.0
 _ACCEPT_PAUSE = 0.1
+_STORE_TICK = 0.1  # resolution of fd-store TTLs and rendezvous timeouts
 
 
 def _chat_limits(settings: Settings) -> Limits:
@@ -85,7 +87,8 @@ class Master:
         self.exit_code = 0
         self.error: str | None = None
         self.hub = Hub(_chat_limits(settings))
-        self.hublink = HubLink(self.hub, self.loop, self._watch_channel)
+        self.store = Store(StoreLimits(quota=settings.fd_quota, max_entry_fds=settings.max_fds))
+        self.hublink = HubLink(self.hub, self.store, self.loop, self._watch_channel)
 
     # -- start -------------------------------------------------------------
 
@@ -140,6 +143,7 @@ class Master:
         )
         self.pool.spawn_generation(self.settings.workers)
         self.loop.call_later(_HEARTBEAT_INTERVAL, self._heartbeat)
+        self.loop.call_later(_STORE_TICK, self._store_tick)
         log.info(
             "ipcd %s serving on %s with %d workers (master pid %d)",
             __version__,
@@ -164,6 +168,7 @@ class Master:
                 self._sync_accepting()
         finally:
             self._close_sockets()
+            self.store.close_all()
             self.lock.release()
         log.info("ipcd stopped")
         return self.exit_code
@@ -237,8 +242,11 @@ class Master:
 
     def _on_record(self, handle: WorkerHandle, record: Frame) -> None:
         assert self.pool is not None
-        fdpass.close_fds(record.fds)  # workers send none; never keep stray ones
         handle.last_heartbeat = time.monotonic()
+        if record.op == ChannelOp.FORWARD:
+            self.hublink.request(handle, record.body, record.fds)  # PUT's fds go to the store
+            return
+        fdpass.close_fds(record.fds)  # no other record carries fds: never keep stray ones
         if record.op == ChannelOp.READY:
             self.pool.mark_ready(handle)
             if all(w.state is not WorkerState.STARTING for w in self.pool.workers.values()):
@@ -248,19 +256,22 @@ class Master:
                 handle.load = {k: int(v) for k, v in decode_json(record.body).items()}
             except (RemoteProtocolError, TypeError, ValueError):
                 log.error("malformed load report from worker %d", handle.pid)
-        elif record.op == ChannelOp.CHAT_REQUEST:
-            self.hublink.request(handle, record.body)
-        elif record.op == ChannelOp.CHAT_GONE:
+        elif record.op == ChannelOp.GONE:
             self.hublink.connection_gone(handle, record.body)
         elif record.op == ChannelOp.STATUS_QUERY:
             status = build_status(self.settings, self.pool, self.started, self.started_wall)
             status["chat"] = self.hub.stats()
+            status["store"] = self.store.stats()
             try:
                 handle.channel.send(
                     ChannelOp.STATUS_RESULT, encode_json(status), request_id=record.request_id
                 )
             except (BlockingIOError, ChannelClosed, OSError) as exc:
                 log.warning("cannot answer worker %d's status query: %s", handle.pid, exc)
+
+    def _store_tick(self) -> None:
+        self.hublink.tick(time.monotonic())
+        self.loop.call_later(_STORE_TICK, self._store_tick)
 
     def _heartbeat(self) -> None:
         assert self.pool is not None
@@ -303,6 +314,7 @@ class Master:
             log.warning("reload: %s only change on restart; kept as they were", ", ".join(kept))
         self.settings = fresh
         self.hub.limits = _chat_limits(fresh)
+        self.store.limits = StoreLimits(quota=fresh.fd_quota, max_entry_fds=fresh.max_fds)
         logging.getLogger("ipcd").setLevel(fresh.log_level.upper())
         log.info("reloading: starting %d new workers, draining the old ones", fresh.workers)
         self.pool.replace_all(fresh)

@@ -44,6 +44,7 @@ log = logging.getLogger("ipcd.worker")
 
 READ_BUFFER_SIZE = 256 * 1024
 _SWEEP_INTERVAL = 1.0
+_REPORT_INTERVAL = 1.0
 
 
 @dataclasses.dataclass
@@ -82,6 +83,8 @@ class Worker:
         self._exit_code: int | None = None
         self._ids = itertools.count(1)
         self._load_dirty = True
+        self._last_report = 0.0
+        self._reported = (0, 0)
         self._status_waiters: dict[int, tuple[int, int]] = {}  # token -> (conn id, request id)
         self._dgram_endpoint: DatagramEndpoint | None = None
         self.chat = ChatRouter(self)
@@ -112,7 +115,7 @@ class Worker:
                 self._flush_all()
             if self.channel.has_backlog:
                 self._flush_channel()
-            if self._load_dirty and self._exit_code is None:
+            if self._exit_code is None and (self._load_dirty or self._report_due()):
                 self._report_load()
         signals.close()
         return self._exit_code
@@ -180,8 +183,8 @@ class Worker:
             self.adopt(record.fds[0])
         elif op == ChannelOp.DELIVER:
             self.chat.on_deliver(record.body)
-        elif op == ChannelOp.CHAT_REPLY:
-            self.chat.on_reply(record.body)
+        elif op == ChannelOp.ANSWER:
+            self.chat.on_reply(record.body, record.fds)
         elif op == ChannelOp.HEARTBEAT:
             self._send_to_master(ChannelOp.HEARTBEAT_ACK)
         elif op == ChannelOp.STATUS_RESULT:
@@ -202,10 +205,19 @@ class Worker:
             return False
         return True
 
+    def _report_due(self) -> bool:
+        if self.loop.now - self._last_report < _REPORT_INTERVAL:
+            return False
+        return (self.stats.frames, self.stats.datagrams) != self._reported
+
     def _report_load(self) -> None:
+        """Connection counts at once (routing needs them); other counters at
+        most once a second (status readers do not need them fresher)."""
         load = {"connections": len(self.connections), **dataclasses.asdict(self.stats)}
         if self._send_to_master(ChannelOp.LOAD, encode_json(load)):
             self._load_dirty = False
+            self._last_report = self.loop.now
+            self._reported = (self.stats.frames, self.stats.datagrams)
 
     # -- connections -------------------------------------------------------
 

@@ -23,9 +23,9 @@ DatagramHandler = Callable[[Frame, Credentials | None], bytes | None]
 
 
 def stream_handlers() -> dict[int, StreamHandler]:
-    from ipcd.services import admin, chat, echo  # noqa: PLC0415 - services import the server's types lazily
+    from ipcd.services import admin, chat, echo, handoff  # noqa: PLC0415 - they import the server's types
 
-    return {**echo.STREAM, **admin.STREAM, **chat.STREAM}
+    return {**echo.STREAM, **admin.STREAM, **chat.STREAM, **handoff.STREAM}
 
 
 def datagram_handlers() -> dict[int, DatagramHandler]:

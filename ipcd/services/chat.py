@@ -52,9 +52,11 @@ class ChatRouter:
 
     # -- requests ----------------------------------------------------------
 
-    def forward(self, conn: Connection, frame: Frame) -> None:
+    def forward(self, conn: Connection, frame: Frame, with_fds: bool = False) -> None:
+        """Forward a request to the master's services (chat hub, fd store),
+        with the peer's kernel credentials and, if ``with_fds``, its fds."""
         worker = self.worker
-        if frame.fds:
+        if frame.fds and not with_fds:
             fdpass.close_fds(frame.fds)
             conn.send_error(frame.request_id, ErrorCode.FDS_NOT_EXPECTED, "chat operations take no fds")
             return
@@ -71,9 +73,12 @@ class ChatRouter:
         try:
             creds = conn.creds
         except OSError:
+            fdpass.close_fds(frame.fds)
             return  # the peer is already gone
         meta = {"conn": conn.id, "rid": frame.request_id, "op": frame.op, **_creds(creds)}
-        self._post(ChannelOp.CHAT_REQUEST, pack_meta(meta, frame.body), conn, frame.request_id)
+        if with_fds:
+            meta["groups"] = list(fdpass.peer_groups(conn.sock))
+        self._post(ChannelOp.FORWARD, pack_meta(meta, frame.body), conn, frame.request_id, frame.fds)
 
     def forward_datagram(self, frame: Frame, creds: Credentials | None, address: str | bytes | None) -> None:
         """A datagram SAY: posted as its sender's uid, answered at its address."""
@@ -83,9 +88,11 @@ class ChatRouter:
         meta = {"conn": 0, "rid": frame.request_id, "op": frame.op, "dgram": addr, **_creds(creds)}
         self._post(ChannelOp.CHAT_REQUEST, pack_meta(meta, frame.body), None, frame.request_id)
 
-    def _post(self, op: ChannelOp, body: bytes, conn: Connection | None, request_id: int) -> None:
+    def _post(
+        self, op: ChannelOp, body: bytes, conn: Connection | None, request_id: int, fds: tuple[int, ...] = ()
+    ) -> None:
         try:
-            self.worker.channel.post(op, body)
+            self.worker.channel.post(op, body, fds=fds, close_fds=True)  # ours are closed once sent
         except ChannelClosed:
             if conn is not None:
                 conn.send_error(request_id, ErrorCode.SHUTTING_DOWN, "the daemon is restarting; retry")
@@ -106,19 +113,21 @@ class ChatRouter:
 
     # -- answers from the hub ----------------------------------------------
 
-    def on_reply(self, body: bytes) -> None:
+    def on_reply(self, body: bytes, fds: tuple[int, ...] = ()) -> None:
         meta, frame = unpack_meta(body)
         if meta.get("dgram"):
+            fdpass.close_fds(fds)
             self.worker.reply_datagram(bytes.fromhex(meta["dgram"]), frame)
             return
         conn = self.worker.connections.get(meta.get("conn", 0))
         if conn is None:
-            return  # it closed meanwhile; the hub hears CHAT_GONE
+            fdpass.close_fds(fds)
+            return  # it closed meanwhile; the master hears GONE
         if "join" in meta:
             self._index(conn, meta["join"], True)
         if "part" in meta:
             self._index(conn, meta["part"], False)
-        conn.send_frame(frame)
+        conn.send_frame(frame, fds)  # the connection closes the fds once they are sent
 
     def on_deliver(self, body: bytes) -> None:
         meta, frames = unpack_meta(body)
@@ -156,7 +165,7 @@ class ChatRouter:
                 if not members:
                     del self.rooms[room]
         try:
-            self.worker.channel.post(ChannelOp.CHAT_GONE, pack_meta({"conn": conn.id}))
+            self.worker.channel.post(ChannelOp.GONE, pack_meta({"conn": conn.id}))
         except ChannelClosed:
             pass
 

@@ -1,0 +1,1 @@
+"""fd hand-off: the store (in the master) and what describes an fd."""

@@ -1,0 +1,361 @@
+"""The fd store: named open file descriptors, handed between processes.
+
+Theory of operation
+-------------------
+The store lives in the master, so a worker crash loses no entry. A PUT's
+fds travel client -> worker -> master as ``SCM_RIGHTS`` (each hop a kernel
+duplicate; each sender closes its copy), and the master keeps one fd per
+stored fd: its fd count is its baseline plus exactly what is stored. A GET
+sends the stored fds back down the same way (the kernel duplicates them,
+the entry stays); a TAKE sends them and the store forgets them.
+
+Access is decided from the requester's kernel credentials only: the owner
+(the putter's uid) and root may always get, take and remove; ``allow_uids``,
+``allow_gids`` (matched against the requester's gid and supplementary
+groups) and ``public`` widen get and take. Every stored fd is charged to its
+owner's quota. A GET or TAKE may wait for a name that is not there yet (a
+rendezvous): waiters are served in order when it is put, and time out with
+TIMED_OUT. Expired entries (TTL) are closed. Like the chat hub, the store does
+no socket I/O: it returns the records to send.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any
+
+from ipcd import fdpass
+from ipcd.handoff.fdinfo import describe
+from ipcd.protocol import (
+    ErrorCode,
+    Op,
+    RemoteProtocolError,
+    encode_error,
+    encode_frame,
+    encode_json,
+    reply_op,
+)
+from ipcd.protocol.messages import decode_json
+from ipcd.server.channel import ChannelOp, pack_meta
+from ipcd.server.records import Out, Sender
+
+log = logging.getLogger("ipcd.master")
+
+NAME_MAX = 128
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]*")
+Member = tuple[int, int]
+Args = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreLimits:
+    quota: int = 64  # stored fds per owner uid
+    max_entry_fds: int = 16
+    max_wait: float = 3600.0  # longest rendezvous wait, seconds
+
+
+class StoreError(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclasses.dataclass(eq=False)
+class Entry:
+    name: str
+    owner: int
+    owner_gid: int
+    fds: tuple[int, ...]
+    fd_names: tuple[str, ...]
+    info: list[dict[str, Any]]
+    allow_uids: frozenset[int] = frozenset()
+    allow_gids: frozenset[int] = frozenset()
+    public: bool = False
+    created: float = dataclasses.field(default_factory=time.time)
+    expires: float | None = None  # monotonic deadline
+
+    def allows(self, sender: Sender) -> bool:
+        if sender.uid in (0, self.owner) or self.public or sender.uid in self.allow_uids:
+            return True
+        return bool(self.allow_gids & {sender.gid, *sender.groups})
+
+    def listing(self, now: float) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "owner": self.owner,
+            "count": len(self.fds),
+            "fds": [{"name": n, **i} for n, i in zip(self.fd_names, self.info, strict=True)],
+            "allow_uids": sorted(self.allow_uids),
+            "allow_gids": sorted(self.allow_gids),
+            "public": self.public,
+            "created": self.created,
+            "age": round(time.time() - self.created, 3),
+            "ttl": None if self.expires is None else round(max(self.expires - now, 0.0), 3),
+        }
+
+
+@dataclasses.dataclass(eq=False)
+class Waiter:
+    sender: Sender
+    op: int
+    deadline: float
+
+
+def _check_name(value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > NAME_MAX or not _NAME_RE.fullmatch(value):
+        raise StoreError(
+            ErrorCode.BAD_REQUEST,
+            f"bad name {str(value)[:80]!r}: up to {NAME_MAX} letters, digits and _ . : @ / -, "
+            "starting with a letter or digit",
+        )
+    return value
+
+
+def _id_set(value: Any, what: str) -> frozenset[int]:
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list) or not all(isinstance(v, int) and v >= 0 for v in value):
+        raise StoreError(ErrorCode.BAD_REQUEST, f"{what} must be a list of non-negative integers")
+    return frozenset(value)
+
+
+class Store:
+    def __init__(self, limits: StoreLimits | None = None) -> None:
+        self.limits = limits or StoreLimits()
+        self.entries: dict[str, Entry] = {}
+        self.charged: Counter[int] = Counter()  # stored fds per owner uid
+        self.waiters: dict[str, deque[Waiter]] = {}
+
+    # -- entry points ------------------------------------------------------
+
+    def handle(self, sender: Sender, op: int, body: bytes, fds: tuple[int, ...]) -> list[Out]:
+        """One forwarded request. The store owns ``fds`` from here on: it
+        keeps them or closes them, whatever the outcome."""
+        out: list[Out] = []
+        try:
+            try:
+                args = decode_json(body)
+            except RemoteProtocolError as exc:
+                raise StoreError(exc.code, exc.message) from None
+            if op == Op.PUT:
+                taken, fds = fds, ()
+                self._put(sender, args, taken, out)
+            else:
+                if fds:
+                    raise StoreError(
+                        ErrorCode.FDS_NOT_EXPECTED, f"only PUT carries fds; {len(fds)} were closed"
+                    )
+                _HANDLERS[op](self, sender, args, out)
+        except StoreError as exc:
+            out.append(self._error(sender, exc.code, exc.message))
+        finally:
+            fdpass.close_fds(fds)
+        return out
+
+    def tick(self, now: float) -> list[Out]:
+        """Expire entries past their TTL and waiters past their deadline."""
+        for name in [n for n, e in self.entries.items() if e.expires is not None and e.expires <= now]:
+            entry = self._remove(name)
+            log.info("fd entry %r of uid %d expired (ttl); %d fds closed", name, entry.owner, len(entry.fds))
+            fdpass.close_fds(entry.fds)
+        out: list[Out] = []
+        for name, queue in list(self.waiters.items()):
+            for waiter in [w for w in queue if w.deadline <= now]:
+                queue.remove(waiter)
+                out.append(self._error(waiter.sender, ErrorCode.TIMED_OUT, f"{name!r} was not put in time"))
+            if not queue:
+                del self.waiters[name]
+        return out
+
+    def connection_gone(self, member: Member) -> None:
+        for name, queue in list(self.waiters.items()):
+            for waiter in [w for w in queue if (w.sender.worker, w.sender.conn) == member]:
+                queue.remove(waiter)
+            if not queue:
+                del self.waiters[name]
+
+    def worker_gone(self, worker: int) -> None:
+        for name, queue in list(self.waiters.items()):
+            for waiter in [w for w in queue if w.sender.worker == worker]:
+                queue.remove(waiter)
+            if not queue:
+                del self.waiters[name]
+
+    def stats(self) -> dict[str, int]:
+        return {"entries": len(self.entries), "stored_fds": sum(len(e.fds) for e in self.entries.values())}
+
+    def close_all(self) -> None:
+        for entry in self.entries.values():
+            fdpass.close_fds(entry.fds)
+        self.entries.clear()
+        self.charged.clear()
+
+    # -- helpers -----------------------------------------------------------
+
+    @staticmethod
+    def _reply(
+        sender: Sender, op: int, result: dict[str, Any], fds: tuple[int, ...] = (), give: bool = False
+    ) -> Out:
+        frame = encode_frame(reply_op(op), sender.request_id, encode_json(result), nfds=len(fds))
+        return Out(sender.worker, ChannelOp.ANSWER, pack_meta({"conn": sender.conn}, frame), fds, give)
+
+    @staticmethod
+    def _error(sender: Sender, code: ErrorCode, message: str) -> Out:
+        frame = encode_frame(Op.ERROR, sender.request_id, encode_error(code, message))
+        return Out(sender.worker, ChannelOp.ANSWER, pack_meta({"conn": sender.conn}, frame))
+
+    def _remove(self, name: str) -> Entry:
+        entry = self.entries.pop(name)
+        self.charged[entry.owner] -= len(entry.fds)
+        if self.charged[entry.owner] <= 0:
+            del self.charged[entry.owner]
+        return entry
+
+    def _hand_out(self, sender: Sender, op: int, entry: Entry) -> Out:
+        result = {
+            "name": entry.name,
+            "count": len(entry.fds),
+            "names": list(entry.fd_names),
+            "owner": entry.owner,
+        }
+        if op == Op.TAKE:
+            self._remove(entry.name)
+            return self._reply(sender, op, result, entry.fds, give=True)
+        return self._reply(sender, op, result, entry.fds)
+
+    # -- operations --------------------------------------------------------
+
+    def _put(self, sender: Sender, args: dict[str, Any], fds: tuple[int, ...], out: list[Out]) -> None:
+        try:
+            name = _check_name(args.get("name"))
+            if not fds:
+                raise StoreError(ErrorCode.BAD_REQUEST, "PUT carries no fds: attach at least one")
+            if len(fds) > self.limits.max_entry_fds:
+                raise StoreError(
+                    ErrorCode.LIMIT_EXCEEDED,
+                    f"{len(fds)} fds in one entry; at most {self.limits.max_entry_fds}",
+                )
+            fd_names = args.get("names") or [name] * len(fds)
+            if (
+                not isinstance(fd_names, list)
+                or len(fd_names) != len(fds)
+                or not all(isinstance(n, str) and n and ":" not in n for n in fd_names)
+            ):
+                raise StoreError(ErrorCode.BAD_REQUEST, "names must list one name (no ':') per fd")
+            ttl = args.get("ttl")
+            if ttl is not None and (not isinstance(ttl, int | float) or isinstance(ttl, bool) or ttl <= 0):
+                raise StoreError(ErrorCode.BAD_REQUEST, "ttl must be a positive number of seconds")
+            old = self.entries.get(name)
+            if old is not None:
+                if sender.uid not in (old.owner, 0):
+                    raise StoreError(ErrorCode.PERMISSION_DENIED, f"{name!r} belongs to uid {old.owner}")
+                if not args.get("replace"):
+                    raise StoreError(
+                        ErrorCode.EXISTS, f"{name!r} is already stored; use --replace to replace it"
+                    )
+            freed = len(old.fds) if old is not None and old.owner == sender.uid else 0
+            if self.charged[sender.uid] - freed + len(fds) > self.limits.quota:
+                raise StoreError(
+                    ErrorCode.LIMIT_EXCEEDED,
+                    f"uid {sender.uid} would hold {self.charged[sender.uid] - freed + len(fds)} stored fds; "
+                    f"the quota is {self.limits.quota}: take or remove some first",
+                )
+            entry = Entry(
+                name=name,
+                owner=sender.uid,
+                owner_gid=sender.gid,
+                fds=fds,
+                fd_names=tuple(fd_names),
+                info=[describe(fd) for fd in fds],
+                allow_uids=_id_set(args.get("allow_uids"), "allow_uids"),
+                allow_gids=_id_set(args.get("allow_gids"), "allow_gids"),
+                public=bool(args.get("public")),
+                expires=None if ttl is None else time.monotonic() + float(ttl),
+            )
+        except StoreError:
+            fdpass.close_fds(fds)
+            raise
+        if old is not None:
+            fdpass.close_fds(self._remove(name).fds)
+        self.entries[name] = entry
+        self.charged[sender.uid] += len(fds)
+        out.append(
+            self._reply(sender, Op.PUT, {"name": name, "count": len(fds), "replaced": old is not None})
+        )
+        self._serve_waiters(entry, out)
+
+    def _serve_waiters(self, entry: Entry, out: list[Out]) -> None:
+        queue = self.waiters.get(entry.name)
+        while queue:
+            waiter = queue.popleft()
+            if not entry.allows(waiter.sender):
+                out.append(
+                    self._error(waiter.sender, ErrorCode.PERMISSION_DENIED, _denied(entry, waiter.sender))
+                )
+                continue
+            out.append(self._hand_out(waiter.sender, waiter.op, entry))
+            if waiter.op == Op.TAKE:
+                break  # it is gone; the rest keep waiting for the next put
+        if queue is not None and not queue:
+            del self.waiters[entry.name]
+
+    def _get(self, sender: Sender, args: dict[str, Any], out: list[Out], op: int = Op.GET) -> None:
+        name = _check_name(args.get("name"))
+        entry = self.entries.get(name)
+        if entry is None:
+            wait = args.get("wait") or 0
+            if not isinstance(wait, int | float) or isinstance(wait, bool) or wait < 0:
+                raise StoreError(ErrorCode.BAD_REQUEST, "wait must be a non-negative number of seconds")
+            if not wait:
+                raise StoreError(ErrorCode.NOT_FOUND, f"nothing is stored as {name!r}; see 'ipcctl ls'")
+            deadline = time.monotonic() + min(float(wait), self.limits.max_wait)
+            self.waiters.setdefault(name, deque()).append(Waiter(sender, op, deadline))
+            return
+        if not entry.allows(sender):
+            raise StoreError(ErrorCode.PERMISSION_DENIED, _denied(entry, sender))
+        out.append(self._hand_out(sender, op, entry))
+
+    def _take(self, sender: Sender, args: dict[str, Any], out: list[Out]) -> None:
+        self._get(sender, args, out, Op.TAKE)
+
+    def _ls(self, sender: Sender, args: dict[str, Any], out: list[Out]) -> None:
+        now = time.monotonic()
+        visible = [
+            e.listing(now) for e in sorted(self.entries.values(), key=lambda e: e.name) if e.allows(sender)
+        ]
+        quota = {"used": self.charged[sender.uid], "quota": self.limits.quota}
+        out.append(self._reply(sender, Op.LS, {"entries": visible, "quota": quota}))
+
+    def _rm(self, sender: Sender, args: dict[str, Any], out: list[Out]) -> None:
+        name = _check_name(args.get("name"))
+        entry = self.entries.get(name)
+        if entry is None:
+            raise StoreError(ErrorCode.NOT_FOUND, f"nothing is stored as {name!r}")
+        if sender.uid not in (0, entry.owner):
+            raise StoreError(
+                ErrorCode.PERMISSION_DENIED,
+                f"{name!r} belongs to uid {entry.owner}; only it or root may remove it",
+            )
+        fdpass.close_fds(self._remove(name).fds)
+        out.append(self._reply(sender, Op.RM, {"name": name, "count": len(entry.fds)}))
+
+
+def _denied(entry: Entry, sender: Sender) -> str:
+    return (
+        f"uid {sender.uid} may not use {entry.name!r} (owner uid {entry.owner}); "
+        "the owner can allow it with --allow-uid, --allow-gid or --public"
+    )
+
+
+_HANDLERS: dict[int, Callable[[Store, Sender, Args, list[Out]], None]] = {
+    Op.GET: Store._get,
+    Op.TAKE: Store._take,
+    Op.LS: Store._ls,
+    Op.RM: Store._rm,
+}
