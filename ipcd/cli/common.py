@@ -20,6 +20,7 @@ from ipcd.client import (
     RequestTimeout,
     ServerError,
 )
+from ipcd.protocol import ErrorCode
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -62,6 +63,8 @@ def handles_errors(func: F) -> F:
         except RequestTimeout as exc:
             fail(str(exc), EXIT_TIMEOUT)
         except ServerError as exc:
+            if exc.code == ErrorCode.TIMED_OUT:
+                fail(f"timed out: {exc.message}", EXIT_TIMEOUT)
             fail(f"the daemon refused: {exc.message} ({exc.code_name})", EXIT_REFUSED)
         except ConnectionLost as exc:
             fail(f"{exc}; retry, and check the daemon's log if it persists", EXIT_UNREACHABLE)

@@ -1,0 +1,261 @@
+"""``ipcctl put | get | take | ls | rm``: hand open files and sockets over.
+
+``get``/``take`` with a command exec it with the fds at 3, 4, ... and
+``LISTEN_FDS``/``LISTEN_PID``/``LISTEN_FDNAMES`` set, the socket-activation
+convention, so any socket-activatable server can take a handed-off socket.
+Without a command the content is copied to stdout: regular files and memfds
+from offset 0 with pread (a stored fd shares its file offset with every copy
+handed out, so reading must not depend on, or move, that offset), pipes and
+sockets until end of file.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import grp
+import os
+import pwd
+import stat
+import sys
+import time
+
+import click
+
+from ipcd import fdpass
+from ipcd.cli.common import Options, fail, handles_errors, json_option, pass_options
+
+_CHUNK = 1 << 16
+
+
+def _uid(value: str) -> int:
+    if value.isdigit():
+        return int(value)
+    try:
+        return pwd.getpwnam(value).pw_uid
+    except KeyError:
+        raise click.BadParameter(f"no user named {value!r}") from None
+
+
+def _gid(value: str) -> int:
+    if value.isdigit():
+        return int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise click.BadParameter(f"no group named {value!r}") from None
+
+
+def _open(path: str, write: bool) -> int:
+    if path == "-":
+        return os.dup(0)
+    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        return os.open(path, flags)
+    except OSError as exc:
+        fail(f"cannot open {path}: {exc.strerror}", 1)
+
+
+@click.command()
+@json_option
+@click.argument("name")
+@click.argument("path", required=False)
+@click.option(
+    "--fd", "fds", type=click.IntRange(min=0), multiple=True, help="Pass inherited fd N (repeatable)."
+)
+@click.option("--write", is_flag=True, help="Open PATH read-write instead of read-only.")
+@click.option(
+    "--allow-uid", "allow_uids", multiple=True, metavar="USER", help="Also allow this user (name or uid)."
+)
+@click.option("--allow-gid", "allow_gids", multiple=True, metavar="GROUP", help="Also allow this group.")
+@click.option("--public", is_flag=True, help="Allow every local user.")
+@click.option("--ttl", type=click.FloatRange(min=0.001), default=None, help="Close and forget it after SECS.")
+@click.option("--replace", is_flag=True, help="Replace an entry of yours with the same name.")
+@pass_options
+@handles_errors
+def put(
+    opts: Options,
+    name: str,
+    path: str | None,
+    fds: tuple[int, ...],
+    write: bool,
+    allow_uids: tuple[str, ...],
+    allow_gids: tuple[str, ...],
+    public: bool,
+    ttl: float | None,
+    replace: bool,
+) -> None:
+    """Store an open file under NAME: PATH (opened here, '-' for stdin) or
+    inherited fds (--fd). Only you and root may get it unless allowed."""
+    if bool(path) == bool(fds):
+        fail("give a PATH or --fd N (not both)", 2)
+    to_send = [_open(path, write)] if path else list(fds)
+    for fd in to_send:
+        try:
+            os.fstat(fd)
+        except OSError:
+            fail(f"fd {fd} is not open in this process; pass one you inherited", 2)
+    uids = [_uid(u) for u in allow_uids]
+    gids = [_gid(g) for g in allow_gids]
+    try:
+        with opts.client() as client:
+            result = client.put(
+                name, to_send, allow_uids=uids, allow_gids=gids, public=public, ttl=ttl, replace=replace
+            )
+    finally:
+        if path:
+            fdpass.close_fds(to_send)
+    if opts.json:
+        opts.emit(result)
+
+
+def _place_fds(fds: tuple[int, ...]) -> None:
+    """Move ``fds`` to 3, 4, ... (inheritable), whatever numbers they have now."""
+    first_free = 3 + len(fds)
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, first_free) for fd in fds]
+    fdpass.close_fds(fds)
+    for index, fd in enumerate(moved):
+        os.dup2(fd, 3 + index, inheritable=True)
+        os.close(fd)
+
+
+def _exec(command: tuple[str, ...], fds: tuple[int, ...], names: tuple[str, ...]) -> None:
+    _place_fds(fds)
+    env = dict(os.environ)
+    env.update(LISTEN_FDS=str(len(fds)), LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES=":".join(names))
+    try:
+        os.execvpe(command[0], list(command), env)  # noqa: S606 - running the user's command is the point
+    except OSError as exc:
+        code = 127 if exc.errno == errno.ENOENT else 126
+        fail(f"cannot run {command[0]}: {exc.strerror}", code)
+
+
+def _copy_out(name: str, fd: int) -> None:
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISDIR(mode):
+        fail(f"{name} holds a directory; give a command to run with it", 1)
+    if stat.S_ISSOCK(mode):
+        import socket  # noqa: PLC0415
+
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                fail(f"{name} holds a listening socket; give a command to run with it (-- CMD ...)", 1)
+    out = sys.stdout.buffer
+    out.flush()
+    offset = 0
+    while True:
+        try:
+            chunk = os.pread(fd, _CHUNK, offset)
+        except OSError as exc:
+            if exc.errno != errno.ESPIPE:
+                raise
+            chunk = os.read(fd, _CHUNK)  # a pipe or socket: read it to the end
+        if not chunk:
+            break
+        offset += len(chunk)
+        out.write(chunk)
+    out.flush()
+
+
+def _receive(opts: Options, take: bool, name: str, wait: float, command: tuple[str, ...]) -> None:
+    with opts.client() as client:
+        handoff = client.take(name, wait) if take else client.get(name, wait)
+    if command:
+        _exec(command, handoff.fds, handoff.names)
+        return
+    try:
+        if opts.json:
+            opts.emit({"name": handoff.name, "count": len(handoff.fds), "names": list(handoff.names)})
+            return
+        for fd in handoff.fds:
+            _copy_out(name, fd)
+    finally:
+        fdpass.close_fds(handoff.fds)
+
+
+_COMMAND = click.argument("command", nargs=-1, type=click.UNPROCESSED)
+_WAIT = click.option(
+    "--wait", type=click.FloatRange(min=0), default=0.0, help="Wait up to SECS for NAME to be put."
+)
+
+
+@click.command()
+@json_option
+@click.argument("name")
+@_WAIT
+@_COMMAND
+@pass_options
+@handles_errors
+def get(opts: Options, name: str, wait: float, command: tuple[str, ...]) -> None:
+    """Get copies of NAME's fds (the entry stays). With -- CMD ARGS, run CMD
+    with them at fd 3, 4, ... and LISTEN_FDS set; else print the content."""
+    _receive(opts, False, name, wait, command)
+
+
+@click.command()
+@json_option
+@click.argument("name")
+@_WAIT
+@_COMMAND
+@pass_options
+@handles_errors
+def take(opts: Options, name: str, wait: float, command: tuple[str, ...]) -> None:
+    """Like get, but the entry is removed: the fds are yours alone."""
+    _receive(opts, True, name, wait, command)
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+def _kind(fd: dict[str, object]) -> str:
+    kind = str(fd.get("kind", "?"))
+    if kind == "socket":
+        kind = f"{fd.get('family', '?')}/{fd.get('type', '?')}" + (
+            " listening" if fd.get("listening") else ""
+        )
+    where = fd.get("path") or fd.get("address")
+    return f"{kind} {where}" if where else kind
+
+
+@click.command(name="ls")
+@json_option
+@pass_options
+@handles_errors
+def ls(opts: Options) -> None:
+    """List the stored entries you may get, with what each fd is."""
+    with opts.client() as client:
+        listing = client.ls()
+    if opts.json:
+        opts.emit(listing)
+        return
+    click.echo(f"{'NAME':<24} {'OWNER':<10} {'AGE':>5} {'TTL':>6}  FDS")
+    for entry in listing["entries"]:
+        owner = entry["owner"]
+        try:
+            owner = pwd.getpwuid(owner).pw_name
+        except KeyError:
+            pass
+        ttl = "-" if entry["ttl"] is None else _age(entry["ttl"])
+        kinds = ", ".join(_kind(fd) for fd in entry["fds"])
+        click.echo(f"{entry['name']:<24} {owner!s:<10} {_age(entry['age']):>5} {ttl:>6}  {kinds}")
+    quota = listing["quota"]
+    click.echo(f"your stored fds: {quota['used']} of {quota['quota']}")
+
+
+@click.command()
+@json_option
+@click.argument("name")
+@pass_options
+@handles_errors
+def rm(opts: Options, name: str) -> None:
+    """Remove NAME from the store (its owner or root only); its fds are closed."""
+    with opts.client() as client:
+        client.rm(name)
+    if opts.json:
+        opts.emit({"name": name, "removed": True, "at": time.time()})
