@@ -73,7 +73,6 @@ class Entry:
     owner_gid: int
     fds: tuple[int, ...]
     fd_names: tuple[str, ...]
-    info: list[dict[str, Any]]
     allow_uids: frozenset[int] = frozenset()
     allow_gids: frozenset[int] = frozenset()
     public: bool = False
@@ -90,7 +89,8 @@ class Entry:
             "name": self.name,
             "owner": self.owner,
             "count": len(self.fds),
-            "fds": [{"name": n, **i} for n, i in zip(self.fd_names, self.info, strict=True)],
+            # Described now, from the daemon's own copies: their current state, not the putter's word.
+            "fds": [{"name": n, **describe(fd)} for n, fd in zip(self.fd_names, self.fds, strict=True)],
             "allow_uids": sorted(self.allow_uids),
             "allow_gids": sorted(self.allow_gids),
             "public": self.public,
@@ -272,7 +272,6 @@ class Store:
                 owner_gid=sender.gid,
                 fds=fds,
                 fd_names=tuple(fd_names),
-                info=[describe(fd) for fd in fds],
                 allow_uids=_id_set(args.get("allow_uids"), "allow_uids"),
                 allow_gids=_id_set(args.get("allow_gids"), "allow_gids"),
                 public=bool(args.get("public")),
