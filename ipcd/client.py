@@ -181,7 +181,10 @@ class Client:
         while True:
             frame = self._next_frame()
             if frame.op == Op.PING:
-                self.sock.sendall(encode_frame(Op.PONG, frame.request_id, frame.body))
+                try:
+                    self.sock.sendall(encode_frame(Op.PONG, frame.request_id, frame.body))
+                except OSError as exc:
+                    raise ConnectionLost(f"connection to {self.path} lost answering a ping: {exc}") from None
                 continue
             return frame
 

@@ -48,6 +48,13 @@ def _non_negative_float(value: Any) -> float:
     return number
 
 
+def _positive_float(value: Any) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be more than 0")
+    return number
+
+
 def _octal_mode(value: Any) -> int:
     mode = value if isinstance(value, int) else int(str(value), 8)
     if not 0 <= mode <= 0o777:
@@ -134,6 +141,19 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         _non_negative_float,
         "On reload, time old workers get to finish their connections (default 30).",
         "SECS",
+    ),
+    OptionSpec(
+        "history_size", _positive_int, "Chat messages kept per room for late joiners (default 100).", "N"
+    ),
+    OptionSpec("max_message", _size, "Largest chat message text, in bytes (default 16K).", "BYTES"),
+    OptionSpec(
+        "rate_limit", _positive_float, "Chat messages/s per connection, bursts of 2x (default 50).", "N"
+    ),
+    OptionSpec(
+        "rooms_per_connection", _positive_int, "Chat rooms one connection may join (default 64).", "N"
+    ),
+    OptionSpec(
+        "fd_quota", _positive_int, "Stored fds each uid may hold in the hand-off store (default 64).", "N"
     ),
     OptionSpec(
         "stop_timeout",

@@ -85,6 +85,7 @@ class Room:
     members: dict[Member, Session] = dataclasses.field(default_factory=dict)
     workers: Counter[int] = dataclasses.field(default_factory=Counter)
     history: deque[tuple[dict[str, Any], bytes]] = dataclasses.field(default_factory=deque)
+    last_used: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class ChatError(Exception):
@@ -100,6 +101,25 @@ def user_name(uid: int) -> str:
     except KeyError:
         return f"uid{uid}"
     return name if name[:1].isalpha() or name[:1] == "_" else f"u{name}"
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (JSON ``"\\ud800"``):
+    it has no UTF-8 form, so encoding it would raise inside the master."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text(value: Any, limit: int) -> str:
+    """Message text: a string of at most ``limit`` UTF-8 bytes, valid
+    Unicode, stripped of terminal controls."""
+    try:
+        return sanitize_text(check_text(value, limit))  # check_text encodes it once
+    except UnicodeEncodeError:
+        raise ChatError(ErrorCode.BAD_REQUEST, "text holds a lone surrogate: send valid Unicode") from None
 
 
 class Hub:
@@ -124,6 +144,8 @@ class Hub:
             handler = _HANDLERS.get(op)
             if handler is None:
                 raise ChatError(ErrorCode.UNKNOWN_OP, f"operation 0x{op:02x} is not a chat operation")
+            if not sender.conn and op != Op.SAY:
+                raise ChatError(ErrorCode.BAD_REQUEST, "datagrams can only post to rooms (SAY)")
             meta, result = handler(self, sender, args, out)
             frame = encode_frame(reply_op(op), sender.request_id, encode_json(result))
         except (ChatError, RemoteProtocolError) as exc:
@@ -179,11 +201,22 @@ class Hub:
             if not create:
                 raise ChatError(ErrorCode.NOT_FOUND, f"no room named {name!r}; join it to create it")
             if len(self.rooms) >= self.limits.max_rooms:
+                self._evict_idle_room()
+            if len(self.rooms) >= self.limits.max_rooms:
                 raise ChatError(
                     ErrorCode.LIMIT_EXCEEDED, f"the daemon holds {len(self.rooms)} rooms: its limit"
                 )
             room = self.rooms[name] = Room(name, history=deque(maxlen=self.limits.history))
         return room
+
+    def _evict_idle_room(self) -> None:
+        """At the room limit, forget the least recently used room nobody is
+        in (with its history), so posting to new names cannot lock everyone
+        out of creating rooms."""
+        idle = [r for r in self.rooms.values() if not r.members and r.name != DEFAULT_ROOM]
+        if idle:
+            victim = min(idle, key=lambda r: r.last_used)
+            del self.rooms[victim.name]
 
     # -- fan-out -----------------------------------------------------------
 
@@ -253,13 +286,14 @@ class Hub:
         name = check_room(args.get("room", DEFAULT_ROOM))
         want_history = check_count(args.get("history"), self.limits.history, "history")
         session = self._session(sender)
+        # Checked before the room is created, so a refused join leaves no empty room behind.
+        if name not in session.rooms and len(session.rooms) >= self.limits.rooms_per_connection:
+            raise ChatError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"a connection may join at most {self.limits.rooms_per_connection} rooms; part one first",
+            )
         room = self._room(name, create=True)
         if name not in session.rooms:
-            if len(session.rooms) >= self.limits.rooms_per_connection:
-                raise ChatError(
-                    ErrorCode.LIMIT_EXCEEDED,
-                    f"a connection may join at most {self.limits.rooms_per_connection} rooms; part one first",
-                )
             self._notice(room, "join", session, out)  # to the members already there
             room.members[session.member] = session
             room.workers[sender.worker] += 1
@@ -288,9 +322,10 @@ class Hub:
 
     def _say(self, sender: Sender, args: Args, out: list[Out]) -> Result:
         name = check_room(args.get("room", DEFAULT_ROOM))
-        text = sanitize_text(check_text(args.get("text"), self.limits.max_text))
+        text = _text(args.get("text"), self.limits.max_text)
         session = self.sessions.get((sender.worker, sender.conn)) if sender.conn else None
         room = self._room(name, create=True)
+        room.last_used = time.monotonic()
         room.seq += 1
         message = {
             "room": name,
@@ -308,7 +343,7 @@ class Hub:
 
     def _msg(self, sender: Sender, args: Args, out: list[Out]) -> Result:
         target_nick = check_nick(args.get("to"))
-        text = sanitize_text(check_text(args.get("text"), self.limits.max_text))
+        text = _text(args.get("text"), self.limits.max_text)
         session = self._session(sender)
         target = self.nicks.get(target_nick)
         if target is None:
@@ -350,8 +385,10 @@ class Hub:
         room = self._room(check_room(args.get("room", DEFAULT_ROOM)), create=False)
         topic = args.get("topic")
         if topic is not None:
-            if not isinstance(topic, str) or len(topic) > TOPIC_MAX:
-                raise ChatError(ErrorCode.BAD_REQUEST, f"topic must be a string of at most {TOPIC_MAX} chars")
+            if not isinstance(topic, str) or len(topic) > TOPIC_MAX or not _is_unicode(topic):
+                raise ChatError(
+                    ErrorCode.BAD_REQUEST, f"topic must be valid Unicode of at most {TOPIC_MAX} chars"
+                )
             session = self._session(sender)
             if room.name not in session.rooms:
                 raise ChatError(ErrorCode.PERMISSION_DENIED, f"join {room.name!r} to set its topic")

@@ -19,6 +19,7 @@ import pwd
 import stat
 import sys
 import time
+from typing import Any
 
 import click
 
@@ -157,8 +158,25 @@ def _copy_out(name: str, fd: int) -> None:
     out.flush()
 
 
+def _not_printable(entry: dict[str, Any]) -> str | None:
+    """What in a listed entry has no content to print, if anything."""
+    for fd in entry["fds"]:
+        if fd.get("kind") == "directory":
+            return "a directory"
+        if fd.get("kind") == "socket" and fd.get("listening"):
+            return "a listening socket"
+    return None
+
+
 def _receive(opts: Options, take: bool, name: str, wait: float, command: tuple[str, ...]) -> None:
     with opts.client() as client:
+        if take and not command and not opts.json:
+            # Refuse before taking: once taken, a listening socket printed
+            # nowhere would be closed and lost for good.
+            entry = next((e for e in client.ls()["entries"] if e["name"] == name), None)
+            what = _not_printable(entry) if entry is not None else None
+            if what is not None:
+                fail(f"{name} holds {what}; give a command to run with it (-- CMD ...); it stays stored", 1)
         handoff = client.take(name, wait) if take else client.get(name, wait)
     if command:
         _exec(command, handoff.fds, handoff.names)

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from ipcd import __version__
-from ipcd.cli import chatcmds, handoffcmds
+from ipcd.cli import chatcmds, chatui, handoffcmds
 from ipcd.cli.common import EXIT_TIMEOUT, Options, fail, handles_errors, json_option, pass_options
 from ipcd.cli.pingstats import PingStats
 from ipcd.client import RequestTimeout
@@ -191,6 +191,7 @@ def status(opts: Options) -> None:
 for command in (
     chatcmds.send,
     chatcmds.listen,
+    chatui.chat,
     chatcmds.rooms,
     chatcmds.who,
     handoffcmds.put,

@@ -47,7 +47,8 @@ from ipcd.server.records import Out, Sender
 log = logging.getLogger("ipcd.master")
 
 NAME_MAX = 128
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]*")
+# No ':': an entry's name is also its fds' default LISTEN_FDNAMES, which ':' separates.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@/-]*")
 Member = tuple[int, int]
 Args = dict[str, Any]
 
@@ -111,7 +112,7 @@ def _check_name(value: Any) -> str:
     if not isinstance(value, str) or not value or len(value) > NAME_MAX or not _NAME_RE.fullmatch(value):
         raise StoreError(
             ErrorCode.BAD_REQUEST,
-            f"bad name {str(value)[:80]!r}: up to {NAME_MAX} letters, digits and _ . : @ / -, "
+            f"bad name {str(value)[:80]!r}: up to {NAME_MAX} letters, digits and _ . @ / -, "
             "starting with a letter or digit",
         )
     return value

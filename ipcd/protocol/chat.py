@@ -74,6 +74,7 @@ def parse_body(body: bytes) -> dict[str, Any]:
 
 
 def sanitize_text(text: str) -> str:
-    """Drop terminal control characters (ESC, BEL, ...) but keep tabs and
-    newlines: a message must not be able to drive the reader's terminal."""
-    return "".join(ch for ch in text if ch >= " " or ch in "\t\n")
+    """Drop terminal control characters (C0 such as ESC and BEL, DEL, and the
+    C1 range with its 8-bit CSI) but keep tabs and newlines: a message must
+    not be able to drive the reader's terminal."""
+    return "".join(ch for ch in text if ch in "\t\n" or (ch >= " " and not "\x7f" <= ch <= "\x9f"))

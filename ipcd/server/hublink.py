@@ -17,8 +17,8 @@ from collections.abc import Callable
 from ipcd import fdpass
 from ipcd.chat.hub import Hub
 from ipcd.handoff.store import Store
-from ipcd.protocol import Op
-from ipcd.server.channel import ChannelClosed, unpack_meta
+from ipcd.protocol import ErrorCode, Op, encode_error, encode_frame
+from ipcd.server.channel import ChannelClosed, ChannelOp, pack_meta, unpack_meta
 from ipcd.server.loop import EventLoop
 from ipcd.server.pool import WorkerHandle, WorkerPool
 from ipcd.server.records import Out, Sender
@@ -26,6 +26,7 @@ from ipcd.server.records import Out, Sender
 log = logging.getLogger("ipcd.master")
 
 MAX_CHANNEL_BACKLOG = 64 << 20
+_INTERNAL = "internal error in the daemon (logged); please report it"
 STORE_OPS = frozenset((Op.PUT, Op.GET, Op.TAKE, Op.LS, Op.RM))
 
 
@@ -58,11 +59,20 @@ class HubLink:
             fdpass.close_fds(fds)
             log.error("malformed request from worker %d", handle.pid)
             return
-        if op in STORE_OPS:
-            self.route(self.store.handle(sender, op, payload, fds))
-            return
-        fdpass.close_fds(fds)
-        self.route(self.hub.handle(sender, op, payload))
+        try:
+            if op in STORE_OPS:
+                outs = self.store.handle(sender, op, payload, fds)
+            else:
+                fdpass.close_fds(fds)
+                outs = self.hub.handle(sender, op, payload)
+        except Exception:
+            # A bug must cost one request, never the master (and with it every
+            # room and stored fd). The request's fds were the service's to close.
+            log.exception("internal error serving op 0x%02x for uid %d", op, sender.uid)
+            frame = encode_frame(Op.ERROR, sender.request_id, encode_error(ErrorCode.INTERNAL, _INTERNAL))
+            meta = {"conn": sender.conn, "dgram": sender.dgram} if sender.dgram else {"conn": sender.conn}
+            outs = [Out(handle.pid, ChannelOp.ANSWER, pack_meta(meta, frame))]
+        self.route(outs)
 
     def connection_gone(self, handle: WorkerHandle, body: bytes) -> None:
         try:

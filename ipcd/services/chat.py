@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ipcd import fdpass
 from ipcd.fdpass import Credentials
-from ipcd.protocol import ErrorCode, Frame, Op
+from ipcd.protocol import ErrorCode, Frame, Op, encode_error, encode_frame
 from ipcd.server.channel import ChannelClosed, ChannelOp, pack_meta, unpack_meta
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ class ChatRouter:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.rooms: dict[str, set[Connection]] = {}
+        self._dgram_buckets: dict[int, ChatState] = {}  # datagram posts are rate-limited per uid
 
     # -- requests ----------------------------------------------------------
 
@@ -85,6 +86,21 @@ class ChatRouter:
         if creds is None:
             return  # SO_PASSCRED is set on the socket: the kernel always attaches them
         addr = os.fsencode(address).hex() if address else None
+        bucket = self._dgram_buckets.get(creds.uid)
+        if bucket is None:
+            if len(self._dgram_buckets) > 10_000:
+                self._dgram_buckets.clear()  # bounded memory; a clear only forgives a little
+            bucket = self._dgram_buckets[creds.uid] = ChatState(self._burst, self.worker.now)
+        if not self._take_token(bucket):
+            if address:
+                limit = self.worker.settings.rate_limit
+                error = encode_frame(
+                    Op.ERROR,
+                    frame.request_id,
+                    encode_error(ErrorCode.RATE_LIMITED, f"more than {limit:g} posts/s from uid {creds.uid}"),
+                )
+                self.worker.reply_datagram(os.fsencode(address), error)
+            return
         meta = {"conn": 0, "rid": frame.request_id, "op": frame.op, "dgram": addr, **_creds(creds)}
         self._post(ChannelOp.CHAT_REQUEST, pack_meta(meta, frame.body), None, frame.request_id)
 
