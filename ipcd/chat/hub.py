@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import pwd
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from ipcd.protocol import (
 )
 from ipcd.protocol.chat import (
     DEFAULT_ROOM,
+    NICK_MAX,
     TOPIC_MAX,
     check_count,
     check_nick,
@@ -96,11 +98,16 @@ class ChatError(Exception):
 
 
 def user_name(uid: int) -> str:
+    """A default nick from the user name, made to fit the nick rules (with
+    room left for a "-N" suffix)."""
     try:
         name = pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"uid{uid}"
-    return name if name[:1].isalpha() or name[:1] == "_" else f"u{name}"
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    if not (name[:1].isalpha() or name[:1] == "_"):
+        name = f"u{name}"
+    return name[: NICK_MAX - 4]
 
 
 def _is_unicode(text: str) -> bool:

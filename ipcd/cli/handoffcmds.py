@@ -165,6 +165,8 @@ def _not_printable(entry: dict[str, Any]) -> str | None:
             return "a directory"
         if fd.get("kind") == "socket" and fd.get("listening"):
             return "a listening socket"
+        if fd.get("access") == "w":
+            return "a write-only fd"
     return None
 
 
@@ -186,7 +188,10 @@ def _receive(opts: Options, take: bool, name: str, wait: float, command: tuple[s
             opts.emit({"name": handoff.name, "count": len(handoff.fds), "names": list(handoff.names)})
             return
         for fd in handoff.fds:
-            _copy_out(name, fd)
+            try:
+                _copy_out(name, fd)
+            except OSError as exc:
+                fail(f"cannot read {name}: {exc.strerror}; give a command to run with it (-- CMD ...)", 1)
     finally:
         fdpass.close_fds(handoff.fds)
 

@@ -180,6 +180,9 @@ def status(opts: Options) -> None:
     chat = doc.get("chat")
     if chat:
         click.echo(f"chat: {chat['rooms']} rooms, {chat['chatters']} chatters, {chat['messages']} messages")
+    store = doc.get("store")
+    if store:
+        click.echo(f"fd store: {store['entries']} entries, {store['stored_fds']} stored fds")
     click.echo(f"{'PID':>8}  {'STATE':<9} {'CONNS':>6} {'RSS':>10} {'RECEIVED':>9} {'UPTIME':>9}")
     for w in doc["workers"]:
         click.echo(

@@ -22,6 +22,7 @@ no socket I/O: it returns the records to send.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import re
 import time
@@ -228,7 +229,10 @@ class Store:
         if op == Op.TAKE:
             self._remove(entry.name)
             return self._reply(sender, op, result, entry.fds, give=True)
-        return self._reply(sender, op, result, entry.fds)
+        # Duplicates, owned by the record: if it waits in a backlog, the entry
+        # may be removed meanwhile and its numbers reused by another entry.
+        copies = tuple(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in entry.fds)
+        return self._reply(sender, op, result, copies, give=True)
 
     # -- operations --------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import socket
 import struct
 from collections import deque
@@ -22,8 +23,13 @@ from typing import Any
 from ipcd import fdpass
 from ipcd.protocol import ErrorCode, Frame, RemoteProtocolError, decode_record, encode_frame
 
-# Large enough for any internal record (status documents included).
-RECORD_MAX = 256 * 1024
+# A SEQPACKET record must fit the socket's send buffer (about 208 KiB by
+# default), so bodies are cut into fragments of FRAGMENT bytes; the flag MORE
+# says another fragment of the same message follows (fds ride on the first).
+FRAGMENT = 60 * 1024
+RECORD_MAX = 128 * 1024
+MORE = 0x01
+MESSAGE_MAX = 256 << 20  # a reassembled message larger than this is dropped
 
 
 class ChannelOp(enum.IntEnum):
@@ -46,6 +52,8 @@ class ChannelOp(enum.IntEnum):
     GONE = 0x35  # meta {conn}: a connection that used the master's services closed
     CHAT_GONE = 0x35
 
+
+log = logging.getLogger("ipcd")
 
 _META_LEN = struct.Struct("!I")
 
@@ -74,6 +82,23 @@ class _Posted:
         self.close_fds = close_fds
 
 
+class _Partial:
+    """A message whose fragments are still arriving."""
+
+    __slots__ = ("chunks", "fds", "op", "request_id", "size")
+
+    def __init__(self, first: Frame) -> None:
+        self.op = first.op
+        self.request_id = first.request_id
+        self.fds = first.fds
+        self.chunks = [first.body]
+        self.size = len(first.body)
+
+    def add(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.size += len(body)
+
+
 class ChannelClosed(Exception):
     """The other end of the channel is gone (EOF or a reset)."""
 
@@ -84,6 +109,7 @@ class Channel:
         self._buffer: bytearray | None = None  # allocated on the first recv
         self._backlog: deque[_Posted] | None = None  # records the peer had no room for yet
         self.backlog_bytes = 0
+        self._partial: _Partial | None = None  # fragments of a message being received
 
     @classmethod
     def pair(cls) -> tuple[Channel, Channel]:
@@ -112,29 +138,42 @@ class Channel:
         fds: Sequence[int] = (),
         close_fds: bool = False,
     ) -> None:
-        """Send a record, or queue it if the peer's queue is full; posted
-        records keep their order. With ``close_fds`` the fds are ours to give
-        away and are closed once sent (or if the peer is gone). Raises
-        :class:`ChannelClosed`."""
-        record = encode_frame(op, request_id, body, nfds=len(fds))
-        pending = _Posted(record, tuple(fds), close_fds)
+        """Send a message (in fragments if large), or queue it if the peer's
+        queue is full; posted messages keep their order. With ``close_fds``
+        the fds are ours to give away and are closed once sent (or if the
+        peer is gone). Raises :class:`ChannelClosed`."""
+        pieces = [body[i : i + FRAGMENT] for i in range(0, len(body), FRAGMENT)] or [b""]
+        for index, piece in enumerate(pieces):
+            first = index == 0
+            flags = MORE if index < len(pieces) - 1 else 0
+            attached = tuple(fds) if first else ()
+            record = encode_frame(op, request_id, piece, nfds=len(attached), flags=flags)
+            self._post_record(_Posted(record, attached, close_fds and first))
+
+    def _post_record(self, pending: _Posted) -> None:
         if self._backlog:
             self._backlog.append(pending)
-            self.backlog_bytes += len(record)
+            self.backlog_bytes += len(pending.record)
             return
         try:
             self._send_posted(pending)
         except BlockingIOError:
             self._backlog = deque([pending])
-            self.backlog_bytes = len(record)
+            self.backlog_bytes = len(pending.record)
 
     def _send_posted(self, pending: _Posted) -> None:
         try:
             fdpass.send_with_fds(self.sock, [pending.record], pending.fds)
+        except BlockingIOError:
+            raise
         except (BrokenPipeError, ConnectionResetError) as exc:
             if pending.close_fds:
                 fdpass.close_fds(pending.fds)
             raise ChannelClosed(str(exc)) from exc
+        except OSError as exc:
+            # Cannot happen with fragments and owned fds; if it does, lose this
+            # record (its requester times out), never the process.
+            log.error("dropping a channel record: %s", exc.strerror)
         if pending.close_fds:
             fdpass.close_fds(pending.fds)
 
@@ -166,8 +205,30 @@ class Channel:
         self.backlog_bytes = 0
 
     def recv(self) -> Frame:
-        """Receive one record (fds close-on-exec). Raises ``BlockingIOError``
-        when nothing is queued and :class:`ChannelClosed` on EOF."""
+        """Receive one whole message (fragments reassembled; fds close-on-exec).
+        Raises ``BlockingIOError`` when no whole message is queued yet and
+        :class:`ChannelClosed` on EOF."""
+        while True:
+            frame = self._recv_record()
+            partial = self._partial
+            if frame.flags & MORE:
+                if partial is None:
+                    self._partial = _Partial(frame)
+                else:
+                    fdpass.close_fds(frame.fds)  # fds ride on the first fragment only
+                    partial.add(frame.body)
+                continue
+            if partial is None:
+                return frame
+            self._partial = None
+            fdpass.close_fds(frame.fds)
+            partial.add(frame.body)
+            if partial.size > MESSAGE_MAX:
+                fdpass.close_fds(partial.fds)
+                raise RemoteProtocolError("channel message too large", ErrorCode.TOO_LARGE, fatal=False)
+            return Frame(partial.op, partial.request_id, b"".join(partial.chunks), partial.fds)
+
+    def _recv_record(self) -> Frame:
         if self._buffer is None:
             self._buffer = bytearray(RECORD_MAX)
         try:
@@ -188,4 +249,7 @@ class Channel:
 
     def close(self) -> None:
         self.drop_backlog()
+        if self._partial is not None:
+            fdpass.close_fds(self._partial.fds)
+            self._partial = None
         self.sock.close()

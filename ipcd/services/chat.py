@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ipcd import fdpass
 from ipcd.fdpass import Credentials
-from ipcd.protocol import ErrorCode, Frame, Op, encode_error, encode_frame
+from ipcd.protocol import ErrorCode, Frame, Op, encode_error, encode_frame, op_name
 from ipcd.server.channel import ChannelClosed, ChannelOp, pack_meta, unpack_meta
 
 if TYPE_CHECKING:
@@ -53,13 +53,19 @@ class ChatRouter:
 
     # -- requests ----------------------------------------------------------
 
-    def forward(self, conn: Connection, frame: Frame, with_fds: bool = False) -> None:
+    def forward(
+        self, conn: Connection, frame: Frame, with_fds: bool = False, with_groups: bool = False
+    ) -> None:
         """Forward a request to the master's services (chat hub, fd store),
         with the peer's kernel credentials and, if ``with_fds``, its fds."""
         worker = self.worker
         if frame.fds and not with_fds:
             fdpass.close_fds(frame.fds)
-            conn.send_error(frame.request_id, ErrorCode.FDS_NOT_EXPECTED, "chat operations take no fds")
+            conn.send_error(
+                frame.request_id,
+                ErrorCode.FDS_NOT_EXPECTED,
+                f"{op_name(frame.op)} takes no fds; the {len(frame.fds)} attached were closed",
+            )
             return
         state = conn.chat
         if state is None:
@@ -77,7 +83,7 @@ class ChatRouter:
             fdpass.close_fds(frame.fds)
             return  # the peer is already gone
         meta = {"conn": conn.id, "rid": frame.request_id, "op": frame.op, **_creds(creds)}
-        if with_fds:
+        if with_groups:
             meta["groups"] = list(fdpass.peer_groups(conn.sock))
         self._post(ChannelOp.FORWARD, pack_meta(meta, frame.body), conn, frame.request_id, frame.fds)
 
