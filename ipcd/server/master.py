@@ -123,6 +123,9 @@ class Master:
         if self.stream is not None:
             self.stream.sock.close()  # workers never accept
         self.lock.release()
+        # Our copy of every stored fd: a worker holding them would keep a
+        # removed or taken pipe or socket open behind its owner's back.
+        self.store.close_all()
 
     def run(self) -> int:
         self.bind()
