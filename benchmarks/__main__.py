@@ -19,14 +19,14 @@ import tempfile
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import loop_choice
+from benchmarks import fanout, loop_choice
 from benchmarks.echo import SCENARIOS, Settings, progress
 from benchmarks.load import BenchError
 from benchmarks.rawecho import accept_spread
 from benchmarks.report import Table, print_json, print_text
 from benchmarks.servers import Server, ServerError
 
-ALL = [*SCENARIOS, "loop"]
+ALL = [*SCENARIOS, "loop", "fanout"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,6 +137,11 @@ def _run(
             tables.append(loop_choice.scenario(work, s, problems))
         except (BenchError, ServerError, OSError) as exc:
             problems.append(f"loop: {exc}")
+    if "fanout" in names:
+        try:
+            tables.append(fanout.scenario(work, s, problems, shlex.split(args.ipcd)))
+        except (BenchError, ServerError, OSError) as exc:
+            problems.append(f"fanout: {exc}")
     return tables, problems
 
 

@@ -23,7 +23,7 @@ class Row:
     metric: str
     unit: str
     value: float
-    baseline: float
+    baseline: float | None  # None: the baseline could not be measured
     better: Literal["higher", "lower"]
 
     @property
@@ -40,7 +40,7 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
     def add(
-        self, metric: str, unit: str, value: float, baseline: float, better: Literal["higher", "lower"]
+        self, metric: str, unit: str, value: float, baseline: float | None, better: Literal["higher", "lower"]
     ) -> None:
         self.rows.append(Row(metric, unit, value, baseline, better))
 

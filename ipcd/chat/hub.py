@@ -97,9 +97,26 @@ class ChatError(Exception):
         self.message = message
 
 
+_NAMES: dict[int, tuple[float, str]] = {}  # uid -> (looked up at, name)
+_NAME_TTL = 60.0
+
+
 def user_name(uid: int) -> str:
     """A default nick from the user name, made to fit the nick rules (with
-    room left for a "-N" suffix)."""
+    room left for a "-N" suffix). Cached for a minute: a passwd lookup is
+    six system calls, and an unjoined poster pays it on every message."""
+    now = time.monotonic()
+    cached = _NAMES.get(uid)
+    if cached is not None and now - cached[0] < _NAME_TTL:
+        return cached[1]
+    if len(_NAMES) > 4096:
+        _NAMES.clear()
+    name = _lookup_name(uid)
+    _NAMES[uid] = (now, name)
+    return name
+
+
+def _lookup_name(uid: int) -> str:
     try:
         name = pwd.getpwuid(uid).pw_name
     except KeyError:

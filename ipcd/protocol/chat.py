@@ -73,8 +73,11 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return decode_json(body)
 
 
+_CONTROLS: Final = {c: None for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t\n"}
+
+
 def sanitize_text(text: str) -> str:
     """Drop terminal control characters (C0 such as ESC and BEL, DEL, and the
     C1 range with its 8-bit CSI) but keep tabs and newlines: a message must
     not be able to drive the reader's terminal."""
-    return "".join(ch for ch in text if ch in "\t\n" or (ch >= " " and not "\x7f" <= ch <= "\x9f"))
+    return text.translate(_CONTROLS)
