@@ -191,9 +191,16 @@ def _idle(ipcd: Server, raw: Server, s: Settings, problems: list[str]) -> Table:
     return idle(ipcd, raw, s, problems)
 
 
+def _handoff(ipcd: Server, raw: Server, s: Settings, problems: list[str]) -> Table:
+    from benchmarks.handoff import handoff  # noqa: PLC0415 - handoff imports this module
+
+    return handoff(ipcd, raw, s, problems)
+
+
 SCENARIOS: dict[str, Callable[[Server, Server, Settings, list[str]], Table]] = {
     "throughput": throughput,
     "latency": latency,
     "dgram": dgram,
     "idle": _idle,
+    "handoff": _handoff,
 }
