@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ipcd import fdpass
-from ipcd.protocol import ErrorCode, Frame, RemoteProtocolError, decode_record, encode_frame
+from ipcd.protocol import HEADER_SIZE, ErrorCode, Frame, RemoteProtocolError, decode_record, encode_frame
 
 # A SEQPACKET record must fit the socket's send buffer (about 208 KiB by
 # default), so bodies are cut into fragments of FRAGMENT bytes; the flag MORE
@@ -39,6 +39,7 @@ class ChannelOp(enum.IntEnum):
     STOP = 0x22  # close everything now and exit
     HEARTBEAT = 0x23
     STATUS_RESULT = 0x24  # request id = the worker's token
+    BATCH = 0x27  # several fd-less messages gathered in one loop iteration (either way)
     ANSWER = 0x25  # meta {conn, join?, part?, dgram?} + the client-ready reply frame (+ its fds)
     CHAT_REPLY = 0x25
     DELIVER = 0x26  # meta {room} or {conns} + client-ready frames to copy to each
@@ -82,6 +83,19 @@ class _Posted:
         self.close_fds = close_fds
 
 
+def _unbatch(body: bytes) -> list[Frame]:
+    frames = []
+    pos = 0
+    while pos < len(body):
+        if len(body) - pos < HEADER_SIZE:
+            raise RemoteProtocolError("truncated frame in a channel batch", ErrorCode.MALFORMED, fatal=False)
+        length = int.from_bytes(body[pos + 12 : pos + 16], "big")
+        end = pos + HEADER_SIZE + length
+        frames.append(decode_record(body[pos:end], (), max_frame_size=MESSAGE_MAX))
+        pos = end
+    return frames
+
+
 class _Partial:
     """A message whose fragments are still arriving."""
 
@@ -110,6 +124,9 @@ class Channel:
         self._backlog: deque[_Posted] | None = None  # records the peer had no room for yet
         self.backlog_bytes = 0
         self._partial: _Partial | None = None  # fragments of a message being received
+        self._batch: list[bytes] = []  # posted, not yet flushed
+        self._batch_bytes = 0
+        self._inbox: deque[Frame] = deque()  # unpacked from a received BATCH
 
     @classmethod
     def pair(cls) -> tuple[Channel, Channel]:
@@ -138,10 +155,44 @@ class Channel:
         fds: Sequence[int] = (),
         close_fds: bool = False,
     ) -> None:
-        """Send a message (in fragments if large), or queue it if the peer's
-        queue is full; posted messages keep their order. With ``close_fds``
-        the fds are ours to give away and are closed once sent (or if the
-        peer is gone). Raises :class:`ChannelClosed`."""
+        """Queue a message; :meth:`flush` sends what was queued, in order.
+
+        Messages without fds posted in one loop iteration travel as one BATCH
+        record, so a burst of chat traffic costs one send per worker, not one
+        per message. A message with fds flushes the batch and goes at once.
+        With ``close_fds`` the fds are ours to give away and are closed once
+        sent (or if the peer is gone). Raises :class:`ChannelClosed`."""
+        if fds:
+            self.flush()
+            self._send_message(op, body, request_id, fds, close_fds)
+            return
+        record = encode_frame(op, request_id, body)
+        self._batch.append(record)
+        self._batch_bytes += len(record)
+        if self._batch_bytes >= FRAGMENT:
+            self.flush()
+
+    @property
+    def has_buffered(self) -> bool:
+        """Messages received (in a batch) but not yet returned by recv()."""
+        return bool(self._inbox)
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._batch) or bool(self._backlog)
+
+    def flush(self) -> None:
+        """Send the batched messages as one record (fragmented if large)."""
+        if not self._batch:
+            return
+        body = b"".join(self._batch)
+        self._batch.clear()
+        self._batch_bytes = 0
+        self._send_message(ChannelOp.BATCH, body, 0, (), False)
+
+    def _send_message(
+        self, op: ChannelOp, body: bytes, request_id: int, fds: Sequence[int], close_fds: bool
+    ) -> None:
         pieces = [body[i : i + FRAGMENT] for i in range(0, len(body), FRAGMENT)] or [b""]
         for index, piece in enumerate(pieces):
             first = index == 0
@@ -205,9 +256,18 @@ class Channel:
         self.backlog_bytes = 0
 
     def recv(self) -> Frame:
-        """Receive one whole message (fragments reassembled; fds close-on-exec).
-        Raises ``BlockingIOError`` when no whole message is queued yet and
-        :class:`ChannelClosed` on EOF."""
+        """Receive one whole message (fragments reassembled, batches unpacked;
+        fds close-on-exec). Raises ``BlockingIOError`` when no whole message is
+        queued yet and :class:`ChannelClosed` on EOF."""
+        if self._inbox:
+            return self._inbox.popleft()
+        frame = self._recv_message()
+        if frame.op != ChannelOp.BATCH:
+            return frame
+        self._inbox.extend(_unbatch(frame.body))
+        return self._inbox.popleft() if self._inbox else self.recv()
+
+    def _recv_message(self) -> Frame:
         while True:
             frame = self._recv_record()
             partial = self._partial

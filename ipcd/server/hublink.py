@@ -111,6 +111,24 @@ class HubLink:
                     continue
                 self._watch(handle, True)
 
+    def flush_all(self) -> None:
+        """Send what this loop iteration posted: one batch per worker."""
+        assert self.pool is not None
+        for handle in list(self.pool.workers.values()):
+            channel = handle.channel
+            if not handle.channel_open or not channel.has_pending:
+                continue
+            try:
+                channel.flush()
+            except ChannelClosed:
+                self.pool.channel_closed(handle)
+                continue
+            if channel.backlog_bytes > MAX_CHANNEL_BACKLOG:
+                self.pool.kill(handle, f"fell {channel.backlog_bytes} bytes behind on deliveries")
+                self.pool.channel_closed(handle)
+            elif channel.has_backlog:
+                self._watch(handle, True)
+
     def flush(self, handle: WorkerHandle) -> None:
         assert self.pool is not None
         try:

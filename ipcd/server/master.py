@@ -164,6 +164,7 @@ class Master:
                         remaining = 0.5
                     wait = remaining if wait is None else min(wait, remaining)
                 self.loop.run_once(wait)
+                self.hublink.flush_all()
                 if self.pool.gave_up and not self._stopping:
                     self.error = self.pool.gave_up
                     self.exit_code = 3
@@ -226,7 +227,9 @@ class Master:
         assert self.pool is not None
         if mask & selectors.EVENT_WRITE:
             self.hublink.flush(handle)
-        for _ in range(64):
+        budget = 64  # socket reads per wake-up; records already unbatched are always drained
+        while budget > 0 or handle.channel.has_buffered:
+            budget -= 1
             try:
                 record = handle.channel.recv()
             except BlockingIOError:

@@ -113,10 +113,14 @@ class Worker:
             self.loop.run_once()
             if self.to_flush:
                 self._flush_all()
-            if self.channel.has_backlog:
+            if self.channel.has_pending:
                 self._flush_channel()
             if self._exit_code is None and (self._load_dirty or self._report_due()):
                 self._report_load()
+        try:
+            self.channel.flush()  # last words: GONE for the connections closed on the way out
+        except (ChannelClosed, OSError):
+            pass
         signals.close()
         return self._exit_code
 
@@ -148,6 +152,7 @@ class Worker:
     def _flush_channel(self) -> None:
         """Records the master had no room for: send them when it does."""
         try:
+            self.channel.flush()
             self.channel.flush_backlog()
         except ChannelClosed:
             self.stop("master went away")
@@ -160,7 +165,9 @@ class Worker:
     def _on_channel(self, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
             self._flush_channel()
-        for _ in range(64):
+        budget = 64  # socket reads per wake-up; records already unbatched are always drained
+        while budget > 0 or self.channel.has_buffered:
+            budget -= 1
             try:
                 record = self.channel.recv()
             except BlockingIOError:
