@@ -7,6 +7,7 @@ failing to boot.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import click
 
 from ipcd import __version__
 from ipcd.log import setup_logging
-from ipcd.settings import OPTIONS, SettingsError, load_settings
+from ipcd.settings import OPTIONS, SettingsError, default_socket_dir, load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -80,6 +81,121 @@ def serve(config_file: Path | None, **overrides: Any) -> None:
     if master.error:
         click.echo(f"ipcd: {master.error}", err=True)
     sys.exit(code)
+
+
+def _default_pidfile() -> Path:
+    return default_socket_dir() / "ipcd.pid"
+
+
+_PIDFILE = click.option(
+    "--pidfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Pidfile (default: <socket dir>/ipcd.pid).",
+)
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="IPCD_CONFIG",
+    show_envvar=True,
+    help="TOML file of settings; re-read on SIGHUP.",
+)
+@_PIDFILE
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Log here once detached (default: the journal if there is one, else <socket dir>/ipcd.log).",
+)
+@settings_options
+def start(config_file: Path | None, pidfile: Path | None, log_file: Path | None, **overrides: Any) -> None:
+    """Start the daemon in the background (python-daemon).
+
+    Everything that can fail is checked before detaching, so errors show
+    here; then it detaches (unless already under a service manager) and
+    keeps only its sockets, lock and log file open.
+    """
+    import daemon  # noqa: PLC0415 - python-daemon, only needed here
+
+    from ipcd.daemonize import PidFile, PidFileError  # noqa: PLC0415
+    from ipcd.log import JOURNAL_SOCKET  # noqa: PLC0415
+    from ipcd.server.master import Master, StartupError  # noqa: PLC0415
+
+    try:
+        settings = load_settings(overrides, config_file)
+    except SettingsError as exc:
+        click.echo(f"ipcd: {exc}", err=True)
+        sys.exit(2)
+    pid_path = (pidfile or settings.socket_dir / "ipcd.pid").absolute()
+    pid_guard = PidFile(pid_path)
+    master = Master(settings, overrides)
+    try:
+        pid_guard.check()
+        master.bind()
+    except (PidFileError, StartupError) as exc:
+        click.echo(f"ipcd: {exc}", err=True)
+        sys.exit(1)
+    journal = log_file is None and os.path.exists(JOURNAL_SOCKET)
+    log_path = None if journal else (log_file or settings.socket_dir / "ipcd.log")
+    log_stream = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the daemon
+    where = f"to {log_path}" if log_path else "to the journal (journalctl -t ipcd)"
+    click.echo(f"ipcd: starting in the background; pidfile {pid_path}, logging {where}", err=True)
+    context = daemon.DaemonContext(
+        pidfile=pid_guard,
+        files_preserve=[*master.preserved_fds(), *([log_stream.fileno()] if log_stream else [])],
+        umask=0o022,
+        working_directory="/",
+        stdout=log_stream,
+        stderr=log_stream,
+    )
+    with context:
+        setup_logging(settings.log_level, log_stream, journal=journal)
+        code = master.run()
+    sys.exit(code)
+
+
+@cli.command()
+@_PIDFILE
+@click.option(
+    "--timeout", type=click.FloatRange(min=0), default=30.0, show_default=True, help="Seconds to wait."
+)
+def stop(pidfile: Path | None, timeout: float) -> None:
+    """Stop the daemon started with 'ipcd start' (SIGTERM, then wait)."""
+    from ipcd.daemonize import stop as stop_daemon  # noqa: PLC0415
+
+    code, message = stop_daemon((pidfile or _default_pidfile()).absolute(), timeout)
+    click.echo(f"ipcd: {message}", err=code != 0)
+    sys.exit(code)
+
+
+@cli.command()
+@_PIDFILE
+@click.option(
+    "--socket-dir", type=click.Path(file_okay=False, path_type=Path), default=None, envvar="IPCD_SOCKET_DIR"
+)
+def status(pidfile: Path | None, socket_dir: Path | None) -> None:
+    """Whether the daemon runs (exit 0) or not (exit 3, as LSB init scripts do)."""
+    from ipcd.client import Client, ClientError  # noqa: PLC0415
+    from ipcd.daemonize import is_ipcd, read_pid  # noqa: PLC0415
+
+    directory = socket_dir or default_socket_dir()
+    path = (pidfile or directory / "ipcd.pid").absolute()
+    pid = read_pid(path)
+    try:
+        with Client(directory, timeout=5) as client:
+            doc = client.status()
+    except ClientError as exc:
+        state = f"pidfile {path} names pid {pid}, but " if pid and is_ipcd(pid) else ""
+        click.echo(f"ipcd is not running: {state}{exc}")
+        sys.exit(3)
+    click.echo(
+        f"ipcd is running: master pid {doc['pid']}, {len(doc['workers'])} workers, "
+        f"{doc['totals']['connections']} connections, up {doc['uptime']:.0f}s, on {directory}"
+    )
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from typing import Any
 
 from ipcd import fdpass
 from ipcd.handoff.fdinfo import describe
+from ipcd.handoff.persist import SystemdPersistence
 from ipcd.protocol import (
     ErrorCode,
     Op,
@@ -133,6 +134,7 @@ class Store:
         self.entries: dict[str, Entry] = {}
         self.charged: Counter[int] = Counter()  # stored fds per owner uid
         self.waiters: dict[str, deque[Waiter]] = {}
+        self.persist: SystemdPersistence | None = None  # keeps entries across restarts under systemd
 
     # -- entry points ------------------------------------------------------
 
@@ -217,7 +219,31 @@ class Store:
         self.charged[entry.owner] -= len(entry.fds)
         if self.charged[entry.owner] <= 0:
             del self.charged[entry.owner]
+        if self.persist is not None:
+            self.persist.removed(entry, list(self.entries.values()))
         return entry
+
+    def restore(self, items: list[dict[str, Any]]) -> None:
+        """Entries recovered after a restart (see ipcd.handoff.persist)."""
+        now = time.time()
+        for item in items:
+            expires_at = item.get("expires_at")
+            entry = Entry(
+                name=item["name"],
+                owner=int(item["owner"]),
+                owner_gid=int(item["owner_gid"]),
+                fds=tuple(item["fds"]),
+                fd_names=tuple(item["fd_names"]),
+                allow_uids=frozenset(item["allow_uids"]),
+                allow_gids=frozenset(item["allow_gids"]),
+                public=bool(item["public"]),
+                created=float(item["created"]),
+                expires=None if expires_at is None else time.monotonic() + (expires_at - now),
+            )
+            self.entries[entry.name] = entry
+            self.charged[entry.owner] += len(entry.fds)
+        if items:
+            log.info("recovered %d fd entries from systemd's fd store", len(items))
 
     def _hand_out(self, sender: Sender, op: int, entry: Entry) -> Out:
         result = {
@@ -289,6 +315,8 @@ class Store:
             fdpass.close_fds(self._remove(name).fds)
         self.entries[name] = entry
         self.charged[sender.uid] += len(fds)
+        if self.persist is not None:
+            self.persist.added(entry, list(self.entries.values()))
         out.append(
             self._reply(sender, Op.PUT, {"name": name, "count": len(fds), "replaced": old is not None})
         )

@@ -28,6 +28,7 @@ from typing import Any
 
 from ipcd import __version__, fdpass
 from ipcd.chat.hub import Hub, Limits
+from ipcd.handoff.persist import SystemdPersistence
 from ipcd.handoff.store import Store, StoreLimits
 from ipcd.protocol import Frame, RemoteProtocolError, decode_json, encode_json
 from ipcd.server.channel import ChannelClosed, ChannelOp
@@ -38,6 +39,7 @@ from ipcd.server.signals import SignalDispatcher
 from ipcd.server.status import build_status
 from ipcd.settings import Settings, SettingsError, reload_settings
 from ipcd.socketdir import BoundSocket, DaemonLock, SocketDirError, bind_socket, prepare_socket_dir
+from ipcd.systemd import Manager, take_passed_fds
 
 log = logging.getLogger("ipcd.master")
 
@@ -89,31 +91,92 @@ class Master:
         self.hub = Hub(_chat_limits(settings))
         self.store = Store(StoreLimits(quota=settings.fd_quota, max_entry_fds=settings.max_fds))
         self.hublink = HubLink(self.hub, self.store, self.loop, self._watch_channel)
+        self.passed = take_passed_fds()  # before Manager() clears LISTEN_* from the environment
+        self.manager = Manager()
+        self._announced_generation = 0  # the worker generation READY=1 was sent for
 
     # -- start -------------------------------------------------------------
 
     def bind(self) -> None:
         """Socket dir, lock and sockets; raises with a one-line reason."""
         raise_fd_limit()
+        passed = self.passed
+        if passed.stream is not None:
+            self.stream = BoundSocket(passed.stream, self.settings.stream_path, owned=False)
+        if passed.dgram is not None:
+            self.dgram = BoundSocket(passed.dgram, self.settings.dgram_path, owned=False)
+        self._recover_store()
         try:
-            prepare_socket_dir(self.settings.socket_dir)
-            self.lock.acquire()
-            self.stream = bind_socket(
-                self.settings.stream_path,
-                socket.SOCK_STREAM,
-                self.settings.socket_mode,
-                self.settings.socket_group,
-            )
-            self.dgram = bind_socket(
-                self.settings.dgram_path,
-                socket.SOCK_DGRAM,
-                self.settings.socket_mode,
-                self.settings.socket_group,
-            )
+            if self.stream is None or self.dgram is None:
+                # Sockets of our own: the socket dir must be safe, and ours alone.
+                prepare_socket_dir(self.settings.socket_dir)
+                self.lock.acquire()
+            if self.stream is None:
+                self.stream = bind_socket(
+                    self.settings.stream_path,
+                    socket.SOCK_STREAM,
+                    self.settings.socket_mode,
+                    self.settings.socket_group,
+                )
+            if self.dgram is None:
+                self.dgram = bind_socket(
+                    self.settings.dgram_path,
+                    socket.SOCK_DGRAM,
+                    self.settings.socket_mode,
+                    self.settings.socket_group,
+                )
         except SocketDirError as exc:
             self._close_sockets()
             raise StartupError(str(exc)) from None
         fdpass.enable_credentials(self.dgram.sock)
+
+    def _recover_store(self) -> None:
+        """Under systemd, push entries to its fd store and take back what an
+        earlier run of ours left there."""
+        if not self.manager.active:
+            fdpass.close_fds(list(self.passed.stored.values()))
+            return
+        persist = SystemdPersistence(self.manager)
+        self.store.restore(persist.recover(dict(self.passed.stored)))
+        self.store.persist = persist
+        self.passed.stored.clear()
+
+    def status_line(self) -> str:
+        assert self.pool is not None
+        workers = self.pool.running()
+        stats = self.store.stats()
+        return (
+            f"{len(workers)} workers, {sum(w.connections for w in workers)} connections, "
+            f"{self.hub.stats()['rooms']} rooms, {stats['stored_fds']} stored fds"
+        )
+
+    def _announce_ready(self) -> None:
+        """READY=1 once every worker of the current generation is up (at
+        start, and to end a reload's RELOADING=1)."""
+        assert self.pool is not None
+        generation = self.pool.generation
+        current = [w for w in self.pool.workers.values() if w.generation == generation]
+        if self._announced_generation == generation or any(w.state is WorkerState.STARTING for w in current):
+            return
+        self._announced_generation = generation
+        log.info("all %d workers of generation %d ready", len(current), generation)
+        self.manager.ready(self.status_line())
+
+    def _watchdog(self) -> None:
+        """Ping systemd only while we are healthy: this loop runs (or we
+        would not be here) and no worker has missed its heartbeats."""
+        assert self.pool is not None
+        interval = self.manager.watchdog_interval
+        assert interval is not None
+        now = time.monotonic()
+        stale = [
+            w for w in self.pool.workers.values() if w.channel_open and now - w.last_heartbeat > 3 * interval
+        ]
+        if stale:
+            log.warning("not pinging the watchdog: %d workers are not answering", len(stale))
+        else:
+            self.manager.watchdog()
+        self.loop.call_later(interval, self._watchdog)
 
     def _child_setup(self) -> None:
         """In a freshly forked worker: drop everything that is the master's."""
@@ -127,8 +190,17 @@ class Master:
         # removed or taken pipe or socket open behind its owner's back.
         self.store.close_all()
 
+    def preserved_fds(self) -> list[int]:
+        """The fds a daemonizer must keep open: sockets, lock, loop."""
+        fds = [self.loop.selector.fileno()]
+        fds += [b.sock.fileno() for b in (self.stream, self.dgram) if b is not None]
+        if self.lock.fd >= 0:
+            fds.append(self.lock.fd)
+        return fds
+
     def run(self) -> int:
-        self.bind()
+        if self.stream is None:
+            self.bind()
         assert self.stream is not None
         assert self.dgram is not None
         self.signals = SignalDispatcher(self.loop)
@@ -147,6 +219,8 @@ class Master:
         self.pool.spawn_generation(self.settings.workers)
         self.loop.call_later(_HEARTBEAT_INTERVAL, self._heartbeat)
         self.loop.call_later(_STORE_TICK, self._store_tick)
+        if self.manager.watchdog_interval:
+            self.loop.call_later(self.manager.watchdog_interval, self._watchdog)
         log.info(
             "ipcd %s serving on %s with %d workers (master pid %d)",
             __version__,
@@ -255,8 +329,7 @@ class Master:
         fdpass.close_fds(record.fds)  # no other record carries fds: never keep stray ones
         if record.op == ChannelOp.READY:
             self.pool.mark_ready(handle)
-            if all(w.state is not WorkerState.STARTING for w in self.pool.workers.values()):
-                log.info("all %d workers ready", len(self.pool.running()))
+            self._announce_ready()
         elif record.op == ChannelOp.LOAD:
             try:
                 handle.load = {k: int(v) for k, v in decode_json(record.body).items()}
@@ -278,6 +351,8 @@ class Master:
     def _store_tick(self) -> None:
         self.hublink.tick(time.monotonic())
         self.loop.call_later(_STORE_TICK, self._store_tick)
+        if self.manager.watchdog_interval:
+            self.loop.call_later(self.manager.watchdog_interval, self._watchdog)
 
     def _heartbeat(self) -> None:
         assert self.pool is not None
@@ -287,6 +362,8 @@ class Master:
             if timeout and handle.channel_open and now - handle.last_heartbeat > timeout:
                 self.pool.kill(handle, f"has not answered for {now - handle.last_heartbeat:.0f}s")
         self.pool.broadcast(ChannelOp.HEARTBEAT)
+        if self.manager.active:
+            self.manager.status(self.status_line())
         self.loop.call_later(_HEARTBEAT_INTERVAL, self._heartbeat)
 
     # -- signals -----------------------------------------------------------
@@ -303,6 +380,7 @@ class Master:
         if self._stopping or self.pool is None:
             return
         self._stopping = True
+        self.manager.stopping()
         self._stop_deadline = time.monotonic() + self.settings.stop_timeout
         self._sync_accepting()
         self.pool.stop_all()
@@ -323,6 +401,7 @@ class Master:
         self.store.limits = StoreLimits(quota=fresh.fd_quota, max_entry_fds=fresh.max_fds)
         logging.getLogger("ipcd").setLevel(fresh.log_level.upper())
         log.info("reloading: starting %d new workers, draining the old ones", fresh.workers)
+        self.manager.reloading()
         self.pool.replace_all(fresh)
 
     def _close_sockets(self) -> None:

@@ -1,0 +1,75 @@
+"""ipcd start / stop / status: background mode with python-daemon."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.daemon import ipcctl, wait_for
+
+IPCD = [sys.executable, "-m", "ipcd.cli.ipcd"]
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*IPCD, *args], capture_output=True, text=True, timeout=60, check=False, env=env)
+
+
+def test_start_status_stop_with_a_stale_pidfile(short_tmp: Path) -> None:
+    socket_dir = short_tmp / "s"
+    pidfile = short_tmp / "ipcd.pid"
+    log = short_tmp / "ipcd.log"
+    pidfile.write_text("999999\n")  # a stale pidfile: no such process
+    started = _run(
+        "start",
+        "--socket-dir",
+        str(socket_dir),
+        "--workers",
+        "1",
+        "--pidfile",
+        str(pidfile),
+        "--log-file",
+        str(log),
+    )
+    assert started.returncode == 0, started.stderr
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="the new pidfile"))
+    assert pid != 999999
+    assert os.getsid(pid) != os.getsid(0)  # detached into its own session
+    assert ipcctl(socket_dir, "echo", "from the background").stdout == "from the background\n"
+
+    status = _run("status", "--socket-dir", str(socket_dir), "--pidfile", str(pidfile))
+    assert status.returncode == 0
+    assert f"master pid {pid}" in status.stdout
+
+    again = _run("start", "--socket-dir", str(socket_dir), "--pidfile", str(pidfile))
+    assert again.returncode == 1
+    assert "already running" in again.stderr
+    assert again.stderr.count("\n") == 1
+
+    stopped = _run("stop", "--pidfile", str(pidfile))
+    assert stopped.returncode == 0, stopped.stderr
+    assert not pidfile.exists()
+    assert not (socket_dir / "stream.sock").exists()
+    assert "ipcd stopped" in log.read_text()
+    gone = _run("status", "--socket-dir", str(socket_dir), "--pidfile", str(pidfile))
+    assert gone.returncode == 3
+
+
+def test_stop_with_a_stale_pidfile_cleans_it(short_tmp: Path) -> None:
+    pidfile = short_tmp / "ipcd.pid"
+    pidfile.write_text(f"{os.getpid()}\n")  # alive, but not an ipcd: stale all the same
+    result = _run("stop", "--pidfile", str(pidfile))
+    assert result.returncode == 0
+    assert "stale pidfile" in result.stderr + result.stdout
+    assert not pidfile.exists()
+
+
+def test_start_reports_errors_before_detaching(short_tmp: Path) -> None:
+    target = short_tmp / "real"
+    target.mkdir()
+    (short_tmp / "link").symlink_to(target)
+    result = _run("start", "--socket-dir", str(short_tmp / "link"), "--pidfile", str(short_tmp / "p.pid"))
+    assert result.returncode == 1
+    assert "symlink" in result.stderr
+    assert not (short_tmp / "p.pid").exists()
