@@ -29,6 +29,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ipcd import fdpass
+from ipcd.log import peer_fields
 from ipcd.protocol import (
     NEED_DATA,
     ErrorCode,
@@ -104,6 +105,14 @@ class Connection:
             self._creds = fdpass.peer_credentials(self.sock)
         return self._creds
 
+    def log_fields(self, operation: str) -> dict[str, object]:
+        """Journal fields for a log line about this client (``extra=``)."""
+        try:
+            creds = self.creds
+        except OSError:
+            return {"OPERATION": operation}
+        return peer_fields(creds.uid, creds.pid, operation)
+
     def describe(self) -> str:
         try:
             creds = self.creds
@@ -154,7 +163,12 @@ class Connection:
                 worker.stats.protocol_errors += 1
                 self.send_error(exc.request_id, exc.code, exc.message)
                 if exc.fatal:
-                    log.info("%s: protocol error, closing: %s", self.describe(), exc.message)
+                    log.info(
+                        "%s: protocol error, closing: %s",
+                        self.describe(),
+                        exc.message,
+                        extra=self.log_fields("protocol-error"),
+                    )
                     self.close_after_flush()
                     return
                 continue
@@ -305,7 +319,7 @@ class Connection:
 
     def cut_off(self, code: ErrorCode, reason: str) -> None:
         """Drop what is queued, tell the client why (best effort), close."""
-        log.warning("%s: cut off: %s", self.describe(), reason)
+        log.warning("%s: cut off: %s", self.describe(), reason, extra=self.log_fields("cut-off"))
         self.worker.stats.cut_off += 1
         out = self._out
         if out:
