@@ -12,6 +12,7 @@ anything they spawn never see ``LISTEN_*``, ``NOTIFY_SOCKET`` or ``WATCHDOG_*``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 import socket
@@ -44,7 +45,7 @@ def take_passed_fds() -> Passed:
     passed = Passed()
     if not os.environ.get("LISTEN_FDS"):
         return passed
-    from systemd import daemon  # type: ignore[attr-defined]  # noqa: PLC0415 - only under a manager
+    daemon = importlib.import_module("systemd.daemon")  # only under a manager
 
     for fd, name in daemon.listen_fds_with_names(unset_environment=False).items():
         os.set_inheritable(fd, False)
@@ -91,7 +92,7 @@ class Manager:
     def notify(self, message: str, fds: Sequence[int] = ()) -> bool:
         if self.notify_socket is None:
             return False
-        from systemd import daemon  # type: ignore[attr-defined]  # noqa: PLC0415
+        daemon = importlib.import_module("systemd.daemon")
 
         os.environ["NOTIFY_SOCKET"] = self.notify_socket  # sd_notify reads it; it is removed again below
         try:

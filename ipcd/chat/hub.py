@@ -52,7 +52,7 @@ from ipcd.protocol.chat import (
     sanitize_text,
 )
 from ipcd.server.channel import ChannelOp, pack_meta
-from ipcd.server.records import Out, Sender
+from ipcd.server.records import Out, Sender, ServiceError
 
 __all__ = ["ChatError", "Hub", "Limits", "Out", "Sender"]
 
@@ -90,11 +90,8 @@ class Room:
     last_used: float = dataclasses.field(default_factory=time.monotonic)
 
 
-class ChatError(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class ChatError(ServiceError):
+    """Refused by the chat hub."""
 
 
 _NAMES: dict[int, tuple[float, str]] = {}  # uid -> (looked up at, name)

@@ -38,6 +38,16 @@ def settings_options(func: F) -> F:
     return func
 
 
+_CONFIG = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="IPCD_CONFIG",
+    show_envvar=True,
+    help="TOML file of settings; re-read on SIGHUP.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ipcd")
 def cli() -> None:
@@ -49,14 +59,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar="IPCD_CONFIG",
-    show_envvar=True,
-    help="TOML file of settings; re-read on SIGHUP.",
-)
+@_CONFIG
 @settings_options
 def serve(config_file: Path | None, **overrides: Any) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT.
@@ -96,14 +99,7 @@ _PIDFILE = click.option(
 
 
 @cli.command()
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar="IPCD_CONFIG",
-    show_envvar=True,
-    help="TOML file of settings; re-read on SIGHUP.",
-)
+@_CONFIG
 @_PIDFILE
 @click.option(
     "--log-file",

@@ -44,7 +44,7 @@ from ipcd.protocol import (
 )
 from ipcd.protocol.messages import decode_json
 from ipcd.server.channel import ChannelOp, pack_meta
-from ipcd.server.records import Out, Sender
+from ipcd.server.records import Out, Sender, ServiceError
 
 log = logging.getLogger("ipcd.master")
 
@@ -62,11 +62,8 @@ class StoreLimits:
     max_wait: float = 3600.0  # longest rendezvous wait, seconds
 
 
-class StoreError(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class StoreError(ServiceError):
+    """Refused by the fd store."""
 
 
 @dataclasses.dataclass(eq=False)

@@ -17,7 +17,7 @@ import logging
 import socket
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ipcd import fdpass
@@ -254,6 +254,30 @@ class Channel:
                 fdpass.close_fds(pending.fds)
         self._backlog = None
         self.backlog_bytes = 0
+
+    def drain(
+        self,
+        on_record: Callable[[Frame], None],
+        on_closed: Callable[[], None],
+        on_bad: Callable[[str], None],
+        budget: int = 64,
+    ) -> None:
+        """Hand every received message to ``on_record``: up to ``budget``
+        socket reads per wake-up (fairness), but always every message already
+        unpacked from a batch (epoll would not wake us for those)."""
+        while budget > 0 or self._inbox:
+            budget -= 1
+            try:
+                record = self.recv()
+            except BlockingIOError:
+                return
+            except (ChannelClosed, OSError):
+                on_closed()
+                return
+            except RemoteProtocolError as exc:
+                on_bad(exc.message)
+                continue
+            on_record(record)
 
     def recv(self) -> Frame:
         """Receive one whole message (fragments reassembled, batches unpacked;

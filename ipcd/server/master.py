@@ -301,20 +301,11 @@ class Master:
         assert self.pool is not None
         if mask & selectors.EVENT_WRITE:
             self.hublink.flush(handle)
-        budget = 64  # socket reads per wake-up; records already unbatched are always drained
-        while budget > 0 or handle.channel.has_buffered:
-            budget -= 1
-            try:
-                record = handle.channel.recv()
-            except BlockingIOError:
-                return
-            except (ChannelClosed, OSError):
-                self.pool.channel_closed(handle)
-                return
-            except RemoteProtocolError as exc:
-                log.error("bad record from worker %d: %s", handle.pid, exc.message)
-                continue
-            self._on_record(handle, record)
+        handle.channel.drain(
+            lambda record: self._on_record(handle, record),
+            lambda: self.pool.channel_closed(handle) if self.pool else None,
+            lambda why: log.error("bad record from worker %d: %s", handle.pid, why),
+        )
 
     def _watch_channel(self, handle: WorkerHandle, writable: bool) -> None:
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writable else 0)

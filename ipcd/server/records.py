@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ipcd.protocol import ErrorCode
 from ipcd.server.channel import ChannelOp
 
 
@@ -33,3 +34,12 @@ class Out:
     body: bytes
     fds: tuple[int, ...] = ()  # sent with the record (the kernel duplicates them)
     close_fds: bool = False  # the fds are the service's to give away: close once sent
+
+
+class ServiceError(Exception):
+    """A request a service refuses: the code and message its client gets."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

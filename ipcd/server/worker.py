@@ -165,21 +165,14 @@ class Worker:
     def _on_channel(self, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
             self._flush_channel()
-        budget = 64  # socket reads per wake-up; records already unbatched are always drained
-        while budget > 0 or self.channel.has_buffered:
-            budget -= 1
-            try:
-                record = self.channel.recv()
-            except BlockingIOError:
-                return
-            except ChannelClosed:
-                log.warning("worker %d: master went away; exiting", os.getpid())
-                self.stop("master went away")
-                return
-            except RemoteProtocolError as exc:
-                log.error("worker %d: bad record from master: %s", os.getpid(), exc.message)
-                continue
-            self._on_record(record)
+        self.channel.drain(self._on_record, self._master_gone, self._bad_record)
+
+    def _master_gone(self) -> None:
+        log.warning("worker %d: master went away; exiting", os.getpid())
+        self.stop("master went away")
+
+    def _bad_record(self, why: str) -> None:
+        log.error("worker %d: bad record from master: %s", os.getpid(), why)
 
     def _on_record(self, record: Frame) -> None:
         op = record.op
