@@ -18,6 +18,7 @@ import click
 from ipcd import __version__
 from ipcd.log import setup_logging
 from ipcd.settings import OPTIONS, SettingsError, default_socket_dir, load_settings
+from ipcd.units import install_units
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -192,6 +193,9 @@ def status(pidfile: Path | None, socket_dir: Path | None) -> None:
         f"ipcd is running: master pid {doc['pid']}, {len(doc['workers'])} workers, "
         f"{doc['totals']['connections']} connections, up {doc['uptime']:.0f}s, on {directory}"
     )
+
+
+cli.add_command(install_units)
 
 
 def main() -> None:

@@ -62,7 +62,13 @@ def raise_fd_limit() -> None:
     to the hard limit, as servers do (workers inherit it)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:  # a sandbox may forbid it
+            log.warning(
+                "cannot raise the fd limit from %d to %d (%s); serving with %d", soft, hard, exc, soft
+            )
+            return
         log.debug("fd limit raised from %d to %d", soft, hard)
 
 
@@ -102,6 +108,10 @@ class Master:
         raise_fd_limit()
         passed = self.passed
         if passed.stream is not None:
+            # PassCredentials= in the socket unit applies to both sockets; on a
+            # stream it would put ancillary data on every read (accepted sockets
+            # inherit it) and for nothing: SO_PEERCRED identifies stream peers.
+            passed.stream.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
             self.stream = BoundSocket(passed.stream, self.settings.stream_path, owned=False)
         if passed.dgram is not None:
             self.dgram = BoundSocket(passed.dgram, self.settings.dgram_path, owned=False)

@@ -99,6 +99,7 @@ class WorkerPool:
         self.stopping = False
         self._pending_spawns = 0
         self._respawn_after = 0.0
+        self._retiring: list[WorkerHandle] = []  # old generation, serving until the new one is up
 
     # -- spawning ----------------------------------------------------------
 
@@ -138,6 +139,7 @@ class WorkerPool:
         if handle.state is WorkerState.STARTING:
             handle.state = WorkerState.RUNNING
             self.boot_failures = 0
+        self._retire_if_ready()
 
     def channel_closed(self, handle: WorkerHandle) -> None:
         """EOF on the channel: the worker is dying. Stop routing to it now;
@@ -230,17 +232,31 @@ class WorkerPool:
     # -- reload and stop ---------------------------------------------------
 
     def replace_all(self, settings: Settings) -> None:
-        """New generation takes new connections; the old one drains."""
-        old = [w for w in self.workers.values() if w.state is not WorkerState.DRAINING]
+        """Start a new generation. The old one keeps taking connections until
+        every new worker is READY, and only then drains: a reload must never
+        leave the master with no worker to hand a connection to."""
+        self._retiring += [
+            w
+            for w in self.workers.values()
+            if w.state is not WorkerState.DRAINING and w not in self._retiring
+        ]
         self.settings = settings
         self.spawn_generation(settings.workers)
-        for handle in old:
+
+    def _retire_if_ready(self) -> None:
+        current = [w for w in self.workers.values() if w.generation == self.generation]
+        if not self._retiring or not current or any(w.state is WorkerState.STARTING for w in current):
+            return
+        retiring, self._retiring = self._retiring, []
+        for handle in retiring:
+            if self.workers.get(handle.pid) is not handle:
+                continue  # it died meanwhile
             handle.state = WorkerState.DRAINING
             if handle.channel_open:
                 try:
-                    handle.channel.send(ChannelOp.DRAIN, f"{settings.drain_timeout}".encode())
+                    handle.channel.send(ChannelOp.DRAIN, f"{self.settings.drain_timeout}".encode())
                 except (BlockingIOError, ChannelClosed, OSError):
-                    os.kill(handle.pid, signal.SIGTERM)
+                    self._signal(handle.pid, signal.SIGTERM)
 
     def stop_all(self) -> None:
         self.stopping = True
