@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 from ipcd import fdpass
 from ipcd.protocol import (
@@ -91,7 +91,22 @@ def _unreachable(path: Path, exc: OSError) -> DaemonUnreachable:
     return DaemonUnreachable(f"cannot connect to {path}: {exc.strerror}; {hint}")
 
 
-class Client:
+class _Closing:
+    """Context-manager plumbing both clients share."""
+
+    sock: socket.socket
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Client(_Closing):
     """One stream connection to the daemon."""
 
     def __init__(self, socket_dir: str | Path | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> None:
@@ -115,14 +130,8 @@ class Client:
             self.sock.close()
             raise _unreachable(self.path, exc) from None
 
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.close()
-
     def close(self) -> None:
-        self.sock.close()
+        super().close()
         fdpass.close_fds(self._decoder.take_pending_fds())
 
     def fileno(self) -> int:
@@ -390,7 +399,7 @@ class ChatEvent(NamedTuple):
 _EVENT_OPS: dict[int, str] = {Op.MESSAGE: "message", Op.PRIVATE: "private", Op.NOTICE: "notice"}
 
 
-class DatagramClient:
+class DatagramClient(_Closing):
     """Requests over dgram.sock; replies come to this socket's own
     (autobound, abstract) address."""
 
@@ -407,15 +416,6 @@ class DatagramClient:
         except OSError as exc:
             self.sock.close()
             raise _unreachable(self.path, exc) from None
-
-    def __enter__(self) -> DatagramClient:
-        return self
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.sock.close()
 
     def send(self, op: int, body: bytes = b"") -> int:
         request_id = next(self._ids)

@@ -35,7 +35,9 @@ USER_SOCKET_DIR: Final = "%t/ipcd"
 UNITS: Final = ("ipcd.socket", "ipcd.service")
 TMPFILES_TEMPLATE: Final = "ipcd-tmpfiles.conf"
 
-_HOME_ROOTS: Final = ("/home", "/root", "/run/user")  # what ProtectHome= hides
+# What ProtectHome= hides, and what PrivateTmp= replaces: an installation
+# there (a virtualenv in a home, or a checkout under /tmp) is bound back in.
+_HOME_ROOTS: Final = ("/home", "/root", "/run/user", "/tmp", "/var/tmp")
 _SUN_PATH_MAX: Final = 107  # sockaddr_un.sun_path holds 108 bytes with the NUL
 _PLACEHOLDER: Final = re.compile(r"@[A-Z_]+@")
 _UNSAFE: Final = re.compile(r"[\s\"'\\;$]")
@@ -81,7 +83,7 @@ def home_paths() -> list[str]:
 
 def _home_lines(paths: list[str]) -> str:
     if not paths:
-        return "# Nothing of this installation lives under /home, /root or /run/user."
+        return "# Nothing of this installation lives under /home, /root, /run/user or /tmp."
     return "\n".join(f"BindReadOnlyPaths={path}" for path in paths)
 
 

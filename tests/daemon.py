@@ -15,17 +15,19 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ipcd.client import Client, ClientError
+
+T = TypeVar("T")
 
 IPCD = [sys.executable, "-m", "ipcd.cli.ipcd"]
 IPCCTL = [sys.executable, "-m", "ipcd.cli.ipcctl"]
 REPO = Path(__file__).resolve().parent.parent
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy."""
+def wait_for(predicate: Callable[[], T | None], timeout: float = 10.0, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; return that."""
     deadline = time.monotonic() + timeout
     delay = 0.005
     while True:

@@ -33,7 +33,7 @@ def test_start_status_stop_with_a_stale_pidfile(short_tmp: Path) -> None:
         str(log),
     )
     assert started.returncode == 0, started.stderr
-    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="the new pidfile"))
+    pid = int(wait_for(lambda: pidfile.read_text().strip() if pidfile.exists() else None, what="the pidfile"))
     assert pid != 999999
     assert os.getsid(pid) != os.getsid(0)  # detached into its own session
     assert ipcctl(socket_dir, "echo", "from the background").stdout == "from the background\n"

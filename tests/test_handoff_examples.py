@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
@@ -39,7 +39,7 @@ def _settled_fds(daemon: Daemon, baseline: int) -> None:
     wait_for(lambda: fd_count(daemon.pid) == baseline, STEP, f"ipcd's fd count back to {baseline}")
 
 
-def _stored(daemon: Daemon) -> dict[str, dict[str, object]]:
+def _stored(daemon: Daemon) -> dict[str, dict[str, Any]]:
     with daemon.client() as client:
         return {e["name"]: e for e in client.ls()["entries"]}
 

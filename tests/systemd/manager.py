@@ -31,9 +31,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+
+from tests.daemon import wait_for
+
+wait_until = wait_for  # the harness's name for it
 
 T = TypeVar("T")
 
@@ -67,20 +71,6 @@ os.execv(sys.argv[1], [sys.argv[1], "--user"])
 
 class ManagerError(Exception):
     """The user manager could not be started or did not answer."""
-
-
-def wait_until(predicate: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll ``predicate`` until it returns something truthy, at most ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
 
 
 def _cgroup_hierarchies() -> list[Path]:
