@@ -6,10 +6,6 @@ Fds here are fake numbers: the decoder is sans-IO and only hands them back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from itertools import pairwise
-from typing import NamedTuple
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -42,106 +38,16 @@ from tests.protocol.corpus import (
     StreamCase,
     raw_header,
 )
-
-
-class Read(NamedTuple):
-    """What one recvmsg brought, as the transport hands it to the decoder."""
-
-    data: bytes
-    fds: Sequence[int] = ()
-    truncated: bool = False
-
-
-def as_err(exc: RemoteProtocolError) -> Err:
-    return Err(exc.code, exc.fatal, exc.request_id, exc.fds)
-
-
-def drain(decoder: FrameDecoder) -> tuple[list[Outcome], bool]:
-    """Every event the decoder has ready, and whether it stopped on a fatal error.
-    Anything but a Frame, NEED_DATA or a RemoteProtocolError fails the test."""
-    out: list[Outcome] = []
-    for _ in range(1_000_000):
-        try:
-            event = decoder.next_event()
-        except RemoteProtocolError as exc:
-            out.append(as_err(exc))
-            if exc.fatal:
-                return out, True
-            continue
-        if event is NEED_DATA:
-            return out, False
-        assert isinstance(event, Frame), event
-        out.append(event)
-    pytest.fail("next_event never returned NEED_DATA")
-
-
-def run(reads: Iterable[Read], max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> list[Outcome]:
-    """Feed the reads one ``receive_data`` each, draining after each. After a
-    fatal error the decoder must refuse more data."""
-    decoder = FrameDecoder(max_frame_size)
-    out: list[Outcome] = []
-    for read in reads:
-        decoder.receive_data(*read)
-        events, fatal = drain(decoder)
-        out += events
-        if fatal:
-            with pytest.raises(LocalProtocolError):
-                decoder.receive_data(PING)
-            break
-    return out
-
-
-def split_every(data: bytes, size: int) -> list[bytes]:
-    return [data[i : i + size] for i in range(0, len(data), size)]
-
-
-def split_at(data: bytes, cuts: Iterable[int]) -> list[bytes]:
-    bounds = [0, *sorted(set(cuts)), len(data)]
-    return [data[a:b] for a, b in pairwise(bounds) if b > a]
-
-
-def draw_cuts(data: st.DataObject, length: int) -> set[int]:
-    """Where to cut ``length`` bytes, drawn by hypothesis."""
-    return data.draw(st.sets(st.integers(1, length - 1), max_size=30)) if length > 1 else set()
-
-
-def case_reads(case: StreamCase, split: Callable[[bytes], list[bytes]]) -> list[Read]:
-    """The case's input as reads: the fd chunk whole, the bytes around it (or
-    all of them, in an fd-less case) cut by ``split``."""
-    if not case.has_fd_chunk:
-        return [Read(p) for p in split(case.data)]
-    pre, mid, post = case.chunks()
-    return [
-        *(Read(p) for p in split(pre)),
-        Read(mid, case.fds, case.fds_truncated),
-        *(Read(p) for p in split(post)),
-    ]
-
-
-def encode(frame: Frame) -> bytes:
-    return encode_frame(frame.op, frame.request_id, frame.body, len(frame.fds), frame.flags)
-
-
-def kernel_reads(frames: Sequence[Frame], cuts: Iterable[int]) -> list[Read]:
-    """The frames' stream cut into reads at ``cuts``, each frame's fds with the
-    read that holds its first byte, as Linux delivers them (which needs at most
-    one fd-carrying frame start per read)."""
-    stream = b"".join(encode(f) for f in frames)
-    fds_at: dict[int, tuple[int, ...]] = {}
-    pos = 0
-    for frame in frames:
-        if frame.fds:
-            fds_at[pos] = frame.fds
-        pos += HEADER_SIZE + len(frame.body)
-    reads = []
-    for begin, end in pairwise([0, *sorted(set(cuts)), len(stream)]):
-        if end == begin:
-            continue
-        owned = [fds for start, fds in fds_at.items() if begin <= start < end]
-        assert len(owned) <= 1, "two fd-carrying frames start in one read"
-        reads.append(Read(stream[begin:end], owned[0] if owned else ()))
-    return reads
-
+from tests.protocol.feeding import (
+    Read,
+    as_err,
+    case_reads,
+    draw_cuts,
+    kernel_reads,
+    run,
+    split_at,
+    split_every,
+)
 
 # -- encoding ----------------------------------------------------------------
 
@@ -462,98 +368,3 @@ def test_frame_with_fds_claimed_then_pending_is_empty() -> None:
         decoder.receive_data(bytes([byte]))
     assert decoder.next_event() == Frame(Op.ECHO, 9, b"two fds", (7, 8))
     assert decoder.take_pending_fds() == []
-
-
-# -- properties -------------------------------------------------------------------
-
-frames_st = st.builds(
-    Frame,
-    op=st.integers(0, 255),
-    request_id=st.integers(0, 0xFFFFFFFF),
-    body=st.binary(max_size=64),
-    fds=st.integers(0, 4).map(lambda n: tuple(range(n))),
-    flags=st.integers(0, 255),
-)
-
-
-@st.composite
-def mangled_streams(draw: st.DrawFn) -> bytes:
-    """Valid frames with a few bytes changed, then cut anywhere."""
-    data = bytearray(b"".join(encode(f) for f in draw(st.lists(frames_st, min_size=1, max_size=4))))
-    for _ in range(draw(st.integers(0, 3))):
-        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
-    return bytes(data[: draw(st.integers(0, len(data)))])
-
-
-any_bytes = st.one_of(
-    st.binary(max_size=200),
-    st.binary(max_size=200).map(lambda b: b"IP\x01" + b),
-    mangled_streams(),
-)
-limits = st.sampled_from([HEADER_SIZE, 40, DEFAULT_MAX_FRAME_SIZE])
-
-
-@settings(max_examples=300, deadline=None)
-@given(stream=any_bytes, limit=limits, data=st.data())
-def test_any_bytes_with_any_fds_give_frames_or_remote_errors_and_every_fd_back(
-    stream: bytes, limit: int, data: st.DataObject
-) -> None:
-    given_fds: list[int] = []
-    decoder = FrameDecoder(limit)
-    out: list[Outcome] = []
-    for piece in split_at(stream, draw_cuts(data, len(stream))):
-        fds = tuple(range(len(given_fds), len(given_fds) + data.draw(st.integers(0, 3))))
-        given_fds += fds
-        decoder.receive_data(piece, fds, not fds and data.draw(st.booleans()))
-        events, fatal = drain(decoder)  # fails on anything but Frame, NEED_DATA, RemoteProtocolError
-        out += events
-        if fatal:
-            break
-    # Every fd comes back exactly once: in a frame, in an error, or as pending.
-    handed = [fd for event in out for fd in event.fds] + decoder.take_pending_fds()
-    assert sorted(handed) == given_fds
-
-
-@settings(max_examples=300, deadline=None)
-@given(stream=any_bytes, limit=limits, data=st.data())
-def test_any_bytes_in_any_split_decode_as_when_fed_whole(
-    stream: bytes, limit: int, data: st.DataObject
-) -> None:
-    whole = run([Read(stream)], limit)
-    assert run([Read(p) for p in split_at(stream, draw_cuts(data, len(stream)))], limit) == whole
-    assert run([Read(p) for p in split_every(stream, 1)], limit) == whole
-
-
-@settings(max_examples=300, deadline=None)
-@given(frames=st.lists(frames_st, max_size=8), data=st.data())
-def test_valid_frames_in_any_split_decode_to_themselves(frames: list[Frame], data: st.DataObject) -> None:
-    numbered: list[Frame] = []  # each frame's fds get numbers of their own
-    starts: list[int] = []
-    pos = 0
-    for frame in frames:
-        first = len([fd for f in numbered for fd in f.fds])
-        numbered.append(frame._replace(fds=tuple(range(first, first + len(frame.fds)))))
-        if frame.fds:
-            starts.append(pos)
-        pos += HEADER_SIZE + len(frame.body)
-    # Cut anywhere, but as Linux does: never two fd-carrying frame starts in one read.
-    cuts = draw_cuts(data, pos)
-    for a, b in pairwise(starts):
-        if not any(a < cut <= b for cut in cuts):
-            cuts.add(data.draw(st.integers(a + 1, b)))
-    assert run(kernel_reads(numbered, cuts)) == numbered
-    for frame in numbered:
-        assert decode_record(encode(frame), frame.fds) == frame
-
-
-@settings(max_examples=300, deadline=None)
-@given(record=any_bytes, nfds=st.integers(0, 4), limit=limits)
-def test_decode_record_gives_a_frame_or_a_remote_error(record: bytes, nfds: int, limit: int) -> None:
-    fds = tuple(range(10, 10 + nfds))
-    try:
-        outcome: Outcome = decode_record(record, fds, limit)
-    except RemoteProtocolError as exc:
-        outcome = as_err(exc)
-    assert outcome.fds == fds  # in the frame, or in the error for the caller to close
-    if isinstance(outcome, Frame):
-        assert encode(outcome) == record
