@@ -175,7 +175,7 @@ class Hub:
         meta["conn"] = sender.conn
         if sender.dgram is not None:
             meta["dgram"] = sender.dgram
-        out.insert(self._reply_at, Out(sender.worker, ChannelOp.CHAT_REPLY, pack_meta(meta, frame)))
+        out.insert(self._reply_at, Out(sender.worker, ChannelOp.ANSWER, pack_meta(meta, frame)))
         return out
 
     def connection_gone(self, member: Member) -> list[Out]:

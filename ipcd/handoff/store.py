@@ -200,11 +200,9 @@ class Store:
     # -- helpers -----------------------------------------------------------
 
     @staticmethod
-    def _reply(
-        sender: Sender, op: int, result: dict[str, Any], fds: tuple[int, ...] = (), give: bool = False
-    ) -> Out:
+    def _reply(sender: Sender, op: int, result: dict[str, Any], fds: tuple[int, ...] = ()) -> Out:
         frame = encode_frame(reply_op(op), sender.request_id, encode_json(result), nfds=len(fds))
-        return Out(sender.worker, ChannelOp.ANSWER, pack_meta({"conn": sender.conn}, frame), fds, give)
+        return Out(sender.worker, ChannelOp.ANSWER, pack_meta({"conn": sender.conn}, frame), fds)
 
     @staticmethod
     def _error(sender: Sender, code: ErrorCode, message: str) -> Out:
@@ -251,11 +249,10 @@ class Store:
         }
         if op == Op.TAKE:
             self._remove(entry.name)
-            return self._reply(sender, op, result, entry.fds, give=True)
-        # Duplicates, owned by the record: if it waits in a backlog, the entry
-        # may be removed meanwhile and its numbers reused by another entry.
+            return self._reply(sender, op, result, entry.fds)
+        # Copies: the channel closes what it is given once sent, the entry keeps its own.
         copies = tuple(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in entry.fds)
-        return self._reply(sender, op, result, copies, give=True)
+        return self._reply(sender, op, result, copies)
 
     # -- operations --------------------------------------------------------
 

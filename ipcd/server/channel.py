@@ -41,7 +41,6 @@ class ChannelOp(enum.IntEnum):
     STATUS_RESULT = 0x24  # request id = the worker's token
     BATCH = 0x27  # several fd-less messages gathered in one loop iteration (either way)
     ANSWER = 0x25  # meta {conn, join?, part?, dgram?} + the client-ready reply frame (+ its fds)
-    CHAT_REPLY = 0x25
     DELIVER = 0x26  # meta {room} or {conns} + client-ready frames to copy to each
     # worker -> master
     READY = 0x30  # booted; may be sent connections
@@ -49,9 +48,7 @@ class ChannelOp(enum.IntEnum):
     HEARTBEAT_ACK = 0x32
     STATUS_QUERY = 0x33  # request id = token to answer with
     FORWARD = 0x34  # meta {conn, rid, op, uid, gid, pid, groups, dgram?} + the client's body (+ fds)
-    CHAT_REQUEST = 0x34
     GONE = 0x35  # meta {conn}: a connection that used the master's services closed
-    CHAT_GONE = 0x35
 
 
 log = logging.getLogger("ipcd")
@@ -75,12 +72,13 @@ def unpack_meta(body: bytes) -> tuple[dict[str, Any], bytes]:
 
 
 class _Posted:
-    __slots__ = ("close_fds", "fds", "record")
+    """A record waiting to be sent, with the fds it owns."""
 
-    def __init__(self, record: bytes, fds: tuple[int, ...], close_fds: bool) -> None:
+    __slots__ = ("fds", "record")
+
+    def __init__(self, record: bytes, fds: tuple[int, ...]) -> None:
         self.record = record
         self.fds = fds
-        self.close_fds = close_fds
 
 
 def _unbatch(body: bytes) -> list[Frame]:
@@ -147,35 +145,25 @@ class Channel:
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise ChannelClosed(str(exc)) from exc
 
-    def post(
-        self,
-        op: ChannelOp,
-        body: bytes = b"",
-        request_id: int = 0,
-        fds: Sequence[int] = (),
-        close_fds: bool = False,
-    ) -> None:
+    def post(self, op: ChannelOp, body: bytes = b"", request_id: int = 0, fds: Sequence[int] = ()) -> None:
         """Queue a message; :meth:`flush` sends what was queued, in order.
 
         Messages without fds posted in one loop iteration travel as one BATCH
         record, so a burst of chat traffic costs one send per worker, not one
         per message. A message with fds flushes the batch and goes at once.
-        With ``close_fds`` the fds are ours to give away and are closed once
-        sent (or if the peer is gone). Raises :class:`ChannelClosed`."""
+        Posted fds become the channel's: they are closed once sent, or when
+        the peer is gone, so a record waiting in the backlog never refers to
+        an fd number its poster might close and reuse. Raises
+        :class:`ChannelClosed`."""
         if fds:
             self.flush()
-            self._send_message(op, body, request_id, fds, close_fds)
+            self._send_message(op, body, request_id, fds)
             return
         record = encode_frame(op, request_id, body)
         self._batch.append(record)
         self._batch_bytes += len(record)
         if self._batch_bytes >= FRAGMENT:
             self.flush()
-
-    @property
-    def has_buffered(self) -> bool:
-        """Messages received (in a batch) but not yet returned by recv()."""
-        return bool(self._inbox)
 
     @property
     def has_pending(self) -> bool:
@@ -188,18 +176,16 @@ class Channel:
         body = b"".join(self._batch)
         self._batch.clear()
         self._batch_bytes = 0
-        self._send_message(ChannelOp.BATCH, body, 0, (), False)
+        self._send_message(ChannelOp.BATCH, body, 0, ())
 
-    def _send_message(
-        self, op: ChannelOp, body: bytes, request_id: int, fds: Sequence[int], close_fds: bool
-    ) -> None:
+    def _send_message(self, op: ChannelOp, body: bytes, request_id: int, fds: Sequence[int]) -> None:
         pieces = [body[i : i + FRAGMENT] for i in range(0, len(body), FRAGMENT)] or [b""]
         for index, piece in enumerate(pieces):
             first = index == 0
             flags = MORE if index < len(pieces) - 1 else 0
             attached = tuple(fds) if first else ()
             record = encode_frame(op, request_id, piece, nfds=len(attached), flags=flags)
-            self._post_record(_Posted(record, attached, close_fds and first))
+            self._post_record(_Posted(record, attached))
 
     def _post_record(self, pending: _Posted) -> None:
         if self._backlog:
@@ -218,15 +204,13 @@ class Channel:
         except BlockingIOError:
             raise
         except (BrokenPipeError, ConnectionResetError) as exc:
-            if pending.close_fds:
-                fdpass.close_fds(pending.fds)
+            fdpass.close_fds(pending.fds)
             raise ChannelClosed(str(exc)) from exc
         except OSError as exc:
             # Cannot happen with fragments and owned fds; if it does, lose this
             # record (its requester times out), never the process.
             log.error("dropping a channel record: %s", exc.strerror)
-        if pending.close_fds:
-            fdpass.close_fds(pending.fds)
+        fdpass.close_fds(pending.fds)  # the kernel holds its own references now
 
     @property
     def has_backlog(self) -> bool:
@@ -249,9 +233,7 @@ class Channel:
     def drop_backlog(self) -> None:
         """The peer is gone: close the fds queued records owned."""
         while self._backlog:
-            pending = self._backlog.popleft()
-            if pending.close_fds:
-                fdpass.close_fds(pending.fds)
+            fdpass.close_fds(self._backlog.popleft().fds)
         self._backlog = None
         self.backlog_bytes = 0
 

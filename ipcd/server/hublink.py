@@ -79,7 +79,7 @@ class HubLink:
             meta, _ = unpack_meta(body)
             conn = int(meta["conn"])
         except (ValueError, KeyError, TypeError):
-            log.error("malformed CHAT_GONE from worker %d", handle.pid)
+            log.error("malformed GONE from worker %d", handle.pid)
             return
         self.store.connection_gone((handle.pid, conn))
         self.route(self.hub.connection_gone((handle.pid, conn)))
@@ -96,38 +96,37 @@ class HubLink:
         for out in outs:
             handle = self.pool.workers.get(out.worker)
             if handle is None or not handle.channel_open:
-                if out.close_fds:
-                    fdpass.close_fds(out.fds)
+                fdpass.close_fds(out.fds)
                 continue
             try:
-                handle.channel.post(out.op, out.body, fds=out.fds, close_fds=out.close_fds)
+                handle.channel.post(out.op, out.body, fds=out.fds)
             except ChannelClosed:
                 self.pool.channel_closed(handle)
                 continue
-            if handle.channel.has_backlog:
-                if handle.channel.backlog_bytes > MAX_CHANNEL_BACKLOG:
-                    self.pool.kill(handle, f"fell {handle.channel.backlog_bytes} bytes behind on deliveries")
-                    self.pool.channel_closed(handle)
-                    continue
-                self._watch(handle, True)
+            self._check_backlog(handle)
 
     def flush_all(self) -> None:
         """Send what this loop iteration posted: one batch per worker."""
         assert self.pool is not None
         for handle in list(self.pool.workers.values()):
-            channel = handle.channel
-            if not handle.channel_open or not channel.has_pending:
+            if not handle.channel_open or not handle.channel.has_pending:
                 continue
             try:
-                channel.flush()
+                handle.channel.flush()
             except ChannelClosed:
                 self.pool.channel_closed(handle)
                 continue
-            if channel.backlog_bytes > MAX_CHANNEL_BACKLOG:
-                self.pool.kill(handle, f"fell {channel.backlog_bytes} bytes behind on deliveries")
-                self.pool.channel_closed(handle)
-            elif channel.has_backlog:
-                self._watch(handle, True)
+            self._check_backlog(handle)
+
+    def _check_backlog(self, handle: WorkerHandle) -> None:
+        """Watch a backed-up channel for room; kill a worker hopelessly behind."""
+        assert self.pool is not None
+        channel = handle.channel
+        if channel.backlog_bytes > MAX_CHANNEL_BACKLOG:
+            self.pool.kill(handle, f"fell {channel.backlog_bytes} bytes behind on deliveries")
+            self.pool.channel_closed(handle)
+        elif channel.has_backlog:
+            self._watch(handle, True)
 
     def flush(self, handle: WorkerHandle) -> None:
         assert self.pool is not None

@@ -32,8 +32,7 @@ class Out:
     worker: int
     op: ChannelOp
     body: bytes
-    fds: tuple[int, ...] = ()  # sent with the record (the kernel duplicates them)
-    close_fds: bool = False  # the fds are the service's to give away: close once sent
+    fds: tuple[int, ...] = ()  # given to the channel, which closes them once sent
 
 
 class ServiceError(Exception):

@@ -108,13 +108,13 @@ class ChatRouter:
                 self.worker.reply_datagram(os.fsencode(address), error)
             return
         meta = {"conn": 0, "rid": frame.request_id, "op": frame.op, "dgram": addr, **_creds(creds)}
-        self._post(ChannelOp.CHAT_REQUEST, pack_meta(meta, frame.body), None, frame.request_id)
+        self._post(ChannelOp.FORWARD, pack_meta(meta, frame.body), None, frame.request_id)
 
     def _post(
         self, op: ChannelOp, body: bytes, conn: Connection | None, request_id: int, fds: tuple[int, ...] = ()
     ) -> None:
         try:
-            self.worker.channel.post(op, body, fds=fds, close_fds=True)  # ours are closed once sent
+            self.worker.channel.post(op, body, fds=fds)  # ours are closed once sent
         except ChannelClosed:
             if conn is not None:
                 conn.send_error(request_id, ErrorCode.SHUTTING_DOWN, "the daemon is restarting; retry")

@@ -151,7 +151,7 @@ class Sim:
             meta, payload = unpack_meta(out.body)
             frames = frames_of(payload)
             rooms = self.index.setdefault(out.worker, {})
-            if out.op == ChannelOp.CHAT_REPLY:
+            if out.op == ChannelOp.ANSWER:
                 assert len(frames) == 1
                 if "dgram" in meta:
                     self.datagrams.setdefault(meta["dgram"], []).extend(frames)
@@ -316,7 +316,7 @@ def test_join_reply_follows_join_notices_and_precedes_history(sim: Sim) -> None:
     for record in sim.records:
         _, payload = unpack_meta(record.body)
         ops = [Op(f.op).name for f in frames_of(payload)]
-        kinds.append((record.worker, record.op.name if record.op != ChannelOp.CHAT_REPLY else "REPLY", ops))
+        kinds.append((record.worker, record.op.name if record.op != ChannelOp.ANSWER else "REPLY", ops))
     assert kinds == [
         (W1, "DELIVER", ["NOTICE"]),
         (W2, "DELIVER", ["NOTICE"]),
