@@ -81,6 +81,13 @@ class ServerError(ClientError):
             return str(self.code)
 
 
+def _connection_error(frame: Frame) -> ClientError:
+    """An ERROR about the connection itself (request id 0): codes 40-49 mean
+    the daemon is closing it; the others refuse something we did."""
+    code, message = decode_error(frame.body)
+    return ConnectionLost(message) if code >= ErrorCode.SLOW_CONSUMER else ServerError(code, message)
+
+
 def _unreachable(path: Path, exc: OSError) -> DaemonUnreachable:
     if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
         hint = "is ipcd running? start it with 'ipcd serve' or check --socket-dir"
@@ -226,8 +233,7 @@ class Client(_Closing):
             if got.request_id == request_id:
                 frame = got
             elif got.op == Op.ERROR and got.request_id == 0:
-                code, message = decode_error(got.body)
-                raise ConnectionLost(message) if code >= 40 else ServerError(code, message)
+                raise _connection_error(got)
             elif got.request_id == 0:
                 self.events.append(got)
             else:
@@ -368,8 +374,7 @@ class Client(_Closing):
                 if frame.request_id == 0 and frame.op in _EVENT_OPS:
                     return ChatEvent.from_frame(frame)
                 if frame.op == Op.ERROR and frame.request_id == 0:
-                    code, message = decode_error(frame.body)
-                    raise ConnectionLost(message) if code >= 40 else ServerError(code, message)
+                    raise _connection_error(frame)
                 self._early[frame.request_id] = frame
         finally:
             self.sock.settimeout(previous)

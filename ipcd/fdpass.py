@@ -72,6 +72,19 @@ def _parse_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[list[int], 
     return fds, creds
 
 
+def _take_ancillary(
+    ancdata: list[tuple[int, int, bytes]], flags: int, maxfds: int
+) -> tuple[tuple[int, ...], Credentials | None, bool]:
+    """fds, credentials and whether fds were truncated. On MSG_CTRUNC, or
+    more fds than ``maxfds`` (the rounded-up control buffer can hold more),
+    every fd that came is closed: a partial set is never handed out."""
+    fds, creds = _parse_ancillary(ancdata)
+    if flags & socket.MSG_CTRUNC or len(fds) > maxfds:
+        close_fds(fds)
+        return (), creds, True
+    return tuple(fds), creds, False
+
+
 def recv_with_fds(sock: socket.socket, bufsize: int, maxfds: int = MAX_FDS) -> Received:
     """One recvmsg that also collects fds (close-on-exec) and credentials.
 
@@ -83,12 +96,8 @@ def recv_with_fds(sock: socket.socket, bufsize: int, maxfds: int = MAX_FDS) -> R
     returned as usual.
     """
     data, ancdata, flags, address = sock.recvmsg(bufsize, cmsg_space_for(maxfds), socket.MSG_CMSG_CLOEXEC)
-    fds, creds = _parse_ancillary(ancdata)
-    truncated = bool(flags & socket.MSG_CTRUNC) or len(fds) > maxfds
-    if truncated:
-        close_fds(fds)
-        fds = []
-    return Received(data, tuple(fds), truncated, creds, address or None)
+    fds, creds, truncated = _take_ancillary(ancdata, flags, maxfds)
+    return Received(data, fds, truncated, creds, address or None)
 
 
 class ReceivedInto(NamedTuple):
@@ -113,12 +122,8 @@ def recv_into_with_fds(
     )
     if not ancdata and not flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
         return ReceivedInto(nbytes, (), False, None, address or None, False)  # the common case
-    fds, creds = _parse_ancillary(ancdata)
-    truncated = bool(flags & socket.MSG_CTRUNC) or len(fds) > maxfds
-    if truncated:
-        close_fds(fds)
-        fds = []
-    return ReceivedInto(nbytes, tuple(fds), truncated, creds, address or None, bool(flags & socket.MSG_TRUNC))
+    fds, creds, truncated = _take_ancillary(ancdata, flags, maxfds)
+    return ReceivedInto(nbytes, fds, truncated, creds, address or None, bool(flags & socket.MSG_TRUNC))
 
 
 def send_with_fds(

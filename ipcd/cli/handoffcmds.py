@@ -19,6 +19,7 @@ import pwd
 import stat
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -30,21 +31,21 @@ _CHUNK = 1 << 16
 
 
 def _uid(value: str) -> int:
-    if value.isdigit():
-        return int(value)
-    try:
-        return pwd.getpwnam(value).pw_uid
-    except KeyError:
-        raise click.BadParameter(f"no user named {value!r}") from None
+    return _numeric_id(value, lambda name: pwd.getpwnam(name).pw_uid, "user")
 
 
 def _gid(value: str) -> int:
+    return _numeric_id(value, lambda name: grp.getgrnam(name).gr_gid, "group")
+
+
+def _numeric_id(value: str, lookup: Callable[[str], int], what: str) -> int:
+    """A number as given, or the id of the user or group named."""
     if value.isdigit():
         return int(value)
     try:
-        return grp.getgrnam(value).gr_gid
+        return lookup(value)
     except KeyError:
-        raise click.BadParameter(f"no group named {value!r}") from None
+        raise click.BadParameter(f"no {what} named {value!r}") from None
 
 
 def _open(path: str, write: bool) -> int:

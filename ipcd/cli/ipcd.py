@@ -17,7 +17,7 @@ import click
 
 from ipcd import __version__
 from ipcd.log import setup_logging
-from ipcd.settings import OPTIONS, SettingsError, default_socket_dir, load_settings
+from ipcd.settings import OPTIONS, Settings, SettingsError, default_socket_dir, load_settings
 from ipcd.units import install_units
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,11 +70,7 @@ def serve(config_file: Path | None, **overrides: Any) -> None:
     """
     from ipcd.server.master import Master, StartupError  # noqa: PLC0415 - keep --help fast
 
-    try:
-        settings = load_settings(overrides, config_file)
-    except SettingsError as exc:
-        click.echo(f"ipcd: {exc}", err=True)
-        sys.exit(2)
+    settings = _load(overrides, config_file)
     setup_logging(settings.log_level)
     master = Master(settings, overrides)
     try:
@@ -87,8 +83,18 @@ def serve(config_file: Path | None, **overrides: Any) -> None:
     sys.exit(code)
 
 
-def _default_pidfile() -> Path:
-    return default_socket_dir() / "ipcd.pid"
+def _load(overrides: dict[str, Any], config_file: Path | None) -> Settings:
+    """Settings, or exit 2 with one line saying which one is wrong."""
+    try:
+        return load_settings(overrides, config_file)
+    except SettingsError as exc:
+        click.echo(f"ipcd: {exc}", err=True)
+        sys.exit(2)
+
+
+def _pidfile(given: Path | None, socket_dir: Path | None = None) -> Path:
+    """--pidfile, else <socket dir>/ipcd.pid (the same rule for start, stop, status)."""
+    return (given or (socket_dir or default_socket_dir()) / "ipcd.pid").absolute()
 
 
 _PIDFILE = click.option(
@@ -122,12 +128,8 @@ def start(config_file: Path | None, pidfile: Path | None, log_file: Path | None,
     from ipcd.log import JOURNAL_SOCKET  # noqa: PLC0415
     from ipcd.server.master import Master, StartupError  # noqa: PLC0415
 
-    try:
-        settings = load_settings(overrides, config_file)
-    except SettingsError as exc:
-        click.echo(f"ipcd: {exc}", err=True)
-        sys.exit(2)
-    pid_path = (pidfile or settings.socket_dir / "ipcd.pid").absolute()
+    settings = _load(overrides, config_file)
+    pid_path = _pidfile(pidfile, settings.socket_dir)
     pid_guard = PidFile(pid_path)
     master = Master(settings, overrides)
     try:
@@ -164,7 +166,7 @@ def stop(pidfile: Path | None, timeout: float) -> None:
     """Stop the daemon started with 'ipcd start' (SIGTERM, then wait)."""
     from ipcd.daemonize import stop as stop_daemon  # noqa: PLC0415
 
-    code, message = stop_daemon((pidfile or _default_pidfile()).absolute(), timeout)
+    code, message = stop_daemon(_pidfile(pidfile), timeout)
     click.echo(f"ipcd: {message}", err=code != 0)
     sys.exit(code)
 
@@ -180,7 +182,7 @@ def status(pidfile: Path | None, socket_dir: Path | None) -> None:
     from ipcd.daemonize import is_ipcd, read_pid  # noqa: PLC0415
 
     directory = socket_dir or default_socket_dir()
-    path = (pidfile or directory / "ipcd.pid").absolute()
+    path = _pidfile(pidfile, directory)
     pid = read_pid(path)
     try:
         with Client(directory, timeout=5) as client:

@@ -175,17 +175,17 @@ class Store:
         return out
 
     def connection_gone(self, member: Member) -> None:
-        for name, queue in list(self.waiters.items()):
-            for waiter in [w for w in queue if (w.sender.worker, w.sender.conn) == member]:
-                queue.remove(waiter)
-            if not queue:
-                del self.waiters[name]
+        self._drop_waiters(lambda sender: (sender.worker, sender.conn) == member)
 
     def worker_gone(self, worker: int) -> None:
+        self._drop_waiters(lambda sender: sender.worker == worker)
+
+    def _drop_waiters(self, gone: Callable[[Sender], bool]) -> None:
         for name, queue in list(self.waiters.items()):
-            for waiter in [w for w in queue if w.sender.worker == worker]:
-                queue.remove(waiter)
-            if not queue:
+            kept = deque(w for w in queue if not gone(w.sender))
+            if kept:
+                self.waiters[name] = kept
+            else:
                 del self.waiters[name]
 
     def stats(self) -> dict[str, int]:

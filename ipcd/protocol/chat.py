@@ -29,23 +29,20 @@ def _bad(message: str) -> RemoteProtocolError:
 
 
 def check_room(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise _bad("room must be a non-empty string")
-    if len(value) > NAME_MAX or not _ROOM_RE.fullmatch(value):
-        raise _bad(
-            f"bad room name {value[:80]!r}: use up to {NAME_MAX} letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit"
-        )
-    return value
+    return _check_name(value, "room", "room name", NAME_MAX, _ROOM_RE, "a letter or digit")
 
 
 def check_nick(value: Any) -> str:
+    return _check_name(value, "nick", "nick", NICK_MAX, _NICK_RE, "a letter or '_'")
+
+
+def _check_name(value: Any, what: str, called: str, limit: int, pattern: re.Pattern[str], first: str) -> str:
     if not isinstance(value, str) or not value:
-        raise _bad("nick must be a non-empty string")
-    if len(value) > NICK_MAX or not _NICK_RE.fullmatch(value):
+        raise _bad(f"{what} must be a non-empty string")
+    if len(value) > limit or not pattern.fullmatch(value):
         raise _bad(
-            f"bad nick {value[:80]!r}: use up to {NICK_MAX} letters, digits, '_', '.' or '-', "
-            "starting with a letter or '_'"
+            f"bad {called} {value[:80]!r}: use up to {limit} letters, digits, '_', '.' or '-', "
+            f"starting with {first}"
         )
     return value
 
