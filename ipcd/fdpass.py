@@ -22,9 +22,8 @@ from typing import Final, NamedTuple
 _INT_SIZE: Final = array.array("i").itemsize
 _UCRED: Final = struct.Struct("3i")  # pid, uid, gid
 
-# Room for the kernel's maximum of fds per message plus one credentials block.
+# The kernel's maximum of fds per message, and the room one credentials block takes.
 MAX_FDS: Final = 253
-CMSG_ALL_FDS: Final = socket.CMSG_SPACE(MAX_FDS * _INT_SIZE)
 CMSG_CREDS: Final = socket.CMSG_SPACE(_UCRED.size)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -250,3 +251,50 @@ def server_side_inode(client: socket.socket) -> int:
         if len(fields) >= 8 and fields[7] == str(mine):
             return int(fields[5])
     raise LookupError(f"no socket peer of inode {mine} in ss output")
+
+
+class Pipes:
+    """``n`` pipes whose write ends are handed to the daemon: once the
+    daemon has closed its copies the read ends see EOF, which proves the
+    close directly instead of inferring it from a count."""
+
+    def __init__(self, n: int) -> None:
+        pairs = [os.pipe() for _ in range(n)]
+        self.read_ends = [r for r, _ in pairs]
+        self.write_ends = [w for _, w in pairs]
+
+    def __enter__(self) -> Pipes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.read_ends + self.write_ends:
+            os.close(fd)
+
+    def drop_write_ends(self) -> None:
+        """Close our copies once sent: the daemon's are then the last."""
+        for fd in self.write_ends:
+            os.close(fd)
+        self.write_ends = []
+
+    def some(self, *indexes: int) -> Pipes:
+        """A view of some of these pipes (same fds; closing stays here)."""
+        view = Pipes(0)
+        view.read_ends = [self.read_ends[i] for i in indexes]
+        return view
+
+    def held_elsewhere(self) -> bool:
+        """No read end sees EOF right now: a copy of every write end lives."""
+        assert not self.write_ends, "drop our own write ends first"
+        return not select.select(self.read_ends, [], [], 0)[0]
+
+    def assert_closed_elsewhere(self, timeout: float = 10.0) -> None:
+        """Every read end sees EOF within ``timeout``: no copy is left."""
+        assert not self.write_ends, "drop our own write ends first"
+        waiting = set(self.read_ends)
+        deadline = time.monotonic() + timeout
+        while waiting:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"{len(waiting)} of {len(self.read_ends)} pipes still held open"
+            for fd in select.select(list(waiting), [], [], remaining)[0]:
+                assert os.read(fd, 1) == b"", "nobody writes to these pipes"
+                waiting.discard(fd)

@@ -71,10 +71,6 @@ def describe_exit(status: int) -> str:
     return f"exited with code {os.waitstatus_to_exitcode(status)}"
 
 
-class PoolGaveUp(Exception):
-    """Workers keep failing to boot; the message says how."""
-
-
 class WorkerPool:
     def __init__(
         self,

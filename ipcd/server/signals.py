@@ -30,7 +30,7 @@ class SignalDispatcher:
         self._reader.setblocking(False)
         self._writer.setblocking(False)
         self._handlers: dict[int, Handler] = {}
-        self._previous_wakeup = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
         loop.add_reader(self._reader, self._on_readable)
 
     def on(self, signum: signal.Signals, handler: Handler) -> None:

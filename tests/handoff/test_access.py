@@ -20,12 +20,11 @@ from typing import Any
 from ipcd import fdpass
 from ipcd.client import Client
 from ipcd.protocol import Op, encode_json
-from tests.daemon import ipcctl
+from tests.daemon import Pipes, ipcctl
 from tests.handoff.users import (
     FdLedger,
     FdUsers,
     Outcome,
-    Pipes,
     StartDaemon,
     as_user,
     ipcctl_as,

@@ -22,8 +22,8 @@ import pytest
 from ipcd import fdpass
 from ipcd.client import Client, Handoff, ServerError
 from ipcd.protocol import Op, decode_json, encode_json, reply_op
-from tests.daemon import Daemon, holder_of, ipcctl, server_side_inode
-from tests.handoff.users import FdLedger, FdUsers, Pipes, StartDaemon, as_user
+from tests.daemon import Daemon, Pipes, holder_of, ipcctl, server_side_inode
+from tests.handoff.users import FdLedger, FdUsers, StartDaemon, as_user
 
 pytest_plugins = ["tests.handoff.users"]
 

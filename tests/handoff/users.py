@@ -14,7 +14,7 @@ test's client sockets would otherwise keep that connection open.
 :class:`FdLedger` is the hand-off's fd hygiene rule made checkable: the
 master holds its baseline plus exactly one fd per stored fd, every worker
 holds its baseline, whatever happened in between (refusals included).
-:class:`Pipes` proves single closes directly: a pipe's read end sees EOF
+:class:`tests.daemon.Pipes` proves single closes directly: a pipe's read end sees EOF
 once the daemon closed the write end it was given.
 
 The module is also this directory's pytest plugin (each test module names
@@ -410,50 +410,3 @@ class FdLedger:
 
 
 # -- fds given away ---------------------------------------------------------------
-
-
-class Pipes:
-    """``n`` pipes whose write ends are handed to the daemon: once the
-    daemon has closed its copies the read ends see EOF, which proves the
-    close directly instead of inferring it from a count."""
-
-    def __init__(self, n: int) -> None:
-        pairs = [os.pipe() for _ in range(n)]
-        self.read_ends = [r for r, _ in pairs]
-        self.write_ends = [w for _, w in pairs]
-
-    def __enter__(self) -> Pipes:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for fd in self.read_ends + self.write_ends:
-            os.close(fd)
-
-    def drop_write_ends(self) -> None:
-        """Close our copies once sent: the daemon's are then the last."""
-        for fd in self.write_ends:
-            os.close(fd)
-        self.write_ends = []
-
-    def some(self, *indexes: int) -> Pipes:
-        """A view of some of these pipes (same fds; closing stays here)."""
-        view = Pipes(0)
-        view.read_ends = [self.read_ends[i] for i in indexes]
-        return view
-
-    def held_elsewhere(self) -> bool:
-        """No read end sees EOF right now: a copy of every write end lives."""
-        assert not self.write_ends, "drop our own write ends first"
-        return not select.select(self.read_ends, [], [], 0)[0]
-
-    def assert_closed_elsewhere(self, timeout: float = 10.0) -> None:
-        """Every read end sees EOF within ``timeout``: no copy is left."""
-        assert not self.write_ends, "drop our own write ends first"
-        waiting = set(self.read_ends)
-        deadline = time.monotonic() + timeout
-        while waiting:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"{len(waiting)} of {len(self.read_ends)} pipes still held open"
-            for fd in select.select(list(waiting), [], [], remaining)[0]:
-                assert os.read(fd, 1) == b"", "nobody writes to these pipes"
-                waiting.discard(fd)

@@ -35,7 +35,7 @@ from ipcd.protocol import (
     encode_header,
     op_name,
 )
-from tests.daemon import Daemon, fd_count, fd_targets, rss_kib, server_side_inode, wait_for
+from tests.daemon import Daemon, Pipes, fd_count, fd_targets, rss_kib, server_side_inode, wait_for
 
 StartDaemon = Callable[..., Daemon]
 
@@ -186,42 +186,6 @@ def assert_error(frame: Frame, code: ErrorCode | set[ErrorCode], request_id: int
     return message
 
 
-class Pipes:
-    """``n`` pipes whose write ends are handed to the daemon."""
-
-    def __init__(self, n: int) -> None:
-        pairs = [os.pipe() for _ in range(n)]
-        self.read_ends = [r for r, _ in pairs]
-        self.write_ends = [w for _, w in pairs]
-
-    def __enter__(self) -> Pipes:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        fdpass.close_fds(self.read_ends + self.write_ends)
-
-    def drop_write_ends(self) -> None:
-        """Close our copies once they are sent: the daemon's are the last."""
-        fdpass.close_fds(self.write_ends)
-        self.write_ends = []
-
-    def assert_closed_by_daemon(self, timeout: float = 10.0) -> None:
-        """Every read end sees EOF: no copy of any write end is left open."""
-        assert not self.write_ends, "drop our own write ends first"
-        poller = select.poll()
-        waiting = set(self.read_ends)
-        for fd in waiting:
-            poller.register(fd, select.POLLIN)
-        deadline = time.monotonic() + timeout
-        while waiting:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"{len(waiting)} of {len(self.read_ends)} fds still open in the daemon"
-            for fd, _ in poller.poll(remaining * 1000):
-                assert os.read(fd, 1) == b"", "nobody writes to these pipes"
-                poller.unregister(fd)
-                waiting.discard(fd)
-
-
 @pytest.fixture
 def start_daemon(socket_dir: Path) -> Iterator[StartDaemon]:
     """Start a daemon with extra flags; it must stop cleanly afterwards."""
@@ -351,7 +315,7 @@ def test_fewer_fds_than_declared(daemon: Daemon) -> None:
         raw.send(encode_frame(Op.ECHO, 21, b"one of two", nfds=2), pipes.write_ends)
         pipes.drop_write_ends()
         assert_error(raw.frame(), ErrorCode.FD_MISMATCH, 21)
-        pipes.assert_closed_by_daemon()
+        pipes.assert_closed_elsewhere()
         raw.echo(22, b"same connection")
     base.assert_restored()
 
@@ -368,7 +332,7 @@ def test_undeclared_fds(daemon: Daemon) -> None:
             assert (frame.request_id, frame.body) == (31, b"surprise")
             frame = raw.frame()
         assert_error(frame, {ErrorCode.FD_MISMATCH, ErrorCode.FDS_NOT_EXPECTED}, {31, 0})
-        pipes.assert_closed_by_daemon()
+        pipes.assert_closed_elsewhere()
         raw.echo(32, b"same connection")
     base.assert_restored()
 
@@ -382,7 +346,7 @@ def test_200_fds_are_truncated_and_closed(daemon: Daemon) -> None:
         raw.send(encode_frame(Op.ECHO, 51, b"many", nfds=200), pipes.write_ends)
         pipes.drop_write_ends()
         assert_error(raw.frame(), ErrorCode.FDS_TRUNCATED, 51)
-        pipes.assert_closed_by_daemon()
+        pipes.assert_closed_elsewhere()
         raw.echo(52, b"same connection")
     base.assert_restored()
 
@@ -398,12 +362,12 @@ def test_fds_just_over_max_fds_are_truncated(start_daemon: StartDaemon) -> None:
                 raw.send(encode_frame(Op.ECHO, request_id, b"over", nfds=nfds), pipes.write_ends)
                 pipes.drop_write_ends()
                 assert_error(raw.frame(), ErrorCode.FDS_TRUNCATED, request_id)
-                pipes.assert_closed_by_daemon()
+                pipes.assert_closed_elsewhere()
         with Pipes(4) as pipes:  # exactly the limit: received, then refused by ECHO
             raw.send(encode_frame(Op.ECHO, 63, b"at the limit", nfds=4), pipes.write_ends)
             pipes.drop_write_ends()
             assert_error(raw.frame(), ErrorCode.FDS_NOT_EXPECTED, 63)
-            pipes.assert_closed_by_daemon()
+            pipes.assert_closed_elsewhere()
         raw.echo(64, b"same connection")
     base.assert_restored()
 
@@ -416,7 +380,7 @@ def test_200_fds_within_max_fds_reach_echo_which_refuses_them(start_daemon: Star
         pipes.drop_write_ends()
         message = assert_error(raw.frame(), ErrorCode.FDS_NOT_EXPECTED, 71)
         assert "200" in message
-        pipes.assert_closed_by_daemon()
+        pipes.assert_closed_elsewhere()
         raw.echo(72, b"same connection")
     base.assert_restored()
 
@@ -510,7 +474,7 @@ def test_unknown_op_is_refused_and_the_connection_goes_on(daemon: Daemon) -> Non
         raw.send(encode_frame(UNKNOWN_OP, 82, b"?", nfds=1), pipes.write_ends)
         pipes.drop_write_ends()
         assert_error(raw.frame(), ErrorCode.UNKNOWN_OP, 82)
-        pipes.assert_closed_by_daemon()
+        pipes.assert_closed_elsewhere()
         raw.echo(83, b"same connection")
     base.assert_restored()
 
@@ -567,7 +531,7 @@ def test_datagram_with_fds_gets_error_and_fds_are_closed(daemon: Daemon, nfds: i
         fdpass.send_with_fds(sock, [frame], pipes.write_ends, str(daemon.dgram_path))
         pipes.drop_write_ends()
         assert_error(_dgram_reply(sock), code, 95)
-        pipes.assert_closed_by_daemon()
+        pipes.assert_closed_elsewhere()
     base.assert_restored()
 
 
@@ -579,7 +543,7 @@ def test_datagram_with_too_many_fds_gets_fds_truncated(daemon: Daemon, declared:
         fdpass.send_with_fds(sock, [frame], pipes.write_ends, str(daemon.dgram_path))
         pipes.drop_write_ends()
         assert_error(_dgram_reply(sock), ErrorCode.FDS_TRUNCATED, 96)
-        pipes.assert_closed_by_daemon()
+        pipes.assert_closed_elsewhere()
     base.assert_restored()
 
 
