@@ -45,6 +45,8 @@ log = logging.getLogger("ipcd.worker")
 READ_BUFFER_SIZE = 256 * 1024
 _SWEEP_INTERVAL = 1.0
 _REPORT_INTERVAL = 1.0
+FDS_ALLOWED = frozenset((Op.PUT,))  # ops whose frames may carry fds
+NEVER_ANSWERED = frozenset((Op.PONG,))
 
 
 @dataclasses.dataclass
@@ -244,6 +246,17 @@ class Worker:
         if handler is None:
             fdpass.close_fds(frame.fds)
             conn.send_error(frame.request_id, ErrorCode.UNKNOWN_OP, f"unknown operation {op_name(frame.op)}")
+            return
+        if frame.fds and frame.op not in FDS_ALLOWED:
+            # The one place this is decided: only PUT brings fds in. A frame
+            # that is never answered (PONG) just has its stray fds closed.
+            fdpass.close_fds(frame.fds)
+            if frame.op not in NEVER_ANSWERED:
+                conn.send_error(
+                    frame.request_id,
+                    ErrorCode.FDS_NOT_EXPECTED,
+                    f"{op_name(frame.op)} takes no fds; the {len(frame.fds)} attached were closed",
+                )
             return
         handler(self, conn, frame)
 

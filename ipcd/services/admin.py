@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ipcd import fdpass
-from ipcd.protocol import ErrorCode, Frame, Op
+from ipcd.protocol import Frame, Op
 
 if TYPE_CHECKING:
     from ipcd.server.connection import Connection
@@ -19,10 +18,6 @@ if TYPE_CHECKING:
 
 
 def _status(worker: Worker, conn: Connection, frame: Frame) -> None:
-    if frame.fds:
-        fdpass.close_fds(frame.fds)
-        conn.send_error(frame.request_id, ErrorCode.FDS_NOT_EXPECTED, "STATUS takes no fds")
-        return
     worker.query_status(conn, frame.request_id)
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ipcd import fdpass
 from ipcd.fdpass import Credentials
-from ipcd.protocol import ErrorCode, Frame, Op, encode_error, encode_frame, op_name
+from ipcd.protocol import ErrorCode, Frame, Op, encode_error, encode_frame
 from ipcd.server.channel import ChannelClosed, ChannelOp, pack_meta, unpack_meta
 
 if TYPE_CHECKING:
@@ -53,20 +53,11 @@ class ChatRouter:
 
     # -- requests ----------------------------------------------------------
 
-    def forward(
-        self, conn: Connection, frame: Frame, with_fds: bool = False, with_groups: bool = False
-    ) -> None:
-        """Forward a request to the master's services (chat hub, fd store),
-        with the peer's kernel credentials and, if ``with_fds``, its fds."""
+    def forward(self, conn: Connection, frame: Frame, with_groups: bool = False) -> None:
+        """Forward a request to the master's services (chat hub, fd store)
+        with the peer's kernel credentials and the frame's fds (only a PUT
+        has any: the worker's dispatch refused the others')."""
         worker = self.worker
-        if frame.fds and not with_fds:
-            fdpass.close_fds(frame.fds)
-            conn.send_error(
-                frame.request_id,
-                ErrorCode.FDS_NOT_EXPECTED,
-                f"{op_name(frame.op)} takes no fds; the {len(frame.fds)} attached were closed",
-            )
-            return
         state = conn.chat
         if state is None:
             state = conn.chat = ChatState(self._burst, worker.now)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ipcd import fdpass
 from ipcd.fdpass import Credentials
-from ipcd.protocol import ErrorCode, Frame, Op, encode_header, op_name
+from ipcd.protocol import Frame, Op, encode_header
 
 if TYPE_CHECKING:
     from ipcd.server.connection import Connection
@@ -22,14 +21,6 @@ if TYPE_CHECKING:
 
 def _reflect(reply: Op) -> StreamHandler:
     def handler(worker: Worker, conn: Connection, frame: Frame) -> None:
-        if frame.fds:
-            fdpass.close_fds(frame.fds)
-            conn.send_error(
-                frame.request_id,
-                ErrorCode.FDS_NOT_EXPECTED,
-                f"{op_name(frame.op)} takes no fds; the {len(frame.fds)} attached were closed",
-            )
-            return
         conn.send_frame(encode_header(reply, frame.request_id, len(frame.body)) + frame.body)
 
     return handler
@@ -37,7 +28,6 @@ def _reflect(reply: Op) -> StreamHandler:
 
 def _ignore_pong(worker: Worker, conn: Connection, frame: Frame) -> None:
     """A PONG answers a PING we sent; nothing to do but not an error."""
-    fdpass.close_fds(frame.fds)
 
 
 def _reflect_datagram(reply: Op) -> DatagramHandler:

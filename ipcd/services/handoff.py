@@ -22,7 +22,7 @@ HANDOFF_OPS = (Op.PUT, Op.GET, Op.TAKE, Op.LS, Op.RM)
 
 def _forward(worker: Worker, conn: Connection, frame: Frame) -> None:
     # Every store op is judged by uid, gid and supplementary groups (--allow-gid).
-    worker.chat.forward(conn, frame, with_fds=frame.op == Op.PUT, with_groups=True)
+    worker.chat.forward(conn, frame, with_groups=True)
 
 
 STREAM: dict[int, StreamHandler] = dict.fromkeys(HANDOFF_OPS, _forward)
