@@ -36,12 +36,16 @@ def read_pid(path: Path) -> int | None:
 
 
 def is_ipcd(pid: int) -> bool:
-    """Whether ``pid`` is alive and an ipcd (not a recycled pid)."""
+    """Whether ``pid`` is alive and an ipcd daemon (not a recycled pid). Its
+    argv must run the ``ipcd`` program or the ``ipcd.cli.ipcd`` module with
+    ``serve`` or ``start``: "ipcd" merely somewhere in a path (a checkout
+    named ipcd, say) is not enough."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"ipcd" in cmdline
+    program = any(os.path.basename(arg) == b"ipcd" or arg == b"ipcd.cli.ipcd" for arg in argv)
+    return program and (b"serve" in argv or b"start" in argv)
 
 
 class PidFile:

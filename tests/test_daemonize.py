@@ -73,3 +73,23 @@ def test_start_reports_errors_before_detaching(short_tmp: Path) -> None:
     assert result.returncode == 1
     assert "symlink" in result.stderr
     assert not (short_tmp / "p.pid").exists()
+
+
+def test_stop_leaves_a_process_that_only_looks_like_ipcd_alone(short_tmp: Path) -> None:
+    """A pidfile naming a live process whose command line merely mentions
+    ipcd (here a path component) is stale: stop must not signal it."""
+    decoy_dir = short_tmp / "ipcd"
+    decoy_dir.mkdir()
+    decoy = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", str(decoy_dir / "serve-ish")]
+    )
+    try:
+        pidfile = short_tmp / "ipcd.pid"
+        pidfile.write_text(f"{decoy.pid}\n")
+        result = _run("stop", "--pidfile", str(pidfile), "--timeout", "1")
+        assert result.returncode == 0
+        assert "stale pidfile" in result.stderr + result.stdout
+        assert decoy.poll() is None  # still running: never signalled
+    finally:
+        decoy.kill()
+        decoy.wait(10)
