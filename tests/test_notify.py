@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 from pathlib import Path
 
 from ipcd.fdpass import enable_credentials, recv_with_fds
-from tests.daemon import Daemon, wait_for
+from tests.daemon import Daemon
 
 
 def test_notify_ready_status_reload_and_stop(short_tmp: Path) -> None:
@@ -51,21 +52,33 @@ def test_notify_ready_status_reload_and_stop(short_tmp: Path) -> None:
             daemon.kill_all()
 
 
-def test_watchdog_pings_at_half_the_interval(short_tmp: Path) -> None:
+def test_watchdog_pings_at_a_flat_rate_of_twice_per_interval(short_tmp: Path) -> None:
+    """WATCHDOG_USEC=1s: one WATCHDOG=1 every 0.5 s, and as many in the last
+    seconds as in the first (a rescheduling bug once multiplied the timers:
+    33 pings/s after 4 s, 112/s after 12 s)."""
     notify_path = short_tmp / "notify.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(notify_path))
-    listener.settimeout(15)
     env = {"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "1000000"}
     daemon = Daemon(short_tmp / "s", workers=1, env=env)
+    window = 12.0
     try:
         daemon.start()
-        pings = wait_for(
-            lambda: listener.recv(4096).decode().count("WATCHDOG=1") or None,
-            timeout=10,
-            what="a watchdog ping",
-        )
-        assert pings >= 1
+        pings: list[float] = []
+        deadline = time.monotonic() + window
+        while (left := deadline - time.monotonic()) > 0:
+            listener.settimeout(left)
+            try:
+                data = listener.recv(4096).decode()
+            except TimeoutError:
+                break
+            pings += [time.monotonic()] * data.count("WATCHDOG=1")
+        first = sum(1 for t in pings if t < pings[0] + 4)
+        last = sum(1 for t in pings if t >= deadline - 4)
+        # 0.5 s apart: 8 in any 4 s (give or take scheduling), 24 in 12 s.
+        assert 6 <= first <= 10, pings
+        assert 6 <= last <= 10, pings
+        assert 18 <= len(pings) <= 27, pings
     finally:
         listener.close()
         assert daemon.stop() == 0

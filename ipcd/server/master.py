@@ -352,8 +352,6 @@ class Master:
     def _store_tick(self) -> None:
         self.hublink.tick(time.monotonic())
         self.loop.call_later(_STORE_TICK, self._store_tick)
-        if self.manager.watchdog_interval:
-            self.loop.call_later(self.manager.watchdog_interval, self._watchdog)
 
     def _heartbeat(self) -> None:
         assert self.pool is not None
