@@ -3,7 +3,10 @@
 Theory of operation: the files in the repository's ``systemd/`` directory are
 templates with three placeholders. ``@PYTHON@`` becomes the absolute path of the
 running interpreter, because ``ExecStart=`` needs one and only the interpreter
-that runs this command is sure to import ipcd. The path is made absolute but
+that runs this command is sure to import ipcd; the templates start it with
+``-I`` (isolated mode), so no folder named ``ipcd`` in the service's working
+directory (a user service runs in the home, where clones live) can shadow the
+package. The path is made absolute but
 symlinks are kept: a virtualenv's ``bin/python`` is a symlink, and what makes
 it the virtualenv's is that path, not its target. ``@SOCKET_DIR@`` becomes the
 socket dir (``/tmp/ipcd`` for the system manager, ``%t/ipcd``, i.e.

@@ -154,6 +154,27 @@ def test_first_datagram_activates_the_service(ipcd: Installed) -> None:
     assert ipcd.manager.prop(SERVICE, "ActiveState") == "active", ipcd.diagnose()
 
 
+def test_a_folder_named_ipcd_in_the_working_directory_cannot_shadow_the_package(
+    manager: UserManager, tmp_path: Path
+) -> None:
+    """A user service runs in the user's home, where a clone of this repo is
+    usually called ``ipcd``; ``/tmp`` holds ``/tmp/ipcd``. Neither may be
+    imported instead of the installed package: that once made the service
+    exit 1 (and let whoever could create the folder run code as the daemon)."""
+    workdir = tmp_path / "home"
+    planted = workdir / "ipcd"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "planted-code-ran"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(1)\n")
+    (planted / "cli").mkdir()
+    (planted / "cli" / "__init__.py").write_text("")
+    ipcd = install(manager, user=True, socket_dir="%t/ipcd", extra=f"WorkingDirectory={workdir}\n")
+    ipcd.systemctl("start", SOCKET)
+    ipcd.echo("the installed ipcd answers")
+    assert ipcd.manager.prop(SERVICE, "ActiveState") == "active", ipcd.diagnose()
+    assert not marker.exists(), "the service imported the planted package"
+
+
 def test_status_line_shows_live_figures(ipcd: Installed, tmp_path: Path) -> None:
     ipcd.start()
     status = ipcd.systemctl("status", SERVICE, check=False).stdout

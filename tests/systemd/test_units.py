@@ -181,7 +181,7 @@ def test_install_units_command(tmp_path: Path) -> None:
     assert "systemctl daemon-reload && systemctl enable --now ipcd.socket" in result.stdout
     service = (tmp_path / "sys" / "ipcd.service").read_text()
     assert (
-        f"ExecStart={os.path.abspath(sys.executable)} -m ipcd.cli.ipcd serve --socket-dir /tmp/ipcd\n"
+        f"ExecStart={os.path.abspath(sys.executable)} -I -m ipcd.cli.ipcd serve --socket-dir /tmp/ipcd\n"
         in service
     )
 
