@@ -54,7 +54,12 @@ class ClientError(Exception):
 
 
 class DaemonUnreachable(ClientError):
-    """No daemon answers at the socket path."""
+    """No daemon answers at the socket path; ``errno`` says why (ENOENT,
+    ECONNREFUSED: none runs; EACCES: one may run, but not for us)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class RequestTimeout(ClientError):
@@ -92,10 +97,10 @@ def _unreachable(path: Path, exc: OSError) -> DaemonUnreachable:
     if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
         hint = "is ipcd running? start it with 'ipcd serve' or check --socket-dir"
     elif exc.errno == errno.EACCES:
-        hint = "permission denied: ask the admin for access (--socket-mode/--socket-group)"
+        hint = "ask the admin for access (the daemon's --socket-mode and --socket-group)"
     else:
         hint = "check that ipcd is running"
-    return DaemonUnreachable(f"cannot connect to {path}: {exc.strerror}; {hint}")
+    return DaemonUnreachable(f"cannot connect to {path}: {exc.strerror}; {hint}", exc.errno)
 
 
 class _Closing:

@@ -70,9 +70,16 @@ def check_socket_dir(path: Path, uid: int) -> None:
             "someone else may control it: remove it or choose another --socket-dir"
         )
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        mode = f"{stat.S_IMODE(st.st_mode):04o}"
+        if st.st_mode & stat.S_ISVTX:
+            # A shared dir such as /tmp: its mode is the system's, never ours to change.
+            raise SocketDirError(
+                f"socket dir {path} is a shared directory writable by others (mode {mode}); "
+                f"use a dedicated dir inside it, e.g. --socket-dir {path / 'ipcd'}"
+            )
         raise SocketDirError(
-            f"socket dir {path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"run 'chmod 755 {path}' or choose another --socket-dir"
+            f"socket dir {path} is writable by others (mode {mode}); "
+            f"run 'chmod go-w {path}' or choose another --socket-dir"
         )
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
-from tests.daemon import ipcctl, wait_for
+from tests.daemon import Daemon, ipcctl, wait_for
 
 IPCD = [sys.executable, "-m", "ipcd.cli.ipcd"]
 
@@ -93,3 +95,76 @@ def test_stop_leaves_a_process_that_only_looks_like_ipcd_alone(short_tmp: Path) 
     finally:
         decoy.kill()
         decoy.wait(10)
+
+
+def test_stop_and_status_find_the_default_pidfile_by_socket_dir(short_tmp: Path) -> None:
+    """start, status and stop all default the pidfile to <socket dir>/ipcd.pid."""
+    socket_dir = short_tmp / "s"
+    log = short_tmp / "ipcd.log"
+    started = _run("start", "--socket-dir", str(socket_dir), "--workers", "1", "--log-file", str(log))
+    assert started.returncode == 0, started.stderr
+    pidfile = socket_dir / "ipcd.pid"
+    wait_for(pidfile.exists, what="the pidfile")
+    status = _run("status", "--socket-dir", str(socket_dir))
+    assert status.returncode == 0, status.stdout + status.stderr
+    stopped = _run("stop", "--socket-dir", str(socket_dir))
+    assert stopped.returncode == 0, stopped.stderr
+    assert "stopped" in stopped.stdout
+    assert not pidfile.exists()
+    assert _run("status", "--socket-dir", str(socket_dir)).returncode == 3
+
+
+def test_status_says_permission_denied_not_not_running(short_tmp: Path) -> None:
+    """A user the socket's mode shuts out is told so (exit 4, LSB's
+    "unknown"), not that ipcd is not running."""
+    short_tmp.chmod(0o755)  # the socket's own mode is what shuts nobody out
+    socket_dir = short_tmp / "s"
+    daemon = Daemon(socket_dir, "--socket-mode", "0600", workers=1).start()
+    try:
+        code, out, err = _as_nobody(["status", "--socket-dir", str(socket_dir)])
+        assert code == 4, (out, err)
+        assert "not running" not in out + err
+        lines = err.splitlines()
+        assert len(lines) == 1, err
+        assert "Permission denied" in lines[0]
+        assert lines[0].lower().count("permission denied") == 1, lines[0]
+    finally:
+        assert daemon.stop() == 0
+
+
+def _as_nobody(args: list[str]) -> tuple[int, str, str]:
+    """Run ``ipcd ARGS`` in a forked child that became ``nobody`` (the
+    interpreter lives under /root, which nobody may not exec, so the child
+    runs the already-imported CLI instead of a new process image)."""
+    from ipcd.cli.ipcd import cli  # noqa: PLC0415
+
+    nobody = pwd.getpwnam("nobody")
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 70
+        try:
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - pytest replaced the streams
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            cli.main(args=args, prog_name="ipcd", standalone_mode=True)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(out_w)
+    os.close(err_w)
+    with os.fdopen(out_r) as out, os.fdopen(err_r) as err:
+        stdout, stderr = out.read(), err.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), stdout, stderr

@@ -157,40 +157,70 @@ def start(config_file: Path | None, pidfile: Path | None, log_file: Path | None,
     sys.exit(code)
 
 
+_SOCKET_DIR = click.option(
+    "--socket-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    envvar="IPCD_SOCKET_DIR",
+    show_envvar=True,
+    help="The daemon's socket dir, where the default pidfile is (default /tmp/ipcd).",
+)
+
+# LSB init-script status codes: 0 running, 1 dead but the pidfile remains,
+# 3 not running, 4 unknown (we may not ask).
+STATUS_RUNNING, STATUS_DEAD_PIDFILE, STATUS_NOT_RUNNING, STATUS_UNKNOWN = 0, 1, 3, 4
+
+
 @cli.command()
 @_PIDFILE
+@_SOCKET_DIR
 @click.option(
     "--timeout", type=click.FloatRange(min=0), default=30.0, show_default=True, help="Seconds to wait."
 )
-def stop(pidfile: Path | None, timeout: float) -> None:
+def stop(pidfile: Path | None, socket_dir: Path | None, timeout: float) -> None:
     """Stop the daemon started with 'ipcd start' (SIGTERM, then wait)."""
     from ipcd.daemonize import stop as stop_daemon  # noqa: PLC0415
 
-    code, message = stop_daemon(_pidfile(pidfile), timeout)
+    code, message = stop_daemon(_pidfile(pidfile, socket_dir), timeout)
     click.echo(f"ipcd: {message}", err=code != 0)
     sys.exit(code)
 
 
 @cli.command()
 @_PIDFILE
-@click.option(
-    "--socket-dir", type=click.Path(file_okay=False, path_type=Path), default=None, envvar="IPCD_SOCKET_DIR"
-)
+@_SOCKET_DIR
 def status(pidfile: Path | None, socket_dir: Path | None) -> None:
-    """Whether the daemon runs (exit 0) or not (exit 3, as LSB init scripts do)."""
-    from ipcd.client import Client, ClientError  # noqa: PLC0415
+    """Whether the daemon runs, as LSB init scripts say it: exit 0 running,
+    1 not running but its pidfile remains, 3 not running, 4 cannot tell
+    (for example permission denied on its socket)."""
+    import errno  # noqa: PLC0415
+
+    from ipcd.client import Client, ClientError, DaemonUnreachable, RequestTimeout  # noqa: PLC0415
     from ipcd.daemonize import is_ipcd, read_pid  # noqa: PLC0415
 
     directory = socket_dir or default_socket_dir()
     path = _pidfile(pidfile, directory)
-    pid = read_pid(path)
+    try:
+        pid = read_pid(path)
+    except OSError:  # not ours to read: the socket below tells what we may know
+        pid = None
     try:
         with Client(directory, timeout=5) as client:
             doc = client.status()
     except ClientError as exc:
-        state = f"pidfile {path} names pid {pid}, but " if pid and is_ipcd(pid) else ""
-        click.echo(f"ipcd is not running: {state}{exc}")
-        sys.exit(3)
+        live = pid is not None and is_ipcd(pid)
+        if isinstance(exc, DaemonUnreachable) and exc.errno == errno.EACCES:
+            owner = f" (pidfile {path} names a live ipcd, pid {pid})" if live else ""
+            click.echo(f"ipcd status unknown{owner}: {exc}", err=True)
+            sys.exit(STATUS_UNKNOWN)
+        if live or isinstance(exc, RequestTimeout):
+            click.echo(f"ipcd status unknown: pidfile {path} names pid {pid}, but {exc}", err=True)
+            sys.exit(STATUS_UNKNOWN)
+        if pid is not None:
+            click.echo(f"ipcd is not running, but pidfile {path} names pid {pid} (stale): {exc}")
+            sys.exit(STATUS_DEAD_PIDFILE)
+        click.echo(f"ipcd is not running: {exc}")
+        sys.exit(STATUS_NOT_RUNNING)
     click.echo(
         f"ipcd is running: master pid {doc['pid']}, {len(doc['workers'])} workers, "
         f"{doc['totals']['connections']} connections, up {doc['uptime']:.0f}s, on {directory}"

@@ -228,6 +228,19 @@ def test_socket_dir_writable_by_others_is_refused(made_dir: Path, mode: int) -> 
     assert stat.S_IMODE(made_dir.stat().st_mode) == mode, "ipcd changed the mode of a dir it refused"
 
 
+def test_shared_sticky_dir_is_refused_without_advice_to_chmod_it() -> None:
+    """``--socket-dir /tmp``: the advice must be a dedicated dir inside it;
+    ``chmod 755 /tmp`` would break every other program on the host."""
+    line = assert_refused(serve(Path("/tmp")), "/tmp", "--socket-dir /tmp/ipcd")
+    assert "chmod" not in line, line
+    assert stat.S_IMODE(os.stat("/tmp").st_mode) == 0o1777
+
+
+def test_group_writable_dir_of_ours_gets_a_precise_chmod(made_dir: Path) -> None:
+    made_dir.chmod(0o775)
+    assert_refused(serve(made_dir), f"chmod go-w {made_dir}")
+
+
 def test_socket_dir_that_is_a_file_is_refused(socket_dir: Path) -> None:
     socket_dir.write_text("not a dir")
     assert_refused(serve(socket_dir), "not a directory")
