@@ -23,6 +23,7 @@ STREAM_SOCKET: Final = "stream.sock"
 DGRAM_SOCKET: Final = "dgram.sock"
 LOCK_FILE: Final = ".lock"
 SOCKET_DIR_ENV: Final = "IPCD_SOCKET_DIR"
+READ_BUFFER_SIZE: Final = 256 * 1024  # a worker's one read buffer: also the largest datagram served
 
 
 class SettingsError(Exception):
@@ -204,6 +205,11 @@ class Settings:
     @property
     def lock_path(self) -> Path:
         return self.socket_dir / LOCK_FILE
+
+    @property
+    def pause_threshold(self) -> int:
+        """Queued reply bytes at which a worker stops reading a connection."""
+        return max(self.max_outbuf // 4, 64 * 1024)
 
 
 def _parse(name: str, value: Any, source: str) -> Any:

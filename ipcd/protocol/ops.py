@@ -70,6 +70,8 @@ class ErrorCode(enum.IntEnum):
 
     1-19: the frame itself was wrong. 20-39: the request was understood but
     refused. 40-49: the connection is being closed by the daemon. 50: a bug.
+    One rule tells a client what ends its connection: codes 1-3 and 40-49,
+    whatever the request id.
     """
 
     MALFORMED = 1  # not an ipcd frame (bad magic, reserved bits set); fatal
@@ -87,6 +89,7 @@ class ErrorCode(enum.IntEnum):
     LIMIT_EXCEEDED = 23
     RATE_LIMITED = 24
     TIMED_OUT = 25
+    UNAVAILABLE = 26  # the request could not reach the master right now; retry it
 
     SLOW_CONSUMER = 40  # outbound buffer over its limit: the peer is not reading
     IDLE_TIMEOUT = 41

@@ -8,7 +8,7 @@ from typing import Any
 
 from ipcd import __version__
 from ipcd.server.pool import WorkerHandle, WorkerPool
-from ipcd.settings import Settings
+from ipcd.settings import READ_BUFFER_SIZE, Settings
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -38,6 +38,24 @@ def _worker_entry(handle: WorkerHandle, now: float) -> dict[str, Any]:
     }
 
 
+def limits(settings: Settings) -> dict[str, Any]:
+    """Every limit a client can run into, so that it need not guess them."""
+    return {
+        "max_frame_size": settings.max_frame_size,
+        "max_fds": settings.max_fds,
+        "max_outbuf": settings.max_outbuf,
+        "pause_reading_at": settings.pause_threshold,
+        "max_datagram": READ_BUFFER_SIZE,
+        "max_message": settings.max_message,
+        "history_size": settings.history_size,
+        "rooms_per_connection": settings.rooms_per_connection,
+        "rate_limit": settings.rate_limit,
+        "fd_quota": settings.fd_quota,
+        "send_timeout": settings.send_timeout,
+        "idle_timeout": settings.idle_timeout,
+    }
+
+
 def build_status(settings: Settings, pool: WorkerPool, started: float, started_wall: float) -> dict[str, Any]:
     now = time.monotonic()
     workers = [_worker_entry(h, now) for h in sorted(pool.workers.values(), key=lambda h: h.started)]
@@ -52,6 +70,7 @@ def build_status(settings: Settings, pool: WorkerPool, started: float, started_w
         "generation": pool.generation,
         "respawns": pool.respawns,
         "workers": workers,
+        "limits": limits(settings),
         "totals": {
             "workers": len(workers),
             "connections": sum(w["connections"] for w in workers),

@@ -38,11 +38,10 @@ from ipcd.server.loop import EventLoop
 from ipcd.server.signals import SignalDispatcher
 from ipcd.services import StreamHandler, stream_handlers
 from ipcd.services.chat import ChatRouter
-from ipcd.settings import Settings
+from ipcd.settings import READ_BUFFER_SIZE, Settings
 
 log = logging.getLogger("ipcd.worker")
 
-READ_BUFFER_SIZE = 256 * 1024
 _SWEEP_INTERVAL = 1.0
 _REPORT_INTERVAL = 1.0
 FDS_ALLOWED = frozenset((Op.PUT,))  # ops whose frames may carry fds
@@ -77,7 +76,7 @@ class Worker:
         self.stats = WorkerStats()
         self.read_buffer = bytearray(READ_BUFFER_SIZE)
         self.read_view = memoryview(self.read_buffer)
-        self.pause_threshold = max(settings.max_outbuf // 4, 64 * 1024)
+        self.pause_threshold = settings.pause_threshold
         self.max_frame_size = settings.max_frame_size
         self.cmsg_space = fdpass.cmsg_space_for(settings.max_fds)
         self.handlers: dict[int, StreamHandler] = stream_handlers()

@@ -30,6 +30,10 @@ def _ignore_pong(worker: Worker, conn: Connection, frame: Frame) -> None:
     """A PONG answers a PING we sent; nothing to do but not an error."""
 
 
+def _ignore_datagram_pong(frame: Frame, creds: Credentials | None) -> bytes | None:
+    return None  # as on the stream: an answer to a PING, never itself answered
+
+
 def _reflect_datagram(reply: Op) -> DatagramHandler:
     def handler(frame: Frame, creds: Credentials | None) -> bytes | None:
         return encode_header(reply, frame.request_id, len(frame.body)) + frame.body
@@ -45,4 +49,5 @@ STREAM: dict[int, StreamHandler] = {
 DATAGRAM: dict[int, DatagramHandler] = {
     Op.ECHO: _reflect_datagram(Op.ECHO_REPLY),
     Op.PING: _reflect_datagram(Op.PONG),
+    Op.PONG: _ignore_datagram_pong,
 }

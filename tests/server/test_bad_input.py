@@ -520,6 +520,21 @@ def test_bad_datagram_gets_error_reply(
     base.assert_restored()
 
 
+def test_datagram_pong_gets_no_reply(socket_dir: Path) -> None:
+    """A PONG answers a PING; as on the stream, the daemon takes it silently
+    (it once answered UNKNOWN_OP). One worker reads both datagrams in
+    order, so a reply to the PONG would come before the ECHO's."""
+    daemon = Daemon(socket_dir, workers=1).start()
+    try:
+        with dgram_socket() as sock:
+            sock.sendto(encode_frame(Op.PONG, 97, b"pong"), str(daemon.dgram_path))
+            sock.sendto(encode_frame(Op.ECHO, 98, b"after the pong"), str(daemon.dgram_path))
+            reply = _dgram_reply(sock)
+            assert (reply.op, reply.request_id, reply.body) == (Op.ECHO_REPLY, 98, b"after the pong")
+    finally:
+        assert daemon.stop() == 0
+
+
 @pytest.mark.parametrize(
     ("nfds", "code"),
     [(0, ErrorCode.FD_MISMATCH), (2, ErrorCode.FDS_NOT_EXPECTED), (1, ErrorCode.FD_MISMATCH)],

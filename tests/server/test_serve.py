@@ -71,6 +71,26 @@ def test_status_json_lists_every_worker(daemon: Daemon) -> None:
     assert doc["sockets"]["stream"] == str(daemon.stream_path)
 
 
+def test_status_tells_a_client_the_limits_it_must_respect(short_tmp: Path) -> None:
+    """A client written from the protocol doc can learn every limit that
+    would refuse or cut it off, as the daemon was configured."""
+    daemon = Daemon(
+        short_tmp / "s", "--max-frame-size", "64K", "--max-fds", "4", "--max-outbuf", "1M", workers=1
+    ).start()
+    try:
+        limits = daemon.status()["limits"]
+        assert limits["max_frame_size"] == 65536
+        assert limits["max_fds"] == 4
+        assert limits["max_outbuf"] == 1 << 20
+        assert limits["pause_reading_at"] == 256 * 1024
+        assert limits["max_datagram"] == 256 * 1024
+        assert limits["max_message"] == 16 * 1024
+        for key in ("history_size", "rooms_per_connection", "fd_quota", "rate_limit", "idle_timeout"):
+            assert key in limits
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_status_human(daemon: Daemon) -> None:
     result = ipcctl(daemon.socket_dir, "status")
     assert result.returncode == 0
