@@ -108,7 +108,7 @@ class ChatRouter:
             self.worker.channel.post(op, body, fds=fds)  # ours are closed once sent
         except ChannelClosed:
             if conn is not None:
-                conn.send_error(request_id, ErrorCode.UNAVAILABLE, "the daemon is restarting its workers; retry")
+                conn.send_error(request_id, ErrorCode.UNAVAILABLE, "this worker is being replaced; retry")
 
     @property
     def _burst(self) -> float:
