@@ -182,6 +182,7 @@ def next_steps(user: bool, dest: Path | None, socket_dir: str | None) -> list[st
 @click.option(
     "--dest",
     type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
     help="Write here instead of /etc/systemd/system (or ~/.config/systemd/user).",
 )
 @click.option(

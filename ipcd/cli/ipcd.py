@@ -160,6 +160,7 @@ def start(config_file: Path | None, pidfile: Path | None, log_file: Path | None,
 _SOCKET_DIR = click.option(
     "--socket-dir",
     type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
     default=None,
     envvar="IPCD_SOCKET_DIR",
     show_envvar=True,
@@ -175,7 +176,12 @@ STATUS_RUNNING, STATUS_DEAD_PIDFILE, STATUS_NOT_RUNNING, STATUS_UNKNOWN = 0, 1, 
 @_PIDFILE
 @_SOCKET_DIR
 @click.option(
-    "--timeout", type=click.FloatRange(min=0), default=30.0, show_default=True, help="Seconds to wait."
+    "--timeout",
+    type=click.FloatRange(min=0),
+    metavar="SECS",
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for it to exit.",
 )
 def stop(pidfile: Path | None, socket_dir: Path | None, timeout: float) -> None:
     """Stop the daemon started with 'ipcd start' (SIGTERM, then wait)."""
