@@ -1,0 +1,135 @@
+#!/bin/sh
+# Zero-downtime upgrades of a real server: gunicorn, swapped version after
+# version on one listening socket that ipcd holds.
+#
+#   examples/gunicorn_swap.sh [ADDRESS [VERSION...]]   # default: 127.0.0.1:8080 v1 v2 v3
+#
+# The recipe, as a shell user does it (docs/handoff.md, "Swapping a real server"):
+#
+#   ipcctl put web --listen 127.0.0.1:8080        # once: ipcctl binds it, ipcd keeps it
+#   APP_VERSION=v1 ipcctl get web -- gunicorn --chdir examples version_app:app &
+#   v1=$!                                         # gunicorn's pid: ipcctl exec'd it
+#   # to upgrade, with v1 still serving:
+#   APP_VERSION=v2 ipcctl get web -- gunicorn --chdir examples version_app:app &
+#   v2=$!
+#   until curl -fsS http://127.0.0.1:8080/ | grep -q '^v2 '; do sleep 0.1; done
+#   kill -TERM $v1; wait $v1                      # v1 stops accepting, drains, exits
+#
+# `ipcctl get` runs gunicorn with the stored socket at fd 3 and LISTEN_FDS=1,
+# LISTEN_PID=its own pid: gunicorn's systemd socket activation, so it binds
+# nothing and needs no --bind. While two versions overlap both accept on the
+# one socket; a connection that arrives meanwhile is taken by either, and
+# none is refused, because the socket never closes: ipcd holds it. If a new
+# version never answers, the old one keeps serving (the script stops the new
+# one and says so).
+#
+# The script serves the first VERSION, then before each swap, and before it
+# stops the last version, reads a line from stdin: press Enter to go on (at
+# end of input it goes on at once). It prints one line per step. At the end
+# it stops the last version and removes the socket from ipcd (ipcctl rm).
+#
+# Environment: IPCCTL is the client command (default: ipcctl on PATH),
+# GUNICORN the server (default: gunicorn on PATH), NAME the entry in ipcd
+# (default web), WAIT how many seconds a new version has to answer (default
+# 30), WORKERS gunicorn's worker count (default 2); IPCD_SOCKET_DIR selects
+# the daemon as for ipcctl itself. Needs curl.
+set -eu
+ipcctl=${IPCCTL:-ipcctl}
+gunicorn=${GUNICORN:-gunicorn}
+name=${NAME:-web}
+wait_secs=${WAIT:-30}
+workers=${WORKERS:-2}
+here=$(cd "$(dirname "$0")" && pwd)
+address=${1:-127.0.0.1:8080}
+[ $# -gt 0 ] && shift
+[ $# -gt 0 ] || set -- v1 v2 v3
+
+current=""
+version=""
+stored=""
+
+cleanup() {
+    if [ -n "$current" ]; then
+        echo "stopping $version (pid $current)"
+        kill -TERM "$current" 2>/dev/null || true
+        wait "$current" || true
+    fi
+    if [ -n "$stored" ]; then
+        $ipcctl rm "$name"
+        echo "removed $name from ipcd"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# One request to whatever serves the socket; prints the body.
+ask() {
+    case $where in
+    /* | ./* | ../*) curl -fsS --max-time 5 --unix-socket "$where" http://localhost/ ;;
+    @*) curl -fsS --max-time 5 --abstract-unix-socket "${where#@}" http://localhost/ ;;
+    "[::]:"*) curl -fsS --max-time 5 "http://[::1]:${where##*:}/" ;;
+    0.0.0.0:*) curl -fsS --max-time 5 "http://127.0.0.1:${where##*:}/" ;;
+    *) curl -fsS --max-time 5 "http://$where/" ;;
+    esac
+}
+
+# Starts version $1 of the server on the stored socket; its pid in $started.
+start() {
+    # shellcheck disable=SC2086 # $ipcctl and $gunicorn may be several words
+    APP_VERSION=$1 $ipcctl get "$name" -- $gunicorn --chdir "$here" --workers "$workers" \
+        --log-level warning version_app:app &
+    started=$!
+}
+
+# Waits until version $1 (pid $2) answers; fails if it exits or WAIT passes.
+answers() {
+    tries=$((wait_secs * 10))
+    while [ "$tries" -gt 0 ]; do
+        state=$(sed 's/.*) //' "/proc/$2/stat" 2>/dev/null | cut -d' ' -f1) || state=""
+        case $state in "" | Z) return 1 ;; esac # it exited (a zombie until we wait for it)
+        if ask 2>/dev/null | grep -q "^$1 "; then
+            return 0
+        fi
+        sleep 0.1
+        tries=$((tries - 1))
+    done
+    return 1
+}
+
+bound=$($ipcctl put "$name" --listen "$address") # "web: listening on 127.0.0.1:8080"
+stored=1
+echo "$bound"
+where=${bound##* }
+
+first=$1
+shift
+start "$first"
+if ! answers "$first" "$started"; then
+    echo "gunicorn_swap: $first did not answer within ${wait_secs}s" >&2
+    kill -TERM "$started" 2>/dev/null || true
+    wait "$started" || true
+    exit 1
+fi
+current=$started
+version=$first
+echo "$version serving on $where (pid $current)"
+
+for next in "$@"; do
+    read -r _ || true # Enter: swap now
+    start "$next"
+    if answers "$next" "$started"; then
+        echo "$next serving (pid $started); stopping $version (pid $current)"
+        kill -TERM "$current"
+        status=0
+        wait "$current" || status=$?
+        echo "$version (pid $current) drained and exited with status $status"
+        current=$started
+        version=$next
+    else
+        echo "gunicorn_swap: $next did not answer within ${wait_secs}s; $version keeps serving" >&2
+        kill -TERM "$started" 2>/dev/null || true
+        wait "$started" || true
+    fi
+done
+read -r _ || true # Enter: stop
