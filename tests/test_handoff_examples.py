@@ -2,9 +2,9 @@
 
 - zero_downtime_http.py: 10 restarts under a steady stream of new
   connections, none refused or failed, each version answering;
-- gunicorn_swap.sh: the real gunicorn on a listener stored with
-  ``ipcctl put --listen``, swapped three times under the same stream, none
-  refused, every old version drained and gone;
+- server_swap.sh: the real gunicorn, and lighttpd, on a listener stored
+  with ``ipcctl put --listen``, swapped three times under the same stream,
+  none refused, every old version drained and gone;
 - privsep.py: root opens a file only it can read, an unprivileged user reads
   it through ipcd, a user who was not allowed is refused (real users);
 - pipe_handoff.sh: a pipe and a memfd pass between unrelated processes.
@@ -142,7 +142,7 @@ def get(port: int, path: str = "/") -> tuple[str, int]:
     finally:
         conn.close()
     label, _, pid = body.strip().partition(" pid=")
-    return label, int(pid)
+    return label, int(pid or 0)  # a static file has no pid to tell: 0
 
 
 def _slow_get(port: int, results: queue.Queue[tuple[str, int]]) -> None:
@@ -261,7 +261,7 @@ def test_zero_downtime_http_binds_when_nothing_is_stored(daemon: Daemon) -> None
             proc.wait(STEP)
 
 
-# -- a real server: gunicorn swapped on a listener stored with put --listen ---------
+# -- real servers swapped on a listener stored with put --listen -----------------
 
 
 def _gone(pid: int) -> bool:
@@ -269,31 +269,39 @@ def _gone(pid: int) -> bool:
     return not os.path.exists(f"/proc/{pid}")
 
 
-def test_gunicorn_swaps_with_no_refused_request(daemon: Daemon, short_tmp: Path) -> None:
-    gunicorn = Path(sys.executable).parent / "gunicorn"
-    assert gunicorn.exists(), "gunicorn is in the [dev] extras: run make install"
-    baseline = fd_count(daemon.pid)
+def _listening_ports(pid: int) -> set[int]:
+    """The TCP ports ``pid`` holds a listening socket for, from ss(8)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True, timeout=STEP).stdout
+    return {int(line.split()[3].rpartition(":")[2]) for line in out.splitlines() if f"pid={pid}," in line}
+
+
+def _server_env(server: str, daemon: Daemon, short_tmp: Path) -> dict[str, str]:
     wrapper = short_tmp / "ipcctl"
     wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m ipcd.cli.ipcctl "$@"\n')
     wrapper.chmod(0o755)
-    env = {
-        **os.environ,
-        "IPCCTL": str(wrapper),
-        "GUNICORN": str(gunicorn),
-        "IPCD_SOCKET_DIR": str(daemon.socket_dir),
-        "WAIT": str(int(STEP)),
-    }
+    env = {**os.environ, "IPCCTL": str(wrapper), "SERVER": server}
+    env |= {"IPCD_SOCKET_DIR": str(daemon.socket_dir), "WAIT": str(int(STEP))}
+    gunicorn = Path(sys.executable).parent / "gunicorn"
+    lighttpd = shutil.which("lighttpd") or shutil.which("lighttpd", path="/usr/sbin:/sbin")
+    assert gunicorn.exists(), "gunicorn is in the [dev] extras: run make install"
+    assert lighttpd, "lighttpd is a Debian package scripts/install-system-deps installs: run make install"
+    return env | {"GUNICORN": str(gunicorn), "LIGHTTPD": lighttpd}
+
+
+@pytest.mark.parametrize("server", ["gunicorn", "lighttpd"])
+def test_a_real_server_swaps_with_no_refused_request(server: str, daemon: Daemon, short_tmp: Path) -> None:
+    baseline = fd_count(daemon.pid)
     versions = ["v1", "v2", "v3", "v4"]  # three swaps
     log = short_tmp / "swap.log"
     with log.open("ab") as err:
         script = subprocess.Popen(
-            ["sh", str(EXAMPLES / "gunicorn_swap.sh"), "127.0.0.1:0", *versions],
+            ["sh", str(EXAMPLES / "server_swap.sh"), "127.0.0.1:0", *versions],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
-            env=env,
-            start_new_session=True,  # its own process group: the cleanup below reaches every gunicorn
+            env=_server_env(server, daemon, short_tmp),
+            start_new_session=True,  # its own process group: the cleanup below reaches every server
         )
     assert script.stdin is not None
     out: queue.Queue[str] = queue.Queue()
@@ -321,12 +329,14 @@ def test_gunicorn_swaps_with_no_refused_request(daemon: Daemon, short_tmp: Path)
         first = line()
         assert first.startswith(f"v1 serving on 127.0.0.1:{port} (pid "), first
         pids = {"v1": int(first.rpartition(" ")[2].rstrip(")"))}
+        assert _listening_ports(pids["v1"]) == {port}, "it serves the stored socket and binds nothing itself"
         slow: queue.Queue[tuple[str, int]] = queue.Queue()
         with Hammer(port) as hammer:
             hammer.wait_answer_from_label("v1")
-            # In flight when v1 is told to stop: v1 must finish it (gunicorn drains).
-            threading.Thread(target=_slow_get, args=(port, slow), daemon=True).start()
-            assert slow.get(timeout=STEP) == ("headers", 200)
+            if server == "gunicorn":
+                # In flight when v1 is told to stop: v1 must finish it (gunicorn drains).
+                threading.Thread(target=_slow_get, args=(port, slow), daemon=True).start()
+                assert slow.get(timeout=STEP) == ("headers", 200)
             for old, new in itertools.pairwise(versions):
                 script.stdin.write("\n")  # Enter: swap
                 script.stdin.flush()
@@ -335,20 +345,21 @@ def test_gunicorn_swaps_with_no_refused_request(daemon: Daemon, short_tmp: Path)
                 pids[new] = int(swapped.split("(pid ")[1].split(")")[0])
                 assert swapped.endswith(f"stopping {old} (pid {pids[old]})"), swapped
                 assert line() == f"{old} (pid {pids[old]}) drained and exited with status 0"
-                assert _gone(pids[old]), f"{old}'s gunicorn master is still there"
+                assert _gone(pids[old]), f"{old}'s {server} is still there"
                 hammer.wait_answer_from_label(new)
-                workers = hammer.by_label.get(old, set())
+                workers = hammer.by_label.get(old, set()) - {0}  # gunicorn's workers answer with their pid
                 assert all(_gone(pid) for pid in workers), f"{old}'s workers {workers} outlived it"
             wait_for(lambda: hammer.ok >= 300, STEP, "300 answers")
         script.stdin.close()  # end of input: stop the last version, forget the socket
         assert line() == f"stopping v4 (pid {pids['v4']})"
         assert line() == "removed web from ipcd"
         assert script.wait(STEP) == 0, log.read_text()
-        body, status = slow.get(timeout=STEP)
-        assert (status, body.split(" pid=")[0]) == (200, "v1")
-        answers = ", ".join(f"{v}: {len(p)} workers" for v, p in sorted(hammer.by_label.items()))
+        if server == "gunicorn":
+            body, status = slow.get(timeout=STEP)
+            assert (status, body.split(" pid=")[0]) == (200, "v1")
+        answers = ", ".join(f"{v}: {len(p)} pids" for v, p in sorted(hammer.by_label.items()))
         print(
-            f"\n3 gunicorn swaps: {hammer.ok} requests answered, {len(hammer.failures)} failed "
+            f"\n3 {server} swaps: {hammer.ok} requests answered, {len(hammer.failures)} failed "
             f"({answers}), slowest {hammer.slowest * 1000:.0f} ms"
         )
         assert hammer.failures == []
