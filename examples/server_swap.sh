@@ -9,10 +9,10 @@
 # "Swapping a real server"):
 #
 #   ipcctl put web --listen 127.0.0.1:8080        # once: ipcctl binds it, ipcd keeps it
-#   APP_VERSION=v1 ipcctl get web -- gunicorn --chdir examples version_app:app &
+#   APP_VERSION=v1 ipcctl get web -- gunicorn --no-control-socket --chdir examples version_app:app &
 #   v1=$!                                         # gunicorn's pid: ipcctl exec'd it
 #   # to upgrade, with v1 still serving:
-#   APP_VERSION=v2 ipcctl get web -- gunicorn --chdir examples version_app:app &
+#   APP_VERSION=v2 ipcctl get web -- gunicorn --no-control-socket --chdir examples version_app:app &
 #   v2=$!
 #   until curl -fsS http://127.0.0.1:8080/ | grep -q '^v2 '; do sleep 0.1; done
 #   kill -TERM $v1; wait $v1                      # v1 stops accepting, drains, exits
@@ -30,8 +30,10 @@
 # version never answers, the old one keeps serving (the script stops the
 # new one and says so).
 #
-# gunicorn serves examples/version_app.py (body "VERSION pid=WORKER_PID");
-# lighttpd a file whose body is "VERSION", one directory per version.
+# gunicorn serves examples/version_app.py (body "VERSION pid=WORKER_PID"),
+# each version with its own control socket (gunicorn 25.1+ opens one, by
+# default at the same path for every version); lighttpd serves a file whose
+# body is "VERSION", one directory per version.
 #
 # The script serves the first VERSION, then before each swap, and before it
 # stops the last version, reads a line from stdin: press Enter to go on (at
@@ -69,7 +71,7 @@ esac
 current=""
 version=""
 stored=""
-workdir=$(mktemp -d) # lighttpd's configuration and document of each version
+workdir=$(mktemp -d) # per version: gunicorn's control socket, lighttpd's configuration and document
 
 cleanup() {
     if [ -n "$current" ]; then
@@ -122,8 +124,9 @@ start() {
     # shellcheck disable=SC2086 # $ipcctl, $gunicorn and $lighttpd may be several words
     case $server in
     gunicorn)
+        # Each version its own control socket: two versions overlap, one path would be fought over.
         APP_VERSION=$1 $ipcctl get "$name" -- $gunicorn --chdir "$here" --workers "$workers" \
-            --log-level warning version_app:app &
+            --control-socket "$workdir/$1.ctl" --log-level warning version_app:app &
         ;;
     lighttpd)
         lighttpd_conf "$1"
