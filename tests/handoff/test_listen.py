@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from ipcd.cli import listeners
 from ipcd.client import Client
 from tests.daemon import IPCCTL, Daemon
 from tests.handoff.test_cli import listed, ok, refusal, run, start
@@ -356,3 +357,47 @@ def test_an_fd_nobody_has_gets_the_general_hint(daemon: Daemon) -> None:
     line = refusal(run(daemon, "put", "x", "--fd", "77"), "fd 77 is not open in ipcctl", code=2)
     assert "pass_fds=(77,)" in line
     assert "close-on-exec" in line
+
+
+# -- the address forms, parsed alone ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "family", "dgram", "where"),
+    [
+        ("8080", socket.AF_INET6, False, ("::", 8080, "")),
+        ("tcp:8080", socket.AF_INET6, False, ("::", 8080, "")),
+        ("udp:5353", socket.AF_INET6, True, ("::", 5353, "")),
+        ("127.0.0.1:0", socket.AF_INET, False, ("127.0.0.1", 0, "")),
+        ("udp:127.0.0.1:53", socket.AF_INET, True, ("127.0.0.1", 53, "")),
+        ("[::1]:8080", socket.AF_INET6, False, ("::1", 8080, "")),
+        ("[fe80::1%lo]:80", socket.AF_INET6, False, ("fe80::1%lo", 80, "")),
+        ("/run/app.sock", socket.AF_UNIX, False, ("", 0, "/run/app.sock")),
+        ("./app.sock", socket.AF_UNIX, False, ("", 0, "./app.sock")),
+        ("unix:app.sock", socket.AF_UNIX, False, ("", 0, "app.sock")),
+        ("unix:@hidden", socket.AF_UNIX, False, ("", 0, "@hidden")),
+        ("@hidden", socket.AF_UNIX, False, ("", 0, "@hidden")),
+        ("unix-dgram:/run/log.sock", socket.AF_UNIX, True, ("", 0, "/run/log.sock")),
+    ],
+)
+def test_address_forms(
+    text: str, family: socket.AddressFamily, dgram: bool, where: tuple[str, int, str]
+) -> None:
+    address = listeners.parse(text)
+    assert (address.family, address.dgram, (address.host, address.port, address.path)) == (
+        family,
+        dgram,
+        where,
+    )
+    assert address.every_address == (text in {"8080", "tcp:8080", "udp:5353"}), "a bare port: every address"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "web", "8080x", "65536", "-1", "1.2.3:80", "::1", "[::1]", "[nope]:80", "host:80", "unix:", "@"],
+)
+def test_malformed_addresses_are_usage_errors(text: str) -> None:
+    with pytest.raises(listeners.ListenError) as caught:
+        listeners.parse(text)
+    assert caught.value.usage
+    assert str(caught.value).startswith(f"bad --listen address {text!r}: ")
