@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import grp
 import os
 import pwd
-import shlex
 import socket
 import stat
 import sys
@@ -28,7 +26,7 @@ from typing import Any
 import click
 
 from ipcd import fdpass
-from ipcd.cli import listeners
+from ipcd.cli import handoffparams, listeners
 from ipcd.cli.common import Options, fail, handles_errors, json_option, pass_options
 from ipcd.client import ClientError
 
@@ -63,78 +61,16 @@ def _open(path: str, write: bool) -> int:
         fail(f"cannot open {path}: {exc.strerror}", 1)
 
 
-class _AtLeast(click.ParamType):  # type: ignore[type-arg]
-    """A number of at least ``minimum``, shown in --help by its metavar
-    (SECS, N) rather than click's FLOAT RANGE and [x>=0]."""
-
-    def __init__(self, number: type[int] | type[float], minimum: float, metavar: str) -> None:
-        self.number = number
-        self.minimum = minimum
-        self.metavar = metavar
-        self.name = metavar.lower()
-
-    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
-        return self.metavar
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        what = "a number of seconds" if self.metavar == "SECS" else "a whole number"
-        try:
-            number = self.number(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not {what}", param, ctx)
-        if not number >= self.minimum:  # also refuses nan
-            self.fail(f"{value} is not {what} >= {self.minimum:g}", param, ctx)
-        return number
-
-
-_SECS = functools.partial(_AtLeast, float, metavar="SECS")
-
-
-def _socket_mode(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        mode = int(value, 8)
-    except ValueError:
-        mode = -1
-    if not 0 <= mode <= 0o777:
-        raise click.BadParameter(f"{value!r} is not an octal file mode like 0660")
-    return mode
-
-
-def _not_open(fd: int) -> str:
-    """Why inherited fd ``fd`` is missing, and what to do: most often the
-    parent opened it close-on-exec (Python's default), so exec closed it."""
-    parent = os.getppid()
-    try:
-        with open(f"/proc/{parent}/fdinfo/{fd}") as fh:
-            flags = int(next(line for line in fh if line.startswith("flags:")).split()[1], 8)
-        with open(f"/proc/{parent}/comm") as fh:
-            who = f"{fh.read().strip()}, pid {parent}"
-    except (OSError, ValueError, IndexError, StopIteration):
-        flags = None
-    python = f"Python: subprocess pass_fds=({fd},), or os.set_inheritable({fd}, True) before exec"
-    shell = f"shell: ipcctl put NAME --fd {fd} {fd}<FILE"
-    instead = "or let ipcctl open it (put NAME PATH, put NAME --listen ADDRESS)"
-    if flags is not None and flags & os.O_CLOEXEC:
-        return (
-            f"fd {fd} is not open in ipcctl: its parent ({who}) opened it close-on-exec (O_CLOEXEC, "
-            f"Python's default), so exec closed it; pass it on ({python}; {shell}), {instead}"
-        )
-    if flags is not None:
-        return f"fd {fd} is not open in ipcctl: its parent ({who}) did not pass it ({python}), {instead}"
-    return (
-        f"fd {fd} is not open in ipcctl: pass one it inherits ({python}; {shell}); an fd opened "
-        f"close-on-exec, Python's default, is closed at exec; {instead}"
-    )
-
-
 @click.command()
 @json_option
 @click.argument("name")
 @click.argument("path", required=False)
 @click.option(
-    "--fd", "fds", type=_AtLeast(int, 0, "N"), multiple=True, help="Pass inherited fd N (repeatable)."
+    "--fd",
+    "fds",
+    type=handoffparams.AtLeast(int, 0, "N"),
+    multiple=True,
+    help="Pass inherited fd N (repeatable).",
 )
 @click.option(
     "--listen",
@@ -147,13 +83,13 @@ def _not_open(fd: int) -> str:
 )
 @click.option(
     "--backlog",
-    type=_AtLeast(int, 1, "N"),
+    type=handoffparams.AtLeast(int, 1, "N"),
     default=socket.SOMAXCONN,
     help=f"Connections the kernel queues for --listen while nobody accepts (default {socket.SOMAXCONN}).",
 )
 @click.option(
     "--socket-mode",
-    callback=_socket_mode,
+    callback=handoffparams.socket_mode,
     metavar="MODE",
     help="File mode of a --listen Unix socket path, in octal (default: from the umask).",
 )
@@ -170,7 +106,7 @@ def _not_open(fd: int) -> str:
 )
 @click.option("--allow-gid", "allow_gids", multiple=True, metavar="GROUP", help="Also allow this group.")
 @click.option("--public", is_flag=True, help="Allow every local user.")
-@click.option("--ttl", type=_SECS(0.001), default=None, help="Close and forget it after SECS.")
+@click.option("--ttl", type=handoffparams.SECS(0.001), default=None, help="Close and forget it after SECS.")
 @click.option("--replace", is_flag=True, help="Replace an entry of yours with the same name.")
 @pass_options
 @handles_errors
@@ -206,12 +142,14 @@ def put(
         try:
             os.fstat(fd)
         except OSError:
-            fail(_not_open(fd), 2)
+            fail(handoffparams.not_open_hint(fd), 2)
     uids = [_uid(u) for u in allow_uids]
     gids = [_gid(g) for g in allow_gids]
     sockets = _bind_all(opts, addresses, backlog, socket_mode)
-    fd_names = names or [name] * len(sockets)
-    bound = [{**listeners.bound_address(sock), "name": n} for sock, n in zip(sockets, fd_names, strict=True)]
+    bound = [
+        {**listeners.bound_address(sock), "name": names[index] if names else name}
+        for index, sock in enumerate(sockets)
+    ]
     to_send = [_open(path, write)] if path else list(fds) or [sock.fileno() for sock in sockets]
     stored = False
     try:
@@ -389,45 +327,13 @@ def _receive(opts: Options, take: bool, name: str, wait: float, command: tuple[s
         fdpass.close_fds(handoff.fds)
 
 
-class _RunsCommand(click.Command):
-    """get and take: ``ipcctl get web sh -c CMD`` makes click read ``-c`` as
-    an option of get. Say to put ``--`` before the command, with the line."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        given = list(args)  # click's parser consumes ``args``
-        try:
-            return super().parse_args(ctx, args)
-        except click.NoSuchOption as exc:
-            start = self._command_start(given, exc.option_name)
-            if start is None:
-                raise
-            line = shlex.join(["ipcctl", self.name or "get", *given[:start], "--", *given[start:]])
-            fail(f"{exc.option_name} is not an option of {self.name}; put -- before the command: {line}", 2)
-
-    def _command_start(self, args: list[str], unknown: str) -> int | None:
-        """Where the command's first word is in ``args``, if one comes before
-        the unknown option (the first word after NAME that is no option of ours)."""
-        valued = {opt for p in self.params if isinstance(p, click.Option) and not p.is_flag for opt in p.opts}
-        positionals, index = 0, 0
-        while index < len(args):
-            word = args[index]
-            if word in ("--", unknown) or word.startswith(unknown + "="):
-                return None
-            if word.startswith("-") and word != "-":
-                index += 2 if word in valued else 1
-                continue
-            positionals += 1
-            if positionals == 2:
-                return index
-            index += 1
-        return None
-
-
 _COMMAND = click.argument("command", nargs=-1, metavar="[-- CMD [ARGS]...]", type=click.UNPROCESSED)
-_WAIT = click.option("--wait", type=_SECS(0), default=0.0, help="Wait up to SECS for NAME to be put.")
+_WAIT = click.option(
+    "--wait", type=handoffparams.SECS(0), default=0.0, help="Wait up to SECS for NAME to be put."
+)
 
 
-@click.command(cls=_RunsCommand)
+@click.command(cls=handoffparams.RunsCommand)
 @json_option
 @click.argument("name")
 @_WAIT
@@ -440,7 +346,7 @@ def get(opts: Options, name: str, wait: float, command: tuple[str, ...]) -> None
     _receive(opts, False, name, wait, command)
 
 
-@click.command(cls=_RunsCommand)
+@click.command(cls=handoffparams.RunsCommand)
 @json_option
 @click.argument("name")
 @_WAIT

@@ -311,6 +311,42 @@ def test_privileged_port_from_root_to_a_user(
     ledger.expect(0)
 
 
+def test_fdname_names_a_path_and_inherited_fds_too(start_daemon: StartDaemon) -> None:
+    daemon = start_daemon()
+    ledger = FdLedger(daemon)
+    ok(run(daemon, "put", "cfg", "-", "--fdname", "config", input=b"x\n"))
+    read_end, write_end = os.pipe()
+    try:
+        ok(
+            run(
+                daemon,
+                "put",
+                "two",
+                "--fd",
+                "0",
+                "--fd",
+                str(read_end),
+                "--fdname",
+                "in:jobs",
+                pass_fds=[read_end],
+            )
+        )
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    ledger.expect(3)
+    assert [fd["name"] for fd in listed(daemon)["two"]["fds"]] == ["in", "jobs"]
+    assert ok(run(daemon, "get", "cfg", "--", "sh", "-c", "echo $LISTEN_FDNAMES")) == "config\n"
+    refusal(
+        run(daemon, "put", "x", "-", "--fdname", "a:b"),
+        "give one --fdname per fd: 1 fd(s), 2 name(s)",
+        code=2,
+    )
+    ok(run(daemon, "rm", "cfg"))
+    ok(run(daemon, "rm", "two"))
+    ledger.expect(0)
+
+
 # -- inherited fds that are not there ---------------------------------------------------
 
 
