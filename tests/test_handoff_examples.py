@@ -145,12 +145,12 @@ def get(port: int, path: str = "/") -> tuple[str, int]:
     return label, int(pid or 0)  # a static file has no pid to tell: 0
 
 
-def _slow_get(port: int, results: queue.Queue[tuple[str, int]]) -> None:
-    """A slow request (both HTTP examples take ``?delay=1``): reports
+def _slow_get(port: int, results: queue.Queue[tuple[str, int]], delay: float = 1) -> None:
+    """A slow request (both HTTP examples take ``?delay=SECS``): reports
     ("headers", status) when they arrive, then (body, status)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=STEP)
     try:
-        conn.request("GET", "/?delay=1")
+        conn.request("GET", f"/?delay={delay:g}")
         response = conn.getresponse()
         results.put(("headers", response.status))
         results.put((response.read().decode(), response.status))
@@ -334,8 +334,9 @@ def test_a_real_server_swaps_with_no_refused_request(server: str, daemon: Daemon
         with Hammer(port) as hammer:
             hammer.wait_answer_from_label("v1")
             if server == "gunicorn":
-                # In flight when v1 is told to stop: v1 must finish it (gunicorn drains).
-                threading.Thread(target=_slow_get, args=(port, slow), daemon=True).start()
+                # In flight when v1 is told to stop (2 s: longer than v2 takes to boot
+                # here): v1 must finish it, as gunicorn drains.
+                threading.Thread(target=_slow_get, args=(port, slow, 2), daemon=True).start()
                 assert slow.get(timeout=STEP) == ("headers", 200)
             for old, new in itertools.pairwise(versions):
                 script.stdin.write("\n")  # Enter: swap
