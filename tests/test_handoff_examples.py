@@ -2,6 +2,9 @@
 
 - zero_downtime_http.py: 10 restarts under a steady stream of new
   connections, none refused or failed, each version answering;
+- server_swap.sh: the real gunicorn, and lighttpd, on a listener stored
+  with ``ipcctl put --listen``, swapped three times under the same stream,
+  none refused, every old version drained and gone;
 - privsep.py: root opens a file only it can read, an unprivileged user reads
   it through ipcd, a user who was not allowed is refused (real users);
 - pipe_handoff.sh: a pipe and a memfd pass between unrelated processes.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import http.client
+import itertools
 import os
 import pwd
 import queue
@@ -82,31 +86,38 @@ class Instance:
 
 
 class Hammer:
-    """GET requests in a loop, a new connection each, from one thread."""
+    """GET requests in a loop, a new connection each, from one thread, until
+    stopped or ``limit`` requests; every answer must be a 200."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, limit: int = 100_000) -> None:
         self.port = port
+        self.limit = limit
         self.stop = threading.Event()
         self.pids: set[int] = set()
+        self.by_label: dict[str, set[int]] = {}  # version label -> the pids that answered for it
         self.ok = 0
         self.slowest = 0.0  # seconds: a connection that waited in the backlog between two versions
         self.failures: list[str] = []
         self.thread = threading.Thread(target=self._run, name="hammer", daemon=True)
 
     def _run(self) -> None:
-        while not self.stop.is_set():
+        while not self.stop.is_set() and self.ok + len(self.failures) < self.limit:
             start = time.monotonic()
             try:
-                _, pid = get(self.port)
+                label, pid = get(self.port)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 self.failures.append(repr(exc))
                 continue
             self.slowest = max(self.slowest, time.monotonic() - start)
             self.pids.add(pid)
+            self.by_label.setdefault(label, set()).add(pid)
             self.ok += 1
 
     def wait_answer_from(self, pid: int) -> None:
         wait_for(lambda: pid in self.pids, STEP, f"an answer from pid {pid}")
+
+    def wait_answer_from_label(self, label: str) -> None:
+        wait_for(lambda: label in self.by_label, STEP, f"an answer from {label}")
 
     def __enter__(self) -> Hammer:
         self.thread.start()
@@ -131,14 +142,15 @@ def get(port: int, path: str = "/") -> tuple[str, int]:
     finally:
         conn.close()
     label, _, pid = body.strip().partition(" pid=")
-    return label, int(pid)
+    return label, int(pid or 0)  # a static file has no pid to tell: 0
 
 
-def _slow_get(port: int, results: queue.Queue[tuple[str, int]]) -> None:
-    """A slow request: reports ("headers", status) when they arrive, then (body, status)."""
+def _slow_get(port: int, results: queue.Queue[tuple[str, int]], delay: float = 1) -> None:
+    """A slow request (both HTTP examples take ``?delay=SECS``): reports
+    ("headers", status) when they arrive, then (body, status)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=STEP)
     try:
-        conn.request("GET", "/?delay=1")
+        conn.request("GET", f"/?delay={delay:g}")
         response = conn.getresponse()
         results.put(("headers", response.status))
         results.put((response.read().decode(), response.status))
@@ -247,6 +259,123 @@ def test_zero_downtime_http_binds_when_nothing_is_stored(daemon: Daemon) -> None
         if proc.poll() is None:
             proc.kill()
             proc.wait(STEP)
+
+
+# -- real servers swapped on a listener stored with put --listen -----------------
+
+
+def _gone(pid: int) -> bool:
+    """No such process any more (a zombie still holds nothing, but counts as there)."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def _listening_ports(pid: int) -> set[int]:
+    """The TCP ports ``pid`` holds a listening socket for, from ss(8)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True, timeout=STEP).stdout
+    return {int(line.split()[3].rpartition(":")[2]) for line in out.splitlines() if f"pid={pid}," in line}
+
+
+def _server_env(server: str, daemon: Daemon, short_tmp: Path) -> dict[str, str]:
+    wrapper = short_tmp / "ipcctl"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m ipcd.cli.ipcctl "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "IPCCTL": str(wrapper), "SERVER": server}
+    env |= {"IPCD_SOCKET_DIR": str(daemon.socket_dir), "WAIT": str(int(STEP))}
+    gunicorn = Path(sys.executable).parent / "gunicorn"
+    lighttpd = shutil.which("lighttpd") or shutil.which("lighttpd", path="/usr/sbin:/sbin")
+    assert gunicorn.exists(), "gunicorn is in the [dev] extras: run make install"
+    assert lighttpd, "lighttpd is a Debian package scripts/install-system-deps installs: run make install"
+    return env | {"GUNICORN": str(gunicorn), "LIGHTTPD": lighttpd}
+
+
+@pytest.mark.parametrize("server", ["gunicorn", "lighttpd"])
+def test_a_real_server_swaps_with_no_refused_request(server: str, daemon: Daemon, short_tmp: Path) -> None:
+    baseline = fd_count(daemon.pid)
+    versions = ["v1", "v2", "v3", "v4"]  # three swaps
+    log = short_tmp / "swap.log"
+    with log.open("ab") as err:
+        script = subprocess.Popen(
+            ["sh", str(EXAMPLES / "server_swap.sh"), "127.0.0.1:0", *versions],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=_server_env(server, daemon, short_tmp),
+            start_new_session=True,  # its own process group: the cleanup below reaches every server
+        )
+    assert script.stdin is not None
+    out: queue.Queue[str] = queue.Queue()
+
+    def pump_lines() -> None:
+        for text in script.stdout or ():
+            out.put(text.rstrip("\n"))
+
+    pump = threading.Thread(target=pump_lines, daemon=True)
+    pump.start()
+
+    def line() -> str:
+        try:
+            return out.get(timeout=STEP)
+        except queue.Empty:
+            raise AssertionError(
+                f"the script printed nothing in {STEP}s; its stderr: {log.read_text()}"
+            ) from None
+
+    try:
+        bound = line()
+        assert bound.startswith("web: listening on 127.0.0.1:"), bound
+        port = int(bound.rpartition(":")[2])
+        assert port > 0
+        first = line()
+        assert first.startswith(f"v1 serving on 127.0.0.1:{port} (pid "), first
+        pids = {"v1": int(first.rpartition(" ")[2].rstrip(")"))}
+        assert _listening_ports(pids["v1"]) == {port}, "it serves the stored socket and binds nothing itself"
+        slow: queue.Queue[tuple[str, int]] = queue.Queue()
+        with Hammer(port) as hammer:
+            hammer.wait_answer_from_label("v1")
+            if server == "gunicorn":
+                # In flight when v1 is told to stop (2 s: longer than v2 takes to boot
+                # here): v1 must finish it, as gunicorn drains.
+                threading.Thread(target=_slow_get, args=(port, slow, 2), daemon=True).start()
+                assert slow.get(timeout=STEP) == ("headers", 200)
+            for old, new in itertools.pairwise(versions):
+                script.stdin.write("\n")  # Enter: swap
+                script.stdin.flush()
+                swapped = line()
+                assert swapped.startswith(f"{new} serving (pid "), swapped
+                pids[new] = int(swapped.split("(pid ")[1].split(")")[0])
+                assert swapped.endswith(f"stopping {old} (pid {pids[old]})"), swapped
+                assert line() == f"{old} (pid {pids[old]}) drained and exited with status 0"
+                assert _gone(pids[old]), f"{old}'s {server} is still there"
+                hammer.wait_answer_from_label(new)
+                workers = hammer.by_label.get(old, set()) - {0}  # gunicorn's workers answer with their pid
+                assert all(_gone(pid) for pid in workers), f"{old}'s workers {workers} outlived it"
+            wait_for(lambda: hammer.ok >= 300, STEP, "300 answers")
+        script.stdin.close()  # end of input: stop the last version, forget the socket
+        assert line() == f"stopping v4 (pid {pids['v4']})"
+        assert line() == "removed web from ipcd"
+        assert script.wait(STEP) == 0, log.read_text()
+        if server == "gunicorn":
+            body, status = slow.get(timeout=STEP)
+            assert (status, body.split(" pid=")[0]) == (200, "v1")
+        answers = ", ".join(f"{v}: {len(p)} pids" for v, p in sorted(hammer.by_label.items()))
+        print(
+            f"\n3 {server} swaps: {hammer.ok} requests answered, {len(hammer.failures)} failed "
+            f"({answers}), slowest {hammer.slowest * 1000:.0f} ms"
+        )
+        assert hammer.failures == []
+        assert sorted(hammer.by_label) == versions
+        assert all(_gone(pid) for pid in pids.values())
+        with pytest.raises(ConnectionRefusedError):
+            get(port)
+        _settled_fds(daemon, baseline)
+    finally:
+        if script.poll() is None:
+            os.killpg(script.pid, signal.SIGKILL)
+            script.wait(STEP)
+        pump.join(STEP)
+        if script.stdout is not None:
+            script.stdout.close()
 
 
 # -- privilege separation ----------------------------------------------------------

@@ -16,6 +16,7 @@ import fcntl
 import grp
 import os
 import pwd
+import socket
 import stat
 import sys
 import time
@@ -25,7 +26,9 @@ from typing import Any
 import click
 
 from ipcd import fdpass
+from ipcd.cli import handoffparams, listeners
 from ipcd.cli.common import Options, fail, handles_errors, json_option, pass_options
+from ipcd.client import ClientError
 
 _CHUNK = 1 << 16
 
@@ -63,7 +66,39 @@ def _open(path: str, write: bool) -> int:
 @click.argument("name")
 @click.argument("path", required=False)
 @click.option(
-    "--fd", "fds", type=click.IntRange(min=0), multiple=True, help="Pass inherited fd N (repeatable)."
+    "--fd",
+    "fds",
+    type=handoffparams.AtLeast(int, 0, "N"),
+    multiple=True,
+    help="Pass inherited fd N (repeatable).",
+)
+@click.option(
+    "--listen",
+    "listen",
+    multiple=True,
+    metavar="ADDRESS",
+    help="Create a socket on ADDRESS and store it (repeatable): PORT (every address, IPv6 and IPv4), "
+    "IP:PORT, [IPv6]:PORT (port 0: any free one), /path or ./path (a Unix socket), @name (abstract); "
+    "prefix udp: or unix-dgram: for a datagram socket.",
+)
+@click.option(
+    "--backlog",
+    type=handoffparams.AtLeast(int, 1, "N"),
+    default=socket.SOMAXCONN,
+    help=f"Connections the kernel queues for --listen while nobody accepts (default {socket.SOMAXCONN}).",
+)
+@click.option(
+    "--socket-mode",
+    callback=handoffparams.socket_mode,
+    metavar="MODE",
+    help="File mode of a --listen Unix socket path, in octal (default: from the umask).",
+)
+@click.option(
+    "--fdname",
+    "fdnames",
+    multiple=True,
+    metavar="NAME[:NAME...]",
+    help="Names of the fds, in order, for LISTEN_FDNAMES (default: NAME for each).",
 )
 @click.option("--write", is_flag=True, help="Open PATH read-write instead of read-only.")
 @click.option(
@@ -71,7 +106,7 @@ def _open(path: str, write: bool) -> int:
 )
 @click.option("--allow-gid", "allow_gids", multiple=True, metavar="GROUP", help="Also allow this group.")
 @click.option("--public", is_flag=True, help="Allow every local user.")
-@click.option("--ttl", type=click.FloatRange(min=0.001), default=None, help="Close and forget it after SECS.")
+@click.option("--ttl", type=handoffparams.SECS(0.001), default=None, help="Close and forget it after SECS.")
 @click.option("--replace", is_flag=True, help="Replace an entry of yours with the same name.")
 @pass_options
 @handles_errors
@@ -80,6 +115,10 @@ def put(
     name: str,
     path: str | None,
     fds: tuple[int, ...],
+    listen: tuple[str, ...],
+    backlog: int,
+    socket_mode: int | None,
+    fdnames: tuple[str, ...],
     write: bool,
     allow_uids: tuple[str, ...],
     allow_gids: tuple[str, ...],
@@ -87,28 +126,121 @@ def put(
     ttl: float | None,
     replace: bool,
 ) -> None:
-    """Store an open file under NAME: PATH (opened here, '-' for stdin) or
-    inherited fds (--fd). Only you and root may get it unless allowed."""
-    if bool(path) == bool(fds):
-        fail("give a PATH or --fd N (not both)", 2)
-    to_send = [_open(path, write)] if path else list(fds)
-    for fd in to_send:
+    """Store open files under NAME: PATH (opened here, '-' for stdin),
+    inherited fds (--fd), or new sockets (--listen). Only you and root may
+    get them unless allowed."""
+    if sum(map(bool, (path, fds, listen))) != 1:
+        fail("give one of PATH, --fd N or --listen ADDRESS", 2)
+    addresses = [_parsed(text) for text in listen]
+    if socket_mode is not None and not any(a.path and not a.path.startswith("@") for a in addresses):
+        fail("--socket-mode is for a --listen Unix socket path (/path or ./path)", 2)
+    names = [fd_name for value in fdnames for fd_name in value.split(":")]
+    count = len(addresses) or len(fds) or 1
+    if names and len(names) != count:
+        fail(f"give one --fdname per fd: {count} fd(s), {len(names)} name(s)", 2)
+    for fd in fds:
         try:
             os.fstat(fd)
         except OSError:
-            fail(f"fd {fd} is not open in this process; pass one you inherited", 2)
+            fail(handoffparams.not_open_hint(fd), 2)
     uids = [_uid(u) for u in allow_uids]
     gids = [_gid(g) for g in allow_gids]
+    sockets = _bind_all(opts, addresses, backlog, socket_mode)
+    bound = [
+        {**listeners.bound_address(sock), "name": names[index] if names else name}
+        for index, sock in enumerate(sockets)
+    ]
+    to_send = [_open(path, write)] if path else list(fds) or [sock.fileno() for sock in sockets]
+    stored = False
     try:
         with opts.client() as client:
             result = client.put(
-                name, to_send, allow_uids=uids, allow_gids=gids, public=public, ttl=ttl, replace=replace
+                name,
+                to_send,
+                names=names,
+                allow_uids=uids,
+                allow_gids=gids,
+                public=public,
+                ttl=ttl,
+                replace=replace,
             )
+        stored = True
     finally:
         if path:
             fdpass.close_fds(to_send)
-    if opts.json:
+        for sock in sockets:  # the daemon has its own copies now; a refused entry leaves no socket file
+            if not stored:
+                listeners.remove_file(sock)
+            sock.close()
+    if sockets:
+        _report(opts, name, bound, result)
+    elif opts.json:
         opts.emit(result)
+
+
+def _parsed(text: str) -> listeners.ListenAddress:
+    try:
+        return listeners.parse(text)
+    except listeners.ListenError as exc:
+        fail(str(exc), 2)
+
+
+def _bind_all(
+    opts: Options, addresses: list[listeners.ListenAddress], backlog: int, socket_mode: int | None
+) -> list[socket.socket]:
+    bound: list[socket.socket] = []
+    try:
+        for address in addresses:
+            try:
+                bound.append(listeners.bind(address, backlog, socket_mode))
+            except listeners.ListenError as exc:
+                holder = _stored_holder(opts, address) if exc.in_use else None
+                if holder is not None:
+                    fail(
+                        f"cannot listen on {address.text}: ipcd already holds a socket there, stored as "
+                        f"{holder!r}; use it ('ipcctl get {holder} -- CMD') "
+                        f"or free it ('ipcctl rm {holder}')",
+                        1,
+                    )
+                fail(str(exc), 1)
+    except BaseException:
+        for sock in bound:
+            listeners.remove_file(sock)
+            sock.close()
+        raise
+    return bound
+
+
+def _stored_holder(opts: Options, address: listeners.ListenAddress) -> str | None:
+    """The name of a stored entry (one the user may see) bound where
+    ``address`` is in use: the likeliest holder, and one ss(8) shows as ipcd."""
+    try:
+        with opts.client() as client:
+            entries = client.ls()["entries"]
+    except ClientError:
+        return None
+    kind = "dgram" if address.dgram else "stream"
+    for entry in entries:
+        for fd in entry["fds"]:
+            where = str(fd.get("address", ""))
+            if fd.get("kind") != "socket" or fd.get("type") != kind:
+                continue
+            if address.family == socket.AF_UNIX and where == address.path:
+                return str(entry["name"])
+            inet = address.family != socket.AF_UNIX and fd.get("family") in ("inet", "inet6")
+            if inet and where.rpartition(":")[2] == str(address.port):
+                return str(entry["name"])
+    return None
+
+
+def _report(opts: Options, name: str, bound: list[dict[str, Any]], result: dict[str, Any]) -> None:
+    """What was bound, with the real port where 0 was asked, for people and scripts."""
+    if opts.json:
+        opts.emit({**result, "sockets": bound})
+        return
+    for sock in bound:
+        how = "bound to" if sock["type"] == "dgram" else "listening on"
+        click.echo(f"{name}: {how} {sock['address']}")
 
 
 def _place_fds(fds: tuple[int, ...]) -> None:
@@ -137,8 +269,6 @@ def _copy_out(name: str, fd: int) -> None:
     if stat.S_ISDIR(mode):
         fail(f"{name} holds a directory; give a command to run with it", 1)
     if stat.S_ISSOCK(mode):
-        import socket  # noqa: PLC0415
-
         with socket.socket(fileno=os.dup(fd)) as sock:
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
                 fail(f"{name} holds a listening socket; give a command to run with it (-- CMD ...)", 1)
@@ -197,13 +327,13 @@ def _receive(opts: Options, take: bool, name: str, wait: float, command: tuple[s
         fdpass.close_fds(handoff.fds)
 
 
-_COMMAND = click.argument("command", nargs=-1, type=click.UNPROCESSED)
+_COMMAND = click.argument("command", nargs=-1, metavar="[-- CMD [ARGS]...]", type=click.UNPROCESSED)
 _WAIT = click.option(
-    "--wait", type=click.FloatRange(min=0), default=0.0, help="Wait up to SECS for NAME to be put."
+    "--wait", type=handoffparams.SECS(0), default=0.0, help="Wait up to SECS for NAME to be put."
 )
 
 
-@click.command()
+@click.command(cls=handoffparams.RunsCommand)
 @json_option
 @click.argument("name")
 @_WAIT
@@ -216,7 +346,7 @@ def get(opts: Options, name: str, wait: float, command: tuple[str, ...]) -> None
     _receive(opts, False, name, wait, command)
 
 
-@click.command()
+@click.command(cls=handoffparams.RunsCommand)
 @json_option
 @click.argument("name")
 @_WAIT

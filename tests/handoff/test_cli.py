@@ -243,7 +243,7 @@ def test_refusals_are_one_line_and_exit_1(start_daemon: StartDaemon, short_tmp: 
     ledger.expect(1)
     ok(run(daemon, "put", "dup", str(path), "--replace"))
     ledger.expect(1)
-    refusal(run(daemon, "put", "nothing"), "give a PATH or --fd N", code=2)
+    refusal(run(daemon, "put", "nothing"), "give one of PATH, --fd N or --listen ADDRESS", code=2)
     refusal(run(daemon, "put", "missing", str(path) + ".nope"), "cannot open", code=1)
     refusal(run(daemon, "put", "closed", "--fd", "77"), "fd 77 is not open", code=2)
     unknown = run(daemon, "put", "who", str(path), "--allow-uid", "no-such-user-here")
@@ -405,4 +405,57 @@ def test_take_a_listening_socket_after_a_worker_kill(start_daemon: StartDaemon, 
             proc.kill()
             proc.communicate()
     assert (proc.returncode, out, err) == (0, "", "")
+    ledger.expect(0)
+
+
+# -- usage and help ----------------------------------------------------------------
+
+
+def test_a_command_with_options_needs_double_dash(start_daemon: StartDaemon) -> None:
+    daemon = start_daemon()
+    ok(run(daemon, "put", "cfg", "-", input=b"x\n"))
+    for verb in ("get", "take"):
+        line = refusal(run(daemon, verb, "cfg", "sh", "-c", "cat <&3"), code=2)
+        assert line == (
+            f"ipcctl: -c is not an option of {verb}; put -- before the command: "
+            f"ipcctl {verb} cfg -- sh -c 'cat <&3'"
+        )
+    line = refusal(run(daemon, "get", "cfg", "--wait", "1", "gunicorn", "-w", "2", "app:app"), code=2)
+    assert line.endswith("put -- before the command: ipcctl get cfg --wait 1 -- gunicorn -w 2 app:app")
+    # Done as it says, it runs; an unknown option with no command is click's usage error.
+    assert ok(run(daemon, "get", "cfg", "--", "sh", "-c", "cat <&3")) == "x\n"
+    unknown = run(daemon, "get", "cfg", "--bogus")
+    assert unknown.returncode == 2
+    assert unknown.stderr.splitlines()[-1] == "Error: No such option '--bogus'."
+    assert "cfg" in listed(daemon), "nothing was taken"
+
+
+def test_help_shows_no_raw_types(start_daemon: StartDaemon) -> None:
+    daemon = start_daemon()
+    for verb in ("put", "get", "take", "ls", "rm"):
+        text = ok(run(daemon, verb, "--help"))
+        for raw in ("RANGE", "INTEGER", "FLOAT", "TEXT", "``", "[x>", "x>="):
+            assert raw not in text, f"{raw!r} in 'ipcctl {verb} --help':\n{text}"
+    put_help = ok(run(daemon, "put", "--help"))
+    for shown in ("--ttl SECS", "--fd N", "--listen ADDRESS", "--backlog N", "--socket-mode MODE"):
+        assert shown in put_help
+    assert "--wait SECS" in ok(run(daemon, "get", "--help"))
+    assert "NAME [-- CMD [ARGS]...]" in ok(run(daemon, "take", "--help"))
+
+
+def test_a_write_only_fd_has_nothing_to_print(start_daemon: StartDaemon, short_tmp: Path) -> None:
+    daemon = start_daemon()
+    ledger = FdLedger(daemon)
+    path = short_tmp / "out.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        ok(run(daemon, "put", "log", "--fd", str(fd), pass_fds=[fd]))
+    finally:
+        os.close(fd)
+    ledger.expect(1)
+    refusal(run(daemon, "get", "log"), "cannot read log", "-- CMD")
+    refusal(run(daemon, "take", "log"), "log holds a write-only fd", "it stays stored")
+    assert "log" in listed(daemon)
+    ok(run(daemon, "take", "log", "--", "sh", "-c", "echo written >&3"))
+    assert path.read_text() == "written\n"
     ledger.expect(0)
