@@ -26,6 +26,7 @@ import click
 
 from ipcd import fdpass
 from ipcd.cli.common import Options, fail, handles_errors, json_option, pass_options
+from ipcd.cli.completion import entry_names
 
 _CHUNK = 1 << 16
 
@@ -205,7 +206,7 @@ _WAIT = click.option(
 
 @click.command()
 @json_option
-@click.argument("name")
+@click.argument("name", shell_complete=entry_names)
 @_WAIT
 @_COMMAND
 @pass_options
@@ -218,7 +219,7 @@ def get(opts: Options, name: str, wait: float, command: tuple[str, ...]) -> None
 
 @click.command()
 @json_option
-@click.argument("name")
+@click.argument("name", shell_complete=entry_names)
 @_WAIT
 @_COMMAND
 @pass_options
@@ -274,7 +275,7 @@ def ls(opts: Options) -> None:
 
 @click.command()
 @json_option
-@click.argument("name")
+@click.argument("name", shell_complete=entry_names)
 @pass_options
 @handles_errors
 def rm(opts: Options, name: str) -> None:

