@@ -97,6 +97,7 @@ def test_echo_imports_neither_chat_nor_handoff_nor_the_daemon(daemon: Daemon) ->
     modules = imported_by(daemon, "echo", "hi")
     assert "ipcd.client" in modules  # the check sees ipcd's imports at all
     assert loaded(modules, CHAT | CHAT_UI | HANDOFF | COMPLETION | DAEMON_SIDE) == set()
+    assert "dataclasses" not in modules  # costs more to import than an echo takes
 
 
 def test_status_imports_neither_chat_nor_handoff(daemon: Daemon) -> None:
