@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -47,10 +47,13 @@ def _ask(
 
 
 def entry_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
-    """Names in the fd store this user may get."""
-    return _ask(
-        ctx, incomplete, lambda client: ((e["name"], f"{len(e['fds'])} fd") for e in client.ls()["entries"])
-    )
+    """Names in the fd store this user may get, with how many fds each holds."""
+    return _ask(ctx, incomplete, lambda client: ((e["name"], _fds(e)) for e in client.ls()["entries"]))
+
+
+def _fds(entry: dict[str, Any]) -> str:
+    count = len(entry["fds"])
+    return f"{count} fd" if count == 1 else f"{count} fds"
 
 
 def room_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:

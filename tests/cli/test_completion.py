@@ -103,10 +103,10 @@ def test_the_socket_dir_on_the_command_line_is_the_one_asked(known: Daemon) -> N
     assert candidates(complete(None, words)) == ["web"]
 
 
-def test_zsh_gets_the_rooms_with_their_description(known: Daemon) -> None:
-    result = complete(known.socket_dir, "ipcctl who d", protocol="zsh")
+def test_zsh_gets_a_description_with_each_name(known: Daemon) -> None:
+    result = complete(known.socket_dir, "ipcctl get w", protocol="zsh")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[:2] == ["plain", "dev"]
+    assert result.stdout.splitlines() == ["plain", "web", "1 fd"]
 
 
 def test_no_daemon_completes_nothing_and_says_nothing(short_tmp: Path) -> None:
