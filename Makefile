@@ -8,13 +8,27 @@ PY_DIRS := $(wildcard ipcd tests benchmarks examples)
 
 .PHONY: install run test lint fmt bench clean
 
-install: $(STAMP)
+# Bytecode is compiled here because nothing else will write it: this machine
+# sets PYTHONDONTWRITEBYTECODE=1, so every run would compile ipcd again
+# (start-up time: docs/performance.md). Timestamp pyc are revalidated by
+# mtime, so an edited module is still read fresh; `make install` (and so
+# `make test`) compiles it again, which is instant when nothing changed.
+COMPILE := $(BIN)/python -m compileall -q --invalidation-mode timestamp
 
+install: $(STAMP)
+	$(COMPILE) ipcd
+
+# The editable install is a plain path entry in a .pth (compat mode) rather
+# than setuptools' default import finder, which every start of the venv's
+# Python pays for (~15 ms here); older or newer setuptools without compat
+# mode get the default.
 $(STAMP): pyproject.toml scripts/install-system-deps
 	./scripts/install-system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat \
+	    || $(BIN)/python -m pip install -q -e '.[dev]'
+	$(COMPILE) $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 	touch $(STAMP)
 
 run: install

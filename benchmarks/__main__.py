@@ -36,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks",
         description="ipcd benchmarks: each figure beside a baseline measured in the same run.",
     )
-    p.add_argument("--quick", action="store_true", help="short run (1 s windows, 2000 round trips)")
+    p.add_argument(
+        "--quick", action="store_true", help="short run (1 s windows, 2000 round trips, 10 start-up rounds)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     p.add_argument(
         "--only",
@@ -80,6 +82,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         warmup=0.3 if args.quick else 1.0,
         duration=args.duration or (1.0 if args.quick else 3.0),
         rounds=args.rounds or (2000 if args.quick else 20000),
+        startup_rounds=10 if args.quick else 30,
     )
 
 

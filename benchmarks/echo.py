@@ -46,6 +46,7 @@ class Settings:
     warmup: float
     duration: float
     rounds: int
+    startup_rounds: int
 
 
 @dataclass(slots=True)
@@ -191,6 +192,12 @@ def _idle(ipcd: Server, raw: Server, s: Settings, problems: list[str]) -> Table:
     return idle(ipcd, raw, s, problems)
 
 
+def _startup(ipcd: Server, raw: Server, s: Settings, problems: list[str]) -> Table:
+    from benchmarks.startup import startup  # noqa: PLC0415 - startup imports this module
+
+    return startup(ipcd, raw, s, problems)
+
+
 def _handoff(ipcd: Server, raw: Server, s: Settings, problems: list[str]) -> Table:
     from benchmarks.handoff import handoff  # noqa: PLC0415 - handoff imports this module
 
@@ -203,4 +210,5 @@ SCENARIOS: dict[str, Callable[[Server, Server, Settings, list[str]], Table]] = {
     "dgram": dgram,
     "idle": _idle,
     "handoff": _handoff,
+    "startup": _startup,
 }

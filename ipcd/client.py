@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any, NamedTuple, Self
 
 from ipcd import fdpass
+from ipcd.paths import DGRAM_SOCKET, STREAM_SOCKET, default_socket_dir
 from ipcd.protocol import (
     NEED_DATA,
     ErrorCode,
@@ -43,7 +44,6 @@ from ipcd.protocol import (
     op_name,
     reply_op,
 )
-from ipcd.settings import DGRAM_SOCKET, STREAM_SOCKET, default_socket_dir
 
 DEFAULT_TIMEOUT = 10.0
 _RECV_SIZE = 256 * 1024

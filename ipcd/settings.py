@@ -18,21 +18,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-DEFAULT_SOCKET_DIR: Final = Path("/tmp/ipcd")
-STREAM_SOCKET: Final = "stream.sock"
-DGRAM_SOCKET: Final = "dgram.sock"
-LOCK_FILE: Final = ".lock"
-SOCKET_DIR_ENV: Final = "IPCD_SOCKET_DIR"
+from ipcd.paths import DEFAULT_SOCKET_DIR, DGRAM_SOCKET, LOCK_FILE, STREAM_SOCKET
+
 READ_BUFFER_SIZE: Final = 256 * 1024  # a worker's one read buffer: also the largest datagram served
 
 
 class SettingsError(Exception):
     """A setting has a bad value; the message says which and what to do."""
-
-
-def default_socket_dir() -> Path:
-    """``IPCD_SOCKET_DIR`` if set, else /tmp/ipcd (shared with ipcctl)."""
-    return Path(os.environ.get(SOCKET_DIR_ENV) or DEFAULT_SOCKET_DIR)
 
 
 def _positive_int(value: Any) -> int:

@@ -29,7 +29,7 @@ from typing import Final
 
 import click
 
-from ipcd.settings import DEFAULT_SOCKET_DIR, DGRAM_SOCKET, SOCKET_DIR_ENV, STREAM_SOCKET
+from ipcd.paths import DEFAULT_SOCKET_DIR, DGRAM_SOCKET, SOCKET_DIR_ENV, STREAM_SOCKET
 
 TEMPLATE_DIR: Final = Path(__file__).resolve().parent.parent / "systemd"
 SYSTEM_UNIT_DIR: Final = Path("/etc/systemd/system")

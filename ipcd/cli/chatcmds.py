@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ipcd.cli.common import Options, fail, handles_errors, json_option, pass_options
+from ipcd.cli.completion import nicks, room_names
 from ipcd.client import ChatEvent, RequestTimeout
 from ipcd.protocol.chat import DEFAULT_ROOM
 
@@ -37,8 +38,12 @@ def event_json(event: ChatEvent) -> dict[str, Any]:
 
 @click.command()
 @json_option
-@click.option("--room", "-r", default=None, help=f"Room to post to (default {DEFAULT_ROOM}).")
-@click.option("--to", "to", default=None, metavar="NICK", help="Send a private message instead.")
+@click.option(
+    "--room", "-r", default=None, help=f"Room to post to (default {DEFAULT_ROOM}).", shell_complete=room_names
+)
+@click.option(
+    "--to", "to", default=None, metavar="NICK", help="Send a private message instead.", shell_complete=nicks
+)
 @click.option("--dgram", is_flag=True, help="Post over the datagram socket (rooms only), like logger(1).")
 @click.argument("text", nargs=-1)
 @pass_options
@@ -67,7 +72,12 @@ def send(opts: Options, room: str | None, to: str | None, dgram: bool, text: tup
 @click.command()
 @json_option
 @click.option(
-    "--room", "-r", "rooms", multiple=True, help=f"Room to listen to; repeatable (default {DEFAULT_ROOM})."
+    "--room",
+    "-r",
+    "rooms",
+    multiple=True,
+    help=f"Room to listen to; repeatable (default {DEFAULT_ROOM}).",
+    shell_complete=room_names,
 )
 @click.option("--count", "-n", type=click.IntRange(min=1), default=None, help="Exit after N messages.")
 @click.option(
@@ -125,7 +135,7 @@ def rooms(opts: Options) -> None:
 
 @click.command()
 @json_option
-@click.argument("room", required=False)
+@click.argument("room", required=False, shell_complete=room_names)
 @pass_options
 @handles_errors
 def who(opts: Options, room: str | None) -> None:

@@ -41,6 +41,7 @@ import click
 
 from ipcd.cli.chatcmds import format_event
 from ipcd.cli.common import EXIT_UNREACHABLE, EXIT_USAGE, Options, fail, handles_errors, pass_options
+from ipcd.cli.completion import room_names
 from ipcd.client import ChatEvent, Client, ConnectionLost, RequestTimeout, ServerError
 from ipcd.protocol.chat import DEFAULT_ROOM
 
@@ -394,7 +395,13 @@ HELP = "\n".join(
 
 @click.command(help=HELP)
 @click.option(
-    "--room", "-r", metavar="ROOM", default=DEFAULT_ROOM, show_default=True, help="Room to join first."
+    "--room",
+    "-r",
+    metavar="ROOM",
+    default=DEFAULT_ROOM,
+    show_default=True,
+    help="Room to join first.",
+    shell_complete=room_names,
 )
 @click.option("--nick", metavar="NICK", default=None, help="Your nick (default: your user name).")
 @click.option(

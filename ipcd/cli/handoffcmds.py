@@ -28,6 +28,7 @@ import click
 from ipcd import fdpass
 from ipcd.cli import handoffparams, listeners
 from ipcd.cli.common import Options, fail, handles_errors, json_option, pass_options
+from ipcd.cli.completion import entry_names
 from ipcd.client import ClientError
 
 _CHUNK = 1 << 16
@@ -335,7 +336,7 @@ _WAIT = click.option(
 
 @click.command(cls=handoffparams.RunsCommand)
 @json_option
-@click.argument("name")
+@click.argument("name", shell_complete=entry_names)
 @_WAIT
 @_COMMAND
 @pass_options
@@ -348,7 +349,7 @@ def get(opts: Options, name: str, wait: float, command: tuple[str, ...]) -> None
 
 @click.command(cls=handoffparams.RunsCommand)
 @json_option
-@click.argument("name")
+@click.argument("name", shell_complete=entry_names)
 @_WAIT
 @_COMMAND
 @pass_options
@@ -404,7 +405,7 @@ def ls(opts: Options) -> None:
 
 @click.command()
 @json_option
-@click.argument("name")
+@click.argument("name", shell_complete=entry_names)
 @pass_options
 @handles_errors
 def rm(opts: Options, name: str) -> None:

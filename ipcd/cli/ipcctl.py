@@ -12,14 +12,33 @@ from pathlib import Path
 import click
 
 from ipcd import __version__
-from ipcd.cli import chatcmds, chatui, handoffcmds
 from ipcd.cli.common import EXIT_TIMEOUT, Options, fail, handles_errors, json_option, pass_options
+from ipcd.cli.lazygroup import LazyGroup
 from ipcd.cli.pingstats import PingStats
 from ipcd.client import RequestTimeout
-from ipcd.settings import DEFAULT_SOCKET_DIR
+from ipcd.paths import DEFAULT_SOCKET_DIR
+
+# Commands in other modules, imported only when run (start-up time: see LazyGroup).
+LAZY_COMMANDS = {
+    "send": "ipcd.cli.chatcmds:send",
+    "listen": "ipcd.cli.chatcmds:listen",
+    "chat": "ipcd.cli.chatui:chat",
+    "rooms": "ipcd.cli.chatcmds:rooms",
+    "who": "ipcd.cli.chatcmds:who",
+    "put": "ipcd.cli.handoffcmds:put",
+    "get": "ipcd.cli.handoffcmds:get",
+    "take": "ipcd.cli.handoffcmds:take",
+    "ls": "ipcd.cli.handoffcmds:ls",
+    "rm": "ipcd.cli.handoffcmds:rm",
+    "completion": "ipcd.cli.completion:completion",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=LazyGroup,
+    lazy_commands=LAZY_COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="ipcctl")
 @click.option(
     "--socket-dir",
@@ -189,21 +208,6 @@ def status(opts: Options) -> None:
             f"{w['pid']:>8}  {w['state']:<9} {w['connections']:>6} {_human_bytes(w['rss']):>10} "
             f"{w['received']:>9} {_human_duration(w['uptime']):>9}"
         )
-
-
-for command in (
-    chatcmds.send,
-    chatcmds.listen,
-    chatui.chat,
-    chatcmds.rooms,
-    chatcmds.who,
-    handoffcmds.put,
-    handoffcmds.get,
-    handoffcmds.take,
-    handoffcmds.ls,
-    handoffcmds.rm,
-):
-    cli.add_command(command)
 
 
 def main() -> None:

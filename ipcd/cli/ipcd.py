@@ -17,7 +17,8 @@ import click
 
 from ipcd import __version__
 from ipcd.log import setup_logging
-from ipcd.settings import OPTIONS, Settings, SettingsError, default_socket_dir, load_settings
+from ipcd.paths import default_socket_dir
+from ipcd.settings import OPTIONS, Settings, SettingsError, load_settings
 from ipcd.units import install_units
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
 
-@dataclasses.dataclass
 class PingStats:
-    sent: int = 0
-    rtts: list[float] = dataclasses.field(default_factory=list)  # seconds
+    # A plain class, not a dataclass: every ipcctl command imports this
+    # module, and importing dataclasses costs more than ping itself.
+    def __init__(self) -> None:
+        self.sent = 0
+        self.rtts: list[float] = []  # seconds
 
     @property
     def received(self) -> int:
