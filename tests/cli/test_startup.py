@@ -127,7 +127,7 @@ def test_help_lists_every_command_with_its_short_help() -> None:
     listed = dict(re.findall(r"^  (\w+)\s+(\S.*)$", result.stdout.split("Commands:", 1)[1], re.M))
     assert set(listed) == COMMANDS
     assert listed["send"].startswith("Send TEXT to a room")
-    assert listed["put"].startswith("Store an open file under NAME")
+    assert listed["put"].startswith("Store open files under NAME")
 
 
 @pytest.mark.parametrize("args", [("echo", "hi"), ("send", "hi"), ("ls",)])
