@@ -9,7 +9,9 @@ from typing import Any
 import click
 
 from ipcd.cli.common import Options, fail, handles_errors, json_option, pass_options
-from ipcd.client import ChatEvent, RequestTimeout
+from ipcd.cli.sendlines import Line, datagram_posts, input_lines, stdin_source, stream_posts
+from ipcd.client import ChatEvent, ClientError, RequestTimeout, ServerError
+from ipcd.posting import Poster
 from ipcd.protocol.chat import DEFAULT_ROOM
 
 
@@ -44,24 +46,55 @@ def event_json(event: ChatEvent) -> dict[str, Any]:
 @pass_options
 @handles_errors
 def send(opts: Options, room: str | None, to: str | None, dgram: bool, text: tuple[str, ...]) -> None:
-    """Send TEXT to a room (or --to a nick); without TEXT, one message per
-    line of standard input. Exits 0 once every message is acknowledged."""
+    """Send TEXT to a room (or --to a nick). Without TEXT, each line of
+    standard input is one message, sent as soon as it is read (so
+    `tail -f log | ipcctl send` works); empty lines are skipped. Exits 0
+    once every message is acknowledged, 1 if the daemon refused any (each
+    refusal is reported with its line number)."""
     if room and to:
         fail("give --room or --to, not both", 2)
     if to and dgram:
         fail("--dgram posts to rooms only; drop --to or --dgram", 2)
-    lines = [" ".join(text)] if text else [line.rstrip("\n") for line in sys.stdin]
-    room = room or DEFAULT_ROOM
-    lines = [line for line in lines if line]
-    if dgram:
-        with opts.datagram_client() as posting:
-            seqs = [posting.say(room, line) for line in lines]
-    else:
-        with opts.client() as client:
-            seqs = [client.msg(to, line) if to else client.say(room, line) for line in lines]
-    if opts.json:
-        for seq, line in zip(seqs, lines, strict=True):
-            opts.emit({"room": None if to else room, "to": to, "seq": seq, "text": line})
+    room = None if to else room or DEFAULT_ROOM
+    if text:
+        line = " ".join(text)
+        if dgram:
+            with opts.datagram_client() as posting:
+                seq = posting.say(room or DEFAULT_ROOM, line)
+        else:
+            with opts.client() as client:
+                seq = client.msg(to, line) if to else client.say(room or DEFAULT_ROOM, line)
+        if opts.json:
+            opts.emit({"room": room, "to": to, "seq": seq, "text": line})
+        return
+
+    refused = 0
+
+    def report(line: Line, seq: int | None, error: ClientError | None) -> None:
+        nonlocal refused
+        if isinstance(error, ServerError):
+            refused += 1
+            click.echo(
+                f"ipcctl: line {line.number}: the daemon refused: {error.message} ({error.code_name})",
+                err=True,
+            )
+        elif error is not None:
+            raise error
+        elif opts.json:
+            opts.emit({"room": room, "to": to, "seq": seq, "text": line.text})
+
+    fd, encoding = stdin_source()
+    try:
+        if dgram:
+            with opts.datagram_client() as posting:
+                datagram_posts(posting, input_lines(fd, encoding), room or DEFAULT_ROOM, report)
+        else:
+            with opts.client() as client, Poster[Line](client) as poster:
+                stream_posts(poster, fd, encoding, room, to, report)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if refused:
+        sys.exit(1)
 
 
 @click.command()
