@@ -240,6 +240,7 @@ class Connection:
         through ``retry``. The connection owns the frame's fds meanwhile."""
         assert self._held is None, "a connection holds one frame at a time"
         self._held = (frame, retry)
+        self.worker.stats.held += 1
         self._update_events()
 
     def release(self) -> None:

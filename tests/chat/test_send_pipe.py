@@ -17,11 +17,12 @@ import json
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from ipcd.client import Client, ServerError
-from ipcd.protocol import Op, decode_json, encode_json
+from ipcd.protocol import Op, decode_json, encode_frame, encode_json
 from tests.chat.conftest import Spawn, StartDaemon
 from tests.chat.users import ChatUser
 from tests.daemon import IPCCTL, Daemon, ipcctl, wait_for
@@ -46,15 +47,23 @@ def seqs_of(client: Client, request_ids: list[int]) -> list[int]:
     return [int(decode_json(client.wait_reply(request_id).body)["seq"]) for request_id in request_ids]
 
 
-def test_seq_20000_piped_into_ipcctl_send_arrives_whole_and_in_order(daemon: Daemon) -> None:
+def holds(daemon: Daemon, at_least: int = 1) -> int:
+    """The workers' count of connections held back, once it reached ``at_least``."""
+    status = daemon.settled_status(lambda s: sum(w["held"] for w in s["workers"]) >= at_least)
+    return sum(w["held"] for w in status["workers"])
+
+
+def test_seq_20000_piped_into_ipcctl_send_arrives_whole_and_in_order(daemon: Daemon, tmp_path: Path) -> None:
     total = 20_000
     base = [*IPCCTL, "--socket-dir", str(daemon.socket_dir)]
-    listener = subprocess.Popen(
-        [*base, "listen", "--json", "-n", str(total), "--room", "logs"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    printed = tmp_path / "listen.jsonl"
+    with printed.open("w") as out:  # a file, not a pipe: the listener never waits for the test
+        listener = subprocess.Popen(
+            [*base, "listen", "--json", "-n", str(total), "--room", "logs"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     try:
         wait_for(lambda: nicks_in(daemon, "logs") == ["root"], 10, "ipcctl listen to join logs")
         started = time.monotonic()
@@ -73,7 +82,7 @@ def test_seq_20000_piped_into_ipcctl_send_arrives_whole_and_in_order(daemon: Dae
             seq.stdout.close()
             seq.wait(10)
         assert sender.returncode == 0, sender.stderr
-        out, err = listener.communicate(timeout=60)
+        _, err = listener.communicate(timeout=60)
         elapsed = time.monotonic() - started
     finally:
         if listener.poll() is None:
@@ -81,7 +90,7 @@ def test_seq_20000_piped_into_ipcctl_send_arrives_whole_and_in_order(daemon: Dae
             listener.communicate()
     assert (sender.stdout, sender.stderr) == ("", "")
     assert listener.returncode == 0, err
-    lines = [json.loads(line) for line in out.splitlines()]
+    lines = [json.loads(line) for line in printed.read_text().splitlines()]
     assert [line["text"] for line in lines] == [str(n) for n in range(1, total + 1)]
     assert [line["seq"] for line in lines] == list(range(1, total + 1))
     print(f"\nseq {total} | ipcctl send: {total / elapsed:,.0f} lines/s to a listener ({elapsed:.2f}s)")
@@ -98,6 +107,7 @@ def test_a_stream_past_its_share_is_held_not_refused(start_daemon: StartDaemon) 
         assert elapsed >= 2.9, f"1000 posts at 200/s took only {elapsed:.2f}s"
         assert client.echo(b"still here") == b"still here"
         assert [m["text"] for m in client.history("burst", 3)] == ["line 997", "line 998", "line 999"]
+    assert holds(daemon) >= 1  # the daemon says so too (STATUS, workers[].held)
 
 
 def test_connections_of_one_uid_share_its_rate_and_another_uid_is_served_meanwhile(
@@ -160,6 +170,7 @@ def test_a_client_that_hangs_up_while_held_leaves_nothing_behind(start_daemon: S
     # The burst of 10, then what 5/s refills: acknowledged, not refused. The
     # other 88 are held in the worker (or unread in the socket) as we leave.
     assert seqs_of(client, ids[:12]) == list(range(1, 13))
+    holds(daemon)  # it is being held as it hangs up
     client.close()
     fds.assert_restored()  # within 10 s: posting the other 88 at 5/s would take 18
     log = daemon.log()
@@ -198,3 +209,24 @@ def test_say_many_pipelines_and_yields_seqs_in_order(daemon: Daemon) -> None:
         assert client.echo(b"blocking again") == b"blocking again"  # the poster gave the socket back
         with pytest.raises(ServerError, match="over the limit"):
             list(client.say_many("many", ["fine", "x" * 20_000, "never acknowledged"]))
+
+
+def test_a_connection_with_256_requests_unanswered_is_held_until_replies_come(daemon: Daemon) -> None:
+    """Past 256 requests in the master, a connection is not read until 128
+    remain; every request is still answered, in order, none refused."""
+    before = holds(daemon, 0)
+    with daemon.client() as client:
+        ids: list[int] = []
+        frames = bytearray()
+        for n in range(3000):
+            request_id = client.next_request_id()
+            ids.append(request_id)
+            op, body = (Op.SAY, {"room": "mix", "text": f"m{n}"}) if n % 2 else (Op.ROOMS, {})
+            frames += encode_frame(op, request_id, encode_json(body))
+        client.sock.sendall(frames)  # one write: the worker decodes far more than 256 at once
+        replies = [client.wait_reply(request_id) for request_id in ids]
+        assert [r.op for r in replies] == [Op.SAY_REPLY if n % 2 else Op.ROOMS_REPLY for n in range(3000)]
+        assert [decode_json(r.body)["seq"] for r in replies[1::2]] == list(range(1, 1501))
+        assert client.echo(b"still here") == b"still here"
+    # 1500 SAYs are well inside the default share: the holds were for the unanswered requests.
+    assert holds(daemon, before + 1) > before
