@@ -14,6 +14,7 @@ speeds are printed, not asserted (see ``benchmarks --only send-pipe``).
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -230,3 +231,36 @@ def test_a_connection_with_256_requests_unanswered_is_held_until_replies_come(da
         assert client.echo(b"still here") == b"still here"
     # 1500 SAYs are well inside the default share: the holds were for the unanswered requests.
     assert holds(daemon, before + 1) > before
+
+
+def test_lines_to_a_nick_go_as_private_messages_in_order(daemon: Daemon) -> None:
+    with daemon.client() as bob:
+        bob.nick("bob")
+        sent = ipcctl(daemon.socket_dir, "send", "--to", "bob", "--json", input=b"first\nsecond\n")
+        assert sent.returncode == 0, sent.stderr
+        acked = [json.loads(line) for line in sent.stdout.splitlines()]
+        assert [(a["room"], a["to"], a["text"]) for a in acked] == [
+            (None, "bob", "first"),
+            (None, "bob", "second"),
+        ]
+        got = [bob.next_event(timeout=10) for _ in range(2)]
+        assert [(e.kind, e.data["text"]) for e in got] == [("private", "first"), ("private", "second")]
+        assert [e.data["seq"] for e in got] == [a["seq"] for a in acked]
+
+
+def test_ctrl_c_while_waiting_for_input_exits_130_quietly(daemon: Daemon) -> None:
+    with daemon.client() as listener:
+        listener.join("quiet")
+        sender = subprocess.Popen(
+            [*IPCCTL, "--socket-dir", str(daemon.socket_dir), "send", "--room", "quiet"],
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert sender.stdin is not None
+        sender.stdin.write(b"before the interrupt\n")
+        sender.stdin.flush()
+        assert listener.next_event(timeout=15).data["text"] == "before the interrupt"  # it is in its loop
+        sender.send_signal(signal.SIGINT)
+        _, err = sender.communicate(timeout=15)
+    assert sender.returncode == 130
+    assert b"Traceback" not in err, err
