@@ -311,11 +311,9 @@ class Client(_Closing):
         with Poster[None](self, window) as poster:
             for text in texts:
                 while not poster.can_post:
-                    for ack in poster.wait():
+                    for ack in poster.wait():  # which sends what is queued first
                         yield ack.seq
                 poster.say(room, text, None)
-                for ack in poster.read():
-                    yield ack.seq
             for ack in poster.drain():
                 yield ack.seq
 

@@ -173,15 +173,16 @@ class Poster(Generic[T]):
         self.post(Op.MSG, {"to": to, "text": text}, tag)
 
     def post(self, op: Op, args: dict[str, Any], tag: T) -> None:
-        """Queue one request (the window must have room) and send what the
-        socket takes now; the rest goes with later :meth:`flush` calls."""
+        """Queue one request (the window must have room). Nothing is sent
+        until :meth:`flush`, so a run of posts goes out in one write."""
         self._check_lost()
         if self.acks.full:
             raise RuntimeError("the window is full: read acknowledgements first")
+        if not self.acks:
+            self.last_progress = time.monotonic()  # the clock of a timeout starts with the work
         request_id = self.client.next_request_id()
         self._out += encode_frame(op, request_id, encode_json(args))
         self.acks.sent(request_id, tag)
-        self.flush()
 
     # -- non-blocking I/O ----------------------------------------------------
 

@@ -83,7 +83,10 @@ def send(opts: Options, room: str | None, to: str | None, dgram: bool, text: tup
         elif opts.json:
             opts.emit({"room": room, "to": to, "seq": seq, "text": line.text})
 
-    fd, encoding = stdin_source()
+    source = stdin_source()
+    if source is None:
+        fail("standard input is closed: give TEXT, or pipe lines in", 2)
+    fd, encoding = source
     try:
         if dgram:
             with opts.datagram_client() as posting:

@@ -103,6 +103,7 @@ def stream_posts(
                     poster.msg(to, line.text, line)
                 else:
                     poster.say(room or "", line.text, line)
+            poster.flush()  # what was just posted, in one write
             if eof and not queued and not poster.in_flight:
                 return
             want_input = not eof and len(queued) < poster.acks.size
@@ -145,6 +146,8 @@ def datagram_posts(dgram: DatagramClient, lines: Iterator[Line], room: str, repo
         report(line, seq, None)
 
 
-def stdin_source() -> tuple[int, str]:
-    """Standard input's fd and the encoding its text is in."""
+def stdin_source() -> tuple[int, str] | None:
+    """Standard input's fd and the encoding its text is in (None: it is closed)."""
+    if sys.stdin is None:
+        return None
     return sys.stdin.fileno(), sys.stdin.encoding or "utf-8"

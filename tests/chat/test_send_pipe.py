@@ -141,7 +141,8 @@ def test_a_line_is_delivered_while_the_pipe_stays_open(daemon: Daemon) -> None:
     with daemon.client() as listener:
         listener.join("live")
         sender = subprocess.Popen(
-            [*IPCCTL, "--socket-dir", str(daemon.socket_dir), "send", "--room", "live"],
+            # --timeout bounds the wait for an answer, not for input: tail -f may be quiet for hours.
+            [*IPCCTL, "--socket-dir", str(daemon.socket_dir), "--timeout", "0.5", "send", "--room", "live"],
             stdin=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -151,6 +152,7 @@ def test_a_line_is_delivered_while_the_pipe_stays_open(daemon: Daemon) -> None:
             sender.stdin.flush()
             assert listener.next_event(timeout=15).data["text"] == "first"
             assert sender.poll() is None  # still reading its open stdin
+            time.sleep(1.0)  # quiet input, twice the --timeout: the scenario itself, not a wait for a signal
             sender.stdin.write(b"second\n")
             sender.stdin.close()
             assert sender.wait(15) == 0, sender.stderr.read() if sender.stderr else ""
