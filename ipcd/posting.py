@@ -89,6 +89,12 @@ class AckWindow(Generic[T]):
         self._replies[request_id] = frame
         return True
 
+    def stranded(self) -> list[tuple[T, Frame]]:
+        """Answered requests still behind an unanswered one, in order: once
+        the connection is lost, the answers that can still be told."""
+        replies = self._replies
+        return [(tag, frame) for request_id, tag in self._order if (frame := replies[request_id]) is not None]
+
     def ready(self) -> list[tuple[T, Frame]]:
         done: list[tuple[T, Frame]] = []
         order, replies = self._order, self._replies
@@ -259,6 +265,12 @@ class Poster(Generic[T]):
             return Ack(tag, decode_json(frame.body), None)
         except RemoteProtocolError as exc:
             return Ack(tag, None, ConnectionLost(f"the daemon sent a malformed reply: {exc.message}"))
+
+    def stranded(self) -> list[Ack[T]]:
+        """After :meth:`read` raised ConnectionLost: answers that came for
+        later posts while an earlier one never got its own (such as the
+        error that made the daemon close the connection)."""
+        return [self._ack(tag, frame) for tag, frame in self.acks.stranded()]
 
     def _lose(self, reason: str) -> None:
         if self._lost is None:

@@ -10,7 +10,7 @@ import click
 
 from ipcd.cli.common import Options, fail, handles_errors, json_option, pass_options
 from ipcd.cli.sendlines import Line, datagram_posts, input_lines, stdin_source, stream_posts
-from ipcd.client import ChatEvent, ClientError, RequestTimeout, ServerError
+from ipcd.client import ChatEvent, ClientError, ConnectionLost, RequestTimeout, ServerError
 from ipcd.posting import Poster
 from ipcd.protocol.chat import DEFAULT_ROOM
 
@@ -55,33 +55,38 @@ def send(opts: Options, room: str | None, to: str | None, dgram: bool, text: tup
         fail("give --room or --to, not both", 2)
     if to and dgram:
         fail("--dgram posts to rooms only; drop --to or --dgram", 2)
-    room = None if to else room or DEFAULT_ROOM
+    room = room or DEFAULT_ROOM
+    shown_room = None if to else room  # what --json says
     if text:
         line = " ".join(text)
         if dgram:
             with opts.datagram_client() as posting:
-                seq = posting.say(room or DEFAULT_ROOM, line)
+                seq = posting.say(room, line)
         else:
             with opts.client() as client:
-                seq = client.msg(to, line) if to else client.say(room or DEFAULT_ROOM, line)
+                seq = client.msg(to, line) if to else client.say(room, line)
         if opts.json:
-            opts.emit({"room": room, "to": to, "seq": seq, "text": line})
+            opts.emit({"room": shown_room, "to": to, "seq": seq, "text": line})
         return
 
     refused = 0
+    answered = 0  # the last line answered, all before it too: said if the connection breaks
+
+    def refuse(line: Line, error: ClientError | None) -> None:
+        nonlocal refused
+        if not isinstance(error, ServerError):
+            raise error or AssertionError("no error to report")
+        refused += 1
+        detail = f"the daemon refused: {error.message} ({error.code_name})"
+        click.echo(f"ipcctl: line {line.number}: {detail}", err=True)
 
     def report(line: Line, seq: int | None, error: ClientError | None) -> None:
-        nonlocal refused
-        if isinstance(error, ServerError):
-            refused += 1
-            click.echo(
-                f"ipcctl: line {line.number}: the daemon refused: {error.message} ({error.code_name})",
-                err=True,
-            )
-        elif error is not None:
-            raise error
+        nonlocal answered
+        answered = line.number
+        if error is not None:
+            refuse(line, error)
         elif opts.json:
-            opts.emit({"room": room, "to": to, "seq": seq, "text": line.text})
+            opts.emit({"room": shown_room, "to": to, "seq": seq, "text": line.text})
 
     source = stdin_source()
     if source is None:
@@ -90,10 +95,19 @@ def send(opts: Options, room: str | None, to: str | None, dgram: bool, text: tup
     try:
         if dgram:
             with opts.datagram_client() as posting:
-                datagram_posts(posting, input_lines(fd, encoding), room or DEFAULT_ROOM, report)
+                datagram_posts(posting, input_lines(fd, encoding), room, report)
         else:
             with opts.client() as client, Poster[Line](client) as poster:
-                stream_posts(poster, fd, encoding, room, to, report)
+                try:
+                    stream_posts(poster, fd, encoding, room, to, report)
+                except ConnectionLost:
+                    for ack in poster.stranded():  # such as why the daemon closed the connection
+                        if ack.error is not None:
+                            refuse(ack.tag, ack.error)
+                    raise
+    except (ConnectionLost, RequestTimeout) as exc:
+        where = f"answered up to line {answered}" if answered else "no line answered"
+        raise type(exc)(f"{exc} ({where}; later lines may or may not have been posted)") from None
     except KeyboardInterrupt:
         sys.exit(130)
     if refused:

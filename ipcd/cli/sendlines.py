@@ -85,7 +85,7 @@ Report = Callable[[Line, int | None, ClientError | None], None]
 
 
 def stream_posts(
-    poster: Poster[Line], fd: int, encoding: str, room: str | None, to: str | None, report: Report
+    poster: Poster[Line], fd: int, encoding: str, room: str, to: str | None, report: Report
 ) -> None:
     """Post every line of ``fd`` through ``poster`` (to ``to``, else to
     ``room``) until end of input and the last acknowledgement."""
@@ -102,7 +102,7 @@ def stream_posts(
                 if to is not None:
                     poster.msg(to, line.text, line)
                 else:
-                    poster.say(room or "", line.text, line)
+                    poster.say(room, line.text, line)
             poster.flush()  # what was just posted, in one write
             if eof and not queued and not poster.in_flight:
                 return

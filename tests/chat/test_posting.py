@@ -59,3 +59,12 @@ def test_a_byte_at_a_time_gives_the_same_lines() -> None:
     splitter = LineSplitter()
     lines = [line for i in range(len(data)) for line in splitter.feed(data[i : i + 1])]
     assert lines + splitter.finish() == [Line(1, "é"), Line(3, "x"), Line(4, "y")]
+
+
+def test_answers_stranded_behind_an_unanswered_request_can_still_be_told() -> None:
+    window: AckWindow[str] = AckWindow(4)
+    for request_id, tag in ((1, "a"), (2, "b"), (3, "c")):
+        window.sent(request_id, tag)
+    window.answered(3, reply(3))  # c answered (say, the error that closed the connection); a and b never
+    assert window.ready() == []
+    assert [tag for tag, _ in window.stranded()] == ["c"]

@@ -266,3 +266,15 @@ def test_ctrl_c_while_waiting_for_input_exits_130_quietly(daemon: Daemon) -> Non
         _, err = sender.communicate(timeout=15)
     assert sender.returncode == 130
     assert b"Traceback" not in err, err
+
+
+def test_a_line_over_the_frame_limit_is_named_when_the_daemon_closes(start_daemon: StartDaemon) -> None:
+    daemon = start_daemon("--max-frame-size", "1K")
+    piped = b"short\n" + b"x" * 2000 + b"\nnever read\n"
+    sent = ipcctl(daemon.socket_dir, "send", "-r", "r", input=piped)
+    assert sent.returncode == 69  # the connection is gone: as for an unreachable daemon
+    refused, lost = sent.stderr.splitlines()
+    assert refused.startswith("ipcctl: line 2: the daemon refused: frame of ")
+    assert refused.endswith("exceeds the limit of 1024 (TOO_LARGE)")
+    assert "closed the connection" in lost
+    assert "later lines may or may not have been posted" in lost
