@@ -14,19 +14,20 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import fanout, loop_choice
+from benchmarks import fanout, loop_choice, sendpipe
 from benchmarks.echo import SCENARIOS, Settings, progress
 from benchmarks.load import BenchError
 from benchmarks.rawecho import accept_spread
 from benchmarks.report import Table, print_json, print_text
 from benchmarks.servers import Server, ServerError
 
-ALL = [*SCENARIOS, "loop", "fanout"]
+ALL = [*SCENARIOS, "loop", "fanout", "send-pipe"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -145,6 +146,11 @@ def _run(
             tables.append(fanout.scenario(work, s, problems, shlex.split(args.ipcd)))
         except (BenchError, ServerError, OSError) as exc:
             problems.append(f"fanout: {exc}")
+    if "send-pipe" in names:
+        try:
+            tables.append(sendpipe.scenario(work, s, problems, shlex.split(args.ipcd)))
+        except (BenchError, ServerError, OSError, subprocess.TimeoutExpired) as exc:
+            problems.append(f"send-pipe: {exc}")
     return tables, problems
 
 

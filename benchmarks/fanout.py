@@ -30,7 +30,7 @@ time (the clock is system-wide); a subscriber stamps each recv() it decodes
 them from, so a figure includes the whole path to user space of the last
 subscriber served.
 
-ipcd limits chat messages to 50 a second per connection by default, which
+ipcd slows each uid down to 5000 chat posts a second by default, which
 would make this a benchmark of the limiter; the daemon under test (the
 harness's ``--ipcd`` command) runs with ``--rate-limit`` raised out of reach
 and nothing else changed. Run by the harness; the ``sub`` and ``pub``
@@ -74,7 +74,7 @@ MAX_LAG: Final = 2048  # messages the publisher may run ahead of the slowest sub
 PACED_RATE: Final = 200  # messages/s of the latency phase
 DRAIN_TIMEOUT: Final = 5.0
 RECV_SIZE: Final = 65536
-RATE_LIMIT: Final = "1000000000"  # ipcd's per-connection messages/s: never reached
+RATE_LIMIT: Final = "1000000000"  # ipcd's chat posts/s per uid: never reached
 _LENGTH: Final = struct.Struct("!I")
 _TICK: Final = os.sysconf("SC_CLK_TCK")
 _BULK, _PACED = ord("."), ord("L")  # last payload byte: whether to time this message
@@ -698,8 +698,8 @@ def scenario(work: Path, s: Settings, problems: list[str], ipcd_command: list[st
         "every subscriber checked for every message, once, in order"
     )
     table.notes.append(
-        f"ipcd runs with --rate-limit {RATE_LIMIT} (the default, 50 messages/s per connection, would "
-        f"be the figure); latency: publish to subscriber recv() at {PACED_RATE} messages/s, after the window"
+        f"ipcd runs with --rate-limit {RATE_LIMIT} (the default, 5000 posts/s per uid, would cap the "
+        f"publisher); latency: publish to subscriber recv() at {PACED_RATE} messages/s, after the window"
     )
     return table
 

@@ -12,7 +12,8 @@ Every failure is one of the exceptions below, each with a message fit to
 show a user: :class:`DaemonUnreachable` (no daemon listening),
 :class:`RequestTimeout`, :class:`ServerError` (the daemon refused, with its
 error code) and :class:`ConnectionLost`. Requests can be pipelined with
-:meth:`Client.send` and :meth:`Client.receive`.
+:meth:`Client.send` and :meth:`Client.receive`; posting many messages at
+once, with :meth:`Client.say_many` or an :class:`ipcd.posting.Poster`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import itertools
 import socket
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
@@ -86,7 +87,7 @@ class ServerError(ClientError):
             return str(self.code)
 
 
-def _connection_error(frame: Frame) -> ClientError:
+def connection_error(frame: Frame) -> ClientError:
     """An ERROR about the connection itself (request id 0): codes 40-49 mean
     the daemon is closing it; the others refuse something we did."""
     code, message = decode_error(frame.body)
@@ -151,9 +152,22 @@ class Client(_Closing):
 
     # -- pipelining primitives -----------------------------------------------
 
+    def next_request_id(self) -> int:
+        """A fresh request id (never 0, which marks frames the daemon starts)."""
+        return next(self._ids) & 0xFFFFFFFF or next(self._ids)
+
+    @property
+    def decoder(self) -> FrameDecoder:
+        """The decoder of this connection's input (a :class:`~ipcd.posting.Poster` reads into it too)."""
+        return self._decoder
+
+    def keep_reply(self, frame: Frame) -> None:
+        """Keep a reply read on the way to another, for :meth:`wait_reply`."""
+        self._early[frame.request_id] = frame
+
     def send(self, op: int, body: bytes = b"", fds: Sequence[int] = ()) -> int:
         """Send one request; return its request id."""
-        request_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        request_id = self.next_request_id()
         frame = encode_frame(op, request_id, body, nfds=len(fds))
         try:
             if fds:
@@ -238,7 +252,7 @@ class Client(_Closing):
             if got.request_id == request_id:
                 frame = got
             elif got.op == Op.ERROR and got.request_id == 0:
-                raise _connection_error(got)
+                raise connection_error(got)
             elif got.request_id == 0:
                 self.events.append(got)
             else:
@@ -292,6 +306,21 @@ class Client(_Closing):
 
     def msg(self, to: str, text: str) -> int:
         return int(self.call(Op.MSG, to=to, text=text)["seq"])
+
+    def say_many(self, room: str, texts: Iterable[str], window: int = 128) -> Iterator[int]:
+        """Post each text to ``room`` with up to ``window`` in flight; yields
+        their sequence numbers in order (raises ServerError at a refused one).
+        For a source that may block (a pipe), see :class:`ipcd.posting.Poster`."""
+        from ipcd.posting import Poster  # noqa: PLC0415 - it imports this module
+
+        with Poster[None](self, window) as poster:
+            for text in texts:
+                while not poster.can_post:
+                    for ack in poster.wait():  # which sends what is queued first
+                        yield ack.seq
+                poster.say(room, text, None)
+            for ack in poster.drain():
+                yield ack.seq
 
     def rooms(self) -> list[dict[str, Any]]:
         return list(self.call(Op.ROOMS)["rooms"])
@@ -379,7 +408,7 @@ class Client(_Closing):
                 if frame.request_id == 0 and frame.op in _EVENT_OPS:
                     return ChatEvent.from_frame(frame)
                 if frame.op == Op.ERROR and frame.request_id == 0:
-                    raise _connection_error(frame)
+                    raise connection_error(frame)
                 self._early[frame.request_id] = frame
         finally:
             self.sock.settimeout(previous)

@@ -140,7 +140,11 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
     ),
     OptionSpec("max_message", _size, "Largest chat message text, in bytes (default 16K).", "BYTES"),
     OptionSpec(
-        "rate_limit", _positive_float, "Chat messages/s per connection, bursts of 2x (default 50).", "N"
+        "rate_limit",
+        _positive_float,
+        "Chat posts/s each uid may make (all its connections and datagrams, counted in each worker), "
+        "bursts of 2x; a stream past it is slowed down, a datagram refused (default 5000).",
+        "N",
     ),
     OptionSpec(
         "rooms_per_connection", _positive_int, "Chat rooms one connection may join (default 64).", "N"
@@ -179,7 +183,7 @@ class Settings:
     drain_timeout: float = 30.0
     history_size: int = 100
     max_message: int = 16 * 1024
-    rate_limit: float = 50.0
+    rate_limit: float = 5000.0
     rooms_per_connection: int = 64
     fd_quota: int = 64
     stop_timeout: float = 10.0

@@ -10,7 +10,9 @@ import click
 
 from ipcd.cli.common import Options, fail, handles_errors, json_option, pass_options
 from ipcd.cli.completion import nicks, room_names
-from ipcd.client import ChatEvent, RequestTimeout
+from ipcd.cli.sendlines import Line, datagram_posts, input_lines, stdin_source, stream_posts
+from ipcd.client import ChatEvent, ClientError, ConnectionLost, RequestTimeout, ServerError
+from ipcd.posting import Poster
 from ipcd.protocol.chat import DEFAULT_ROOM
 
 
@@ -49,24 +51,72 @@ def event_json(event: ChatEvent) -> dict[str, Any]:
 @pass_options
 @handles_errors
 def send(opts: Options, room: str | None, to: str | None, dgram: bool, text: tuple[str, ...]) -> None:
-    """Send TEXT to a room (or --to a nick); without TEXT, one message per
-    line of standard input. Exits 0 once every message is acknowledged."""
+    """Send TEXT to a room (or --to a nick). Without TEXT, each line of
+    standard input is one message, sent as soon as it is read (so
+    `tail -f log | ipcctl send` works); empty lines are skipped. Exits 0
+    once every message is acknowledged, 1 if the daemon refused any (each
+    refusal is reported with its line number)."""
     if room and to:
         fail("give --room or --to, not both", 2)
     if to and dgram:
         fail("--dgram posts to rooms only; drop --to or --dgram", 2)
-    lines = [" ".join(text)] if text else [line.rstrip("\n") for line in sys.stdin]
     room = room or DEFAULT_ROOM
-    lines = [line for line in lines if line]
-    if dgram:
-        with opts.datagram_client() as posting:
-            seqs = [posting.say(room, line) for line in lines]
-    else:
-        with opts.client() as client:
-            seqs = [client.msg(to, line) if to else client.say(room, line) for line in lines]
-    if opts.json:
-        for seq, line in zip(seqs, lines, strict=True):
-            opts.emit({"room": None if to else room, "to": to, "seq": seq, "text": line})
+    shown_room = None if to else room  # what --json says
+    if text:
+        line = " ".join(text)
+        if dgram:
+            with opts.datagram_client() as posting:
+                seq = posting.say(room, line)
+        else:
+            with opts.client() as client:
+                seq = client.msg(to, line) if to else client.say(room, line)
+        if opts.json:
+            opts.emit({"room": shown_room, "to": to, "seq": seq, "text": line})
+        return
+
+    refused = 0
+    answered = 0  # the last line answered, all before it too: said if the connection breaks
+
+    def refuse(line: Line, error: ClientError | None) -> None:
+        nonlocal refused
+        if not isinstance(error, ServerError):
+            raise error or AssertionError("no error to report")
+        refused += 1
+        detail = f"the daemon refused: {error.message} ({error.code_name})"
+        click.echo(f"ipcctl: line {line.number}: {detail}", err=True)
+
+    def report(line: Line, seq: int | None, error: ClientError | None) -> None:
+        nonlocal answered
+        answered = line.number
+        if error is not None:
+            refuse(line, error)
+        elif opts.json:
+            opts.emit({"room": shown_room, "to": to, "seq": seq, "text": line.text})
+
+    source = stdin_source()
+    if source is None:
+        fail("standard input is closed: give TEXT, or pipe lines in", 2)
+    fd, encoding = source
+    try:
+        if dgram:
+            with opts.datagram_client() as posting:
+                datagram_posts(posting, input_lines(fd, encoding), room, report)
+        else:
+            with opts.client() as client, Poster[Line](client) as poster:
+                try:
+                    stream_posts(poster, fd, encoding, room, to, report)
+                except ConnectionLost:
+                    for ack in poster.stranded():  # such as why the daemon closed the connection
+                        if ack.error is not None:
+                            refuse(ack.tag, ack.error)
+                    raise
+    except (ConnectionLost, RequestTimeout) as exc:
+        where = f"answered up to line {answered}" if answered else "no line answered"
+        raise type(exc)(f"{exc} ({where}; later lines may or may not have been posted)") from None
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if refused:
+        sys.exit(1)
 
 
 @click.command()

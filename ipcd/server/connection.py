@@ -11,6 +11,14 @@ Reads: one ``recvmsg_into`` per readiness event (level-triggered epoll
 brings us back; a busy client cannot starve the others), every whole frame
 is dispatched, then all replies go out in one ``sendmsg`` (writev).
 
+Reads pause (the selector stops watching for input, so the client's writes
+back up in the kernel's socket buffer) while any of these holds: output is
+backed up (below), a service *held* a frame it cannot take yet (the chat
+flood limits: the frame and everything after it wait in order, the rest
+still undecoded in the decoder's buffer, until the service releases it), or
+the connection is closing. One method derives the selector interest from
+that state, so the reasons cannot undo each other.
+
 Writes are bounded. Replies to a client's own requests pause its reads when
 its queue passes a quarter of ``max_outbuf`` (backpressure, as TCP does); a
 frame the daemon pushes that would take the queue past ``max_outbuf`` cuts
@@ -26,6 +34,7 @@ import logging
 import selectors
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ipcd import fdpass
@@ -33,6 +42,7 @@ from ipcd.log import peer_fields
 from ipcd.protocol import (
     NEED_DATA,
     ErrorCode,
+    Frame,
     FrameDecoder,
     Op,
     RemoteProtocolError,
@@ -51,6 +61,8 @@ _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
 _MAX_IOV = 64  # buffers per sendmsg; well under IOV_MAX
 
+Retry = Callable[["Connection", Frame], None]  # how a service takes back a frame it held
+
 
 class _Pending:
     """One queued frame; ``data`` shrinks as it is sent."""
@@ -67,6 +79,7 @@ class Connection:
         "_creds",
         "_events",
         "_head_started",
+        "_held",
         "_out",
         "chat",
         "closed",
@@ -91,6 +104,7 @@ class Connection:
         self._creds: fdpass.Credentials | None = None
         self.chat: ChatState | None = None  # created on the first chat operation
         self._events = _READ
+        self._held: tuple[Frame, Retry] | None = None  # a frame a service could not take yet
         self.closed = False
         self.closing = False  # no more reads; close once the queue is empty
         self.last_read = worker.now
@@ -154,13 +168,18 @@ class Connection:
         if decoder is None:
             decoder = self.decoder = FrameDecoder(worker.settings.max_frame_size)
         decoder.receive_data(view[start : got.nbytes], got.fds, got.truncated)
-        dispatch = worker.dispatch
-        while True:
+        self._dispatch_decoded(decoder)
+
+    def _dispatch_decoded(self, decoder: FrameDecoder) -> None:
+        """Dispatch the whole frames buffered in ``decoder`` until none is
+        left or a service holds one."""
+        dispatch = self.worker.dispatch
+        while self._held is None:
             try:
                 event = decoder.next_event()
             except RemoteProtocolError as exc:
                 fdpass.close_fds(exc.fds)
-                worker.stats.protocol_errors += 1
+                self.worker.stats.protocol_errors += 1
                 self.send_error(exc.request_id, exc.code, exc.message)
                 if exc.fatal:
                     log.info(
@@ -205,9 +224,42 @@ class Connection:
 
     def _after_read(self) -> None:
         if self._out:
-            self.flush()
-            if self.out_bytes > self.worker.pause_threshold and not self.closed:
-                self._set_events(_WRITE)  # backpressure: stop reading until it drains
+            self.flush()  # which updates the selector interest
+        else:
+            self._update_events()
+
+    # -- holding -----------------------------------------------------------
+
+    @property
+    def held(self) -> bool:
+        return self._held is not None
+
+    def hold(self, frame: Frame, retry: Retry) -> None:
+        """A service cannot take ``frame`` yet: keep it, dispatch nothing
+        after it and stop reading until :meth:`release`, which hands it back
+        through ``retry``. The connection owns the frame's fds meanwhile."""
+        assert self._held is None, "a connection holds one frame at a time"
+        self._held = (frame, retry)
+        self.worker.stats.held += 1
+        self._update_events()
+
+    def release(self) -> None:
+        """Give the held frame back to its service, then go on with the
+        frames already received, then read again."""
+        held, self._held = self._held, None
+        if held is None or self.closed:
+            return
+        frame, retry = held
+        if self.closing:
+            fdpass.close_fds(frame.fds)  # closing for another reason: nothing more is served
+            return
+        retry(self, frame)
+        if self.closed or self.closing:
+            return
+        if self.decoder is not None:
+            self._dispatch_decoded(self.decoder)
+        else:
+            self._after_read()
 
     def _on_eof(self) -> None:
         if self.decoder is not None and self.decoder.buffered:
@@ -294,13 +346,17 @@ class Connection:
             if self.closing:
                 self.close(None)
                 return
-            self._set_events(_READ)
-            return
-        self.worker.stalled.add(self)
-        if self.closing or self.out_bytes > self.worker.pause_threshold:
-            self._set_events(_WRITE)
         else:
-            self._set_events(_READ | _WRITE)
+            self.worker.stalled.add(self)
+        self._update_events()
+
+    def _update_events(self) -> None:
+        """Write interest while output is pending; read interest unless
+        output is backed up, a frame is held or the connection is closing."""
+        if self.closed:
+            return
+        paused = self.closing or self._held is not None or self.out_bytes > self.worker.pause_threshold
+        self._set_events((0 if paused else _READ) | (_WRITE if self._out else 0))
 
     def _set_events(self, events: int) -> None:
         if events != self._events:
@@ -349,6 +405,9 @@ class Connection:
             for entry in self._out:
                 fdpass.close_fds(entry.fds)
             self._out = None
+        if self._held is not None:
+            fdpass.close_fds(self._held[0].fds)
+            self._held = None
         if self.decoder is not None:
             fdpass.close_fds(self.decoder.take_pending_fds())
             self.decoder = None

@@ -34,6 +34,7 @@ def _worker_entry(handle: WorkerHandle, now: float) -> dict[str, Any]:
         "datagrams": handle.load.get("datagrams", 0),
         "protocol_errors": handle.load.get("protocol_errors", 0),
         "cut_off": handle.load.get("cut_off", 0),
+        "held": handle.load.get("held", 0),
         "uptime": round(now - handle.started, 3),
     }
 

@@ -55,6 +55,7 @@ class WorkerStats:
     frames: int = 0
     protocol_errors: int = 0
     cut_off: int = 0
+    held: int = 0  # times a connection was held by the chat flood limits (not read until released)
     datagrams: int = 0
 
 

@@ -1,24 +1,37 @@
 """Chat in a worker: forward requests to the hub, fan deliveries out locally.
 
 Theory of operation: the worker owns no chat state that matters. It checks
-what it can alone (the per-connection rate limit), attaches the sender's
-kernel credentials, and forwards the request to the hub in the master. What
-comes back is either a client-ready reply for one connection, or a delivery:
-one record per message for this whole worker, which it copies to each of its
+what it can alone (its uid's fair share of posts, how many of the
+connection's requests are still unanswered), attaches the sender's kernel
+credentials, and forwards the request to the hub in the master. What comes
+back is either a client-ready reply for one connection, or a delivery: one
+record per message for this whole worker, which it copies to each of its
 local members of the room. The local room index is rebuilt from the hub's
 answers (a JOIN reply adds the connection, a PART reply removes it), so after
 a worker crash nothing needs restoring. A connection that had a chat session
 tells the hub when it closes.
+
+Flood protection slows a stream client down and never refuses it: a SAY or
+MSG past the uid's share (ipcd.chat.fairshare), or any request past
+``MAX_IN_FLIGHT`` unanswered ones, is *held* by its connection, which stops
+reading (its socket buffer then fills and the client's writes block) until a
+timer finds tokens again or replies come back; then the held frame is
+forwarded and the connection goes on with what it had already received. So
+nothing is lost or reordered, and one user's pipelined flood can neither
+outrun its share nor fill the master's queue ahead of other users. A datagram
+cannot be held: past the share it is answered with RATE_LIMITED.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ipcd import fdpass
+from ipcd.chat.fairshare import FairShares, Share
 from ipcd.fdpass import Credentials
 from ipcd.protocol import ErrorCode, Frame, Op, encode_error, encode_frame
 from ipcd.server.channel import ChannelClosed, ChannelOp, pack_meta, unpack_meta
@@ -32,63 +45,104 @@ log = logging.getLogger("ipcd.worker")
 
 CHAT_OPS = (Op.NICK, Op.JOIN, Op.PART, Op.SAY, Op.MSG, Op.ROOMS, Op.WHO, Op.TOPIC, Op.HISTORY)
 RATED_OPS = (Op.SAY, Op.MSG)
+MAX_IN_FLIGHT = 256  # a connection's forwarded requests not yet answered, before it is held
+RESUME_IN_FLIGHT = MAX_IN_FLIGHT // 2  # ... and read again once this few remain
+BURST_FACTOR = 2.0  # a full share is this many seconds of posts
+MIN_HOLD = 0.01  # a held uid waits at least this long: tokens come back in batches, not one wake-up each
 
 
 class ChatState:
-    """Per-connection chat state, created on the connection's first chat op."""
+    """Per-connection chat state, created on the connection's first forwarded op."""
 
-    __slots__ = ("last", "rooms", "tokens")
+    __slots__ = ("granted", "in_flight", "rooms", "waiting")
 
-    def __init__(self, burst: float, now: float) -> None:
+    def __init__(self) -> None:
         self.rooms: set[str] = set()
-        self.tokens = burst
-        self.last = now
+        self.in_flight = 0  # forwarded, not yet answered
+        self.waiting = False  # held in its uid's queue for a token
+        self.granted = False  # the uid's queue gave the held post its token already
 
 
 class ChatRouter:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.rooms: dict[str, set[Connection]] = {}
-        self._dgram_buckets: dict[int, ChatState] = {}  # datagram posts are rate-limited per uid
+        rate = worker.settings.rate_limit
+        self.shares: FairShares[Connection] = FairShares(rate, rate * BURST_FACTOR)
 
     # -- requests ----------------------------------------------------------
 
     def forward(self, conn: Connection, frame: Frame, with_groups: bool = False) -> None:
         """Forward a request to the master's services (chat hub, fd store)
         with the peer's kernel credentials and the frame's fds (only a PUT
-        has any: the worker's dispatch refused the others')."""
-        worker = self.worker
+        has any: the worker's dispatch refused the others'), or hold it."""
         state = conn.chat
         if state is None:
-            state = conn.chat = ChatState(self._burst, worker.now)
-        if frame.op in RATED_OPS and not self._take_token(state):
-            conn.send_error(
-                frame.request_id,
-                ErrorCode.RATE_LIMITED,
-                f"more than {worker.settings.rate_limit:g} messages/s; slow down and retry",
-            )
-            return
+            state = conn.chat = ChatState()
+        if state.in_flight >= MAX_IN_FLIGHT:
+            conn.hold(frame, self._retry_grouped if with_groups else self.forward)
+            return  # on_reply releases it
         try:
             creds = conn.creds
         except OSError:
             fdpass.close_fds(frame.fds)
             return  # the peer is already gone
+        if frame.op in RATED_OPS:
+            if state.granted:
+                state.granted = False
+            else:
+                share = self.shares.get(creds.uid, self.worker.now)
+                if not share.take(self.worker.now):
+                    state.waiting = True
+                    share.waiting.append(conn)
+                    conn.hold(frame, self.forward)
+                    self._schedule(share)
+                    return
         meta = {"conn": conn.id, "rid": frame.request_id, "op": frame.op, **_creds(creds)}
         if with_groups:
             meta["groups"] = list(fdpass.peer_groups(conn.sock))
-        self._post(ChannelOp.FORWARD, pack_meta(meta, frame.body), conn, frame.request_id, frame.fds)
+        if self._post(ChannelOp.FORWARD, pack_meta(meta, frame.body), conn, frame.request_id, frame.fds):
+            state.in_flight += 1
+
+    def _retry_grouped(self, conn: Connection, frame: Frame) -> None:
+        self.forward(conn, frame, with_groups=True)
+
+    def _schedule(self, share: Share[Connection]) -> None:
+        """Wake the share's holders once it has a token again (in a batch)."""
+        if share.scheduled:
+            return
+        share.scheduled = True
+        delay = max(share.bucket.delay(time.monotonic()), MIN_HOLD)
+        self.worker.loop.call_later(delay, lambda: self._wake(share))
+
+    def _wake(self, share: Share[Connection]) -> None:
+        """Release held connections in turn, one token each: a released
+        connection goes on with what it had read and, if it runs out of
+        tokens again, queues behind the others."""
+        share.scheduled = False
+        now = time.monotonic()
+        waiting = share.waiting
+        while waiting:
+            conn = waiting[0]
+            state = conn.chat
+            if conn.closed or state is None:
+                waiting.popleft()  # it closed while held: nothing to post
+                continue
+            if not share.bucket.take(now):
+                break
+            waiting.popleft()
+            state.waiting = False
+            state.granted = True
+            conn.release()
+        if waiting:
+            self._schedule(share)
 
     def forward_datagram(self, frame: Frame, creds: Credentials | None, address: str | bytes | None) -> None:
         """A datagram SAY: posted as its sender's uid, answered at its address."""
         if creds is None:
             return  # SO_PASSCRED is set on the socket: the kernel always attaches them
         addr = os.fsencode(address).hex() if address else None
-        bucket = self._dgram_buckets.get(creds.uid)
-        if bucket is None:
-            if len(self._dgram_buckets) > 10_000:
-                self._dgram_buckets.clear()  # bounded memory; a clear only forgives a little
-            bucket = self._dgram_buckets[creds.uid] = ChatState(self._burst, self.worker.now)
-        if not self._take_token(bucket):
+        if not self.shares.get(creds.uid, self.worker.now).take(self.worker.now):
             if address:
                 limit = self.worker.settings.rate_limit
                 error = encode_frame(
@@ -103,25 +157,13 @@ class ChatRouter:
 
     def _post(
         self, op: ChannelOp, body: bytes, conn: Connection | None, request_id: int, fds: tuple[int, ...] = ()
-    ) -> None:
+    ) -> bool:
         try:
             self.worker.channel.post(op, body, fds=fds)  # ours are closed once sent
         except ChannelClosed:
             if conn is not None:
                 conn.send_error(request_id, ErrorCode.UNAVAILABLE, "this worker is being replaced; retry")
-
-    @property
-    def _burst(self) -> float:
-        return max(self.worker.settings.rate_limit * 2, 1.0)
-
-    def _take_token(self, state: ChatState) -> bool:
-        now = self.worker.now
-        rate = self.worker.settings.rate_limit
-        state.tokens = min(self._burst, state.tokens + (now - state.last) * rate)
-        state.last = now
-        if state.tokens < 1:
             return False
-        state.tokens -= 1
         return True
 
     # -- answers from the hub ----------------------------------------------
@@ -141,6 +183,11 @@ class ChatRouter:
         if "part" in meta:
             self._index(conn, meta["part"], False)
         conn.send_frame(frame, fds)  # the connection closes the fds once they are sent
+        state = conn.chat
+        if state is not None and state.in_flight:
+            state.in_flight -= 1
+            if state.in_flight <= RESUME_IN_FLIGHT and conn.held and not state.waiting:
+                conn.release()
 
     def on_deliver(self, body: bytes) -> None:
         meta, frames = unpack_meta(body)

@@ -17,66 +17,16 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ipcd.client import Client, ConnectionLost, DatagramClient, ServerError
 from ipcd.protocol import ErrorCode, Op, decode_json, encode_json
-from tests.chat.users import Actor, ActorError, ChatUser, Event, make_users, remove_users, worker_of
+from tests.chat.conftest import Spawn, StartDaemon
+from tests.chat.users import Actor, ActorError, ChatUser, Event, worker_of
 from tests.daemon import IPCCTL, Daemon, ipcctl, rss_kib, wait_for
 from tests.server.test_bad_input import FdBaseline
-
-USER_NAMES = ["ipcd-chat-a", "ipcd-chat-b", "ipcd-chat-c"]
-Spawn = Callable[[ChatUser | None], Actor]
-StartDaemon = Callable[..., Daemon]
-
-
-@pytest.fixture(scope="session")
-def chat_users() -> Iterator[list[ChatUser]]:
-    """Three real users (made with useradd if missing; removed at the end
-    only if this session made them)."""
-    users, made = make_users(USER_NAMES)
-    try:
-        yield users
-    finally:
-        remove_users(made)
-
-
-@pytest.fixture
-def actors(short_tmp: Path) -> Iterator[Spawn]:
-    """Start processes acting as a user; all are stopped after the test."""
-    short_tmp.chmod(0o755)  # mkdtemp made it 0700: other users could not reach the sockets
-    started: list[Actor] = []
-
-    def spawn(user: ChatUser | None) -> Actor:
-        actor = Actor(user, short_tmp / "s")
-        started.append(actor)
-        return actor
-
-    yield spawn
-    for actor in started:
-        actor.close()
-
-
-@pytest.fixture
-def start_daemon(socket_dir: Path) -> Iterator[StartDaemon]:
-    """A daemon with extra flags; it must stop cleanly at the end."""
-    started: list[Daemon] = []
-
-    def start(*args: str, workers: int = 2) -> Daemon:
-        daemon = Daemon(socket_dir, *args, workers=workers).start()
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            code = daemon.stop()
-            assert code == 0, f"ipcd exited {code} on SIGTERM:\n{daemon.log()}"
-
 
 # -- helpers ------------------------------------------------------------------------
 
@@ -431,27 +381,41 @@ def test_a_datagram_post_by_a_real_user_reaches_listen_json_with_their_uid(
 
 def test_rate_limit_message_size_and_refusals(start_daemon: StartDaemon) -> None:
     daemon = start_daemon(
-        "--rate-limit", "5", "--max-message", "1K", "--history-size", "5", "--rooms-per-connection", "3"
+        "--rate-limit",
+        "5",
+        "--max-message",
+        "1K",
+        "--history-size",
+        "5",
+        "--rooms-per-connection",
+        "3",
+        workers=1,  # one worker: the uid's one share covers the stream and the datagrams
     )
     with daemon.client() as burst:
-        ids = [burst.send(Op.SAY, encode_json({"room": "r", "text": f"burst {i}"})) for i in range(50)]
+        started = time.monotonic()
+        # A stream is slowed down past the uid's share, never refused: 10 at
+        # once (a burst of 2 x rate), the other 10 as 5/s refills.
+        assert post(burst, "r", [f"burst {i}" for i in range(20)]) == list(range(1, 21))
+        assert time.monotonic() - started >= 1.9
+        assert burst.echo(b"still here") == b"still here"
+
+    # A datagram cannot be slowed down: past the share it is refused.
+    with DatagramClient(daemon.socket_dir, timeout=10) as dgram:
         outcomes: list[str] = []
-        for request_id in ids:
+        for i in range(15):
             try:
-                burst.wait_reply(request_id)
+                dgram.say("r", f"datagram {i}")
                 outcomes.append("ok")
             except ServerError as exc:
                 outcomes.append(f"{exc.code_name}: {exc.message}")
-        accepted = outcomes.count("ok")
         limited = [o for o in outcomes if o != "ok"]
-        assert set(limited) == {"RATE_LIMITED: more than 5 messages/s; slow down and retry"}
-        assert outcomes[:10] == ["ok"] * 10  # a burst of 2 x rate
-        assert 10 <= accepted <= 15, outcomes  # plus what 5/s refills while the burst is read
-        assert burst.echo(b"still here") == b"still here"  # the connection survived
+        assert set(limited) == {"RATE_LIMITED: more than 5 posts/s from uid 0"}, outcomes
+        assert len(limited) >= 5, outcomes  # the stream spent the share; at most 10 came back
+        accepted = 20 + outcomes.count("ok")
 
         def say_again() -> int | None:
             try:
-                return burst.say("r", "after the burst")
+                return dgram.say("r", "after the burst")
             except ServerError as exc:
                 if exc.code != ErrorCode.RATE_LIMITED:
                     raise
