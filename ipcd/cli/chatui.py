@@ -21,7 +21,9 @@ notice, so :meth:`ChatSession.drain` runs after every command too.
 Between two prompts the terminal is in cbreak mode (:func:`quiet_terminal`),
 so keys typed ahead are neither echoed nor lost. Leaving -- /quit, Ctrl-D,
 Ctrl-C, SIGTERM, or the daemon going away -- always goes through the prompt's
-own clean-up, which puts the terminal back as it was.
+own clean-up, which puts the terminal back as it was. Ctrl-C exits 130: at
+the prompt it is a key (the prompt's ``interrupt_exception``), between
+prompts a SIGINT that the loop turns into the same way out as SIGTERM.
 
 The session logic (:class:`ChatSession`) only needs a ``write`` callable, so
 it runs without a terminal as well; the terminal is :func:`run_terminal`.
@@ -40,7 +42,15 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ipcd.cli.chatcmds import format_event
-from ipcd.cli.common import EXIT_UNREACHABLE, EXIT_USAGE, Options, fail, handles_errors, pass_options
+from ipcd.cli.common import (
+    EXIT_INTERRUPTED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    Options,
+    fail,
+    handles_errors,
+    pass_options,
+)
 from ipcd.cli.completion import room_names
 from ipcd.client import ChatEvent, Client, ConnectionLost, RequestTimeout, ServerError
 from ipcd.protocol.chat import DEFAULT_ROOM
@@ -61,7 +71,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "topic": ("[TEXT]", "show the current room's topic, or set it to TEXT"),
     "history": ("[N]", f"show the current room's last N messages (default {DEFAULT_HISTORY})"),
     "help": ("", "list these commands"),
-    "quit": ("", "leave (Ctrl-D and Ctrl-C too)"),
+    "quit": ("", "leave (Ctrl-D too; Ctrl-C leaves with exit status 130)"),
 }
 
 
@@ -72,6 +82,12 @@ def command_lines() -> list[str]:
 
 class Disconnected(Exception):
     """The daemon went away; the message says how."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C at the prompt. An ordinary exception, unlike KeyboardInterrupt,
+    which asyncio re-raises out of the loop and leaves in the prompt's task
+    ("Task exception was never retrieved")."""
 
 
 def _count(n: int, noun: str) -> str:
@@ -320,12 +336,16 @@ async def run_terminal(chat: ChatSession) -> int:
             lost(exc)
 
     session: PromptSession[str] = PromptSession(
-        erase_when_done=True, completer=slash_completer(), complete_while_typing=False
+        erase_when_done=True,
+        completer=slash_completer(),
+        complete_while_typing=False,
+        interrupt_exception=Interrupted,
     )
     with patch_stdout():
         loop.add_reader(fd, readable)
         # Leave through the same door as a lost connection: the terminal is put back.
         loop.add_signal_handler(signal.SIGTERM, end, 128 + signal.SIGTERM, "! terminated")
+        loop.add_signal_handler(signal.SIGINT, end, EXIT_INTERRUPTED, "")  # Ctrl-C between prompts
         try:
             readable()  # what came with the join (history) before the loop watched
             while not ended.done():
@@ -334,13 +354,15 @@ async def run_terminal(chat: ChatSession) -> int:
                 await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                 if not prompt.done():  # ended while editing: let the prompt restore the terminal
                     prompt.cancel()
-                    with suppress(asyncio.CancelledError, EOFError, KeyboardInterrupt):
+                    with suppress(asyncio.CancelledError, EOFError, Interrupted):
                         await prompt
                     break
                 try:
                     line = prompt.result()
-                except (EOFError, KeyboardInterrupt):
+                except EOFError:
                     return 0
+                except Interrupted:
+                    return EXIT_INTERRUPTED
                 try:
                     if not chat.handle(line):
                         return 0
@@ -348,9 +370,11 @@ async def run_terminal(chat: ChatSession) -> int:
                     lost(exc)
         finally:
             loop.remove_signal_handler(signal.SIGTERM)
+            loop.remove_signal_handler(signal.SIGINT)
             loop.remove_reader(fd)
     code, why = ended.result()
-    click.echo(why, err=True)
+    if why:
+        click.echo(why, err=True)
     return code
 
 
@@ -429,5 +453,5 @@ def chat(opts: Options, room: str, nick: str | None, history: int) -> None:
             with quiet_terminal(sys.stdin.fileno()):
                 code = asyncio.run(run_terminal(session))
         except KeyboardInterrupt:  # Ctrl-C while a request was on its way
-            code = 0
+            code = EXIT_INTERRUPTED
     sys.exit(code)
