@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,7 @@ class ChatRouter:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.rooms: dict[str, set[Connection]] = {}
+        self.awaiting: Counter[int] = Counter()  # connection id -> requests the master has not answered
         self._dgram_buckets: dict[int, ChatState] = {}  # datagram posts are rate-limited per uid
 
     # -- requests ----------------------------------------------------------
@@ -76,7 +78,8 @@ class ChatRouter:
         meta = {"conn": conn.id, "rid": frame.request_id, "op": frame.op, **_creds(creds)}
         if with_groups:
             meta["groups"] = list(fdpass.peer_groups(conn.sock))
-        self._post(ChannelOp.FORWARD, pack_meta(meta, frame.body), conn, frame.request_id, frame.fds)
+        if self._post(ChannelOp.FORWARD, pack_meta(meta, frame.body), conn, frame.request_id, frame.fds):
+            self.awaiting[conn.id] += 1
 
     def forward_datagram(self, frame: Frame, creds: Credentials | None, address: str | bytes | None) -> None:
         """A datagram SAY: posted as its sender's uid, answered at its address."""
@@ -103,12 +106,14 @@ class ChatRouter:
 
     def _post(
         self, op: ChannelOp, body: bytes, conn: Connection | None, request_id: int, fds: tuple[int, ...] = ()
-    ) -> None:
+    ) -> bool:
         try:
             self.worker.channel.post(op, body, fds=fds)  # ours are closed once sent
         except ChannelClosed:
             if conn is not None:
                 conn.send_error(request_id, ErrorCode.UNAVAILABLE, "this worker is being replaced; retry")
+            return False
+        return True
 
     @property
     def _burst(self) -> float:
@@ -136,6 +141,10 @@ class ChatRouter:
         if conn is None:
             fdpass.close_fds(fds)
             return  # it closed meanwhile; the master hears GONE
+        if self.awaiting[conn.id] > 1:
+            self.awaiting[conn.id] -= 1
+        else:
+            self.awaiting.pop(conn.id, None)
         if "join" in meta:
             self._index(conn, meta["join"], True)
         if "part" in meta:
@@ -171,6 +180,7 @@ class ChatRouter:
         state = conn.chat
         if state is None:
             return
+        self.awaiting.pop(conn.id, None)
         for room in state.rooms:
             members = self.rooms.get(room)
             if members is not None:
