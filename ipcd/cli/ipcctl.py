@@ -60,7 +60,12 @@ LAZY_COMMANDS = {
 )
 @click.option("--json", "json_output", is_flag=True, help="One JSON object per result, for scripts.")
 @click.option(
-    "--timeout", type=click.FloatRange(min=0.001), default=10.0, show_default=True, help="Seconds to wait."
+    "--timeout",
+    type=click.FloatRange(min=0.001),
+    metavar="SECS",
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the daemon.",
 )
 @click.pass_context
 def cli(ctx: click.Context, socket_dir: Path, json_output: bool, timeout: float) -> None:
@@ -111,12 +116,19 @@ def echo(opts: Options, dgram: bool, text: tuple[str, ...]) -> None:
 @cli.command()
 @json_option
 @click.option(
-    "-c", "--count", type=click.IntRange(min=1), default=5, show_default=True, help="Requests to send."
+    "-c",
+    "--count",
+    type=click.IntRange(min=1),
+    metavar="N",
+    default=5,
+    show_default=True,
+    help="Requests to send.",
 )
 @click.option(
     "-s",
     "--size",
     type=click.IntRange(min=0, max=1 << 19),
+    metavar="BYTES",
     default=56,
     show_default=True,
     help="Payload bytes per request.",
@@ -125,6 +137,7 @@ def echo(opts: Options, dgram: bool, text: tuple[str, ...]) -> None:
     "-i",
     "--interval",
     type=click.FloatRange(min=0),
+    metavar="SECS",
     default=0.0,
     show_default=True,
     help="Seconds between requests.",
@@ -134,7 +147,8 @@ def echo(opts: Options, dgram: bool, text: tuple[str, ...]) -> None:
 @pass_options
 @handles_errors
 def ping(opts: Options, count: int, size: int, interval: float, quiet: bool, dgram: bool) -> None:
-    """Measure round trips to the daemon, like ping(8)."""
+    """Measure round trips to the daemon, like ping(8). Ctrl-C stops it:
+    the statistics so far are printed, and it exits 130."""
     payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
     stats = PingStats()
     maker = opts.datagram_client if dgram else opts.client
