@@ -56,6 +56,10 @@ BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 2.0
 _REPLAY_ALL = 1 << 20  # "all the history you keep": the daemon caps it at its history size
 _NICK_PATIENCE = 20  # reconnects that may find our old nick still held by the old connection
+# Refusals that only say the daemon is between two states: a worker that
+# cannot reach its stopping master answers SHUTTING_DOWN (chat) or INTERNAL
+# (status) with the request's id.
+_TRANSIENT = frozenset((ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL))
 
 StatusCallback = Callable[[str], None]
 
@@ -78,6 +82,7 @@ class Subscription:
         self.socket_dir = socket_dir
         self.rooms = list(dict.fromkeys(rooms)) or [DEFAULT_ROOM]
         self.nick = nick
+        self._nick_chosen = nick is not None  # else the daemon's pick, which may go to another
         self.timeout = timeout
         self.reconnect = reconnect
         self.on_status = on_status or (lambda _line: None)
@@ -146,11 +151,10 @@ class Subscription:
             except (DaemonUnreachable, ConnectionLost, RequestTimeout):
                 pass  # still away: wait and try again
             except ServerError as exc:
-                if exc.code != ErrorCode.EXISTS or self._nick_refusals >= _NICK_PATIENCE:
+                if exc.code == ErrorCode.EXISTS:  # only ever about the nick, here
+                    self._nick_taken(exc)
+                elif exc.code not in _TRANSIENT:
                     raise
-                # Our old connection may not be gone yet at the daemon; it
-                # soon will be. (EXISTS is only ever about the nick here.)
-                self._nick_refusals += 1
             else:
                 self._nick_refusals = 0
                 self.reconnects += 1
@@ -158,6 +162,19 @@ class Subscription:
                 return
             time.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
+
+    def _nick_taken(self, refusal: ServerError) -> None:
+        """Our old connection may not be gone yet at the daemon: it soon
+        will be. If the nick stays taken, a nick the daemon chose gives way
+        to the daemon's next pick; one the user chose is an error."""
+        self._nick_refusals += 1
+        if self._nick_refusals < _NICK_PATIENCE:
+            return
+        if self._nick_chosen:
+            raise refusal
+        self.on_status(f"{refusal.message}; listening under the nick the daemon gives")
+        self.nick = None
+        self._nick_refusals = 0
 
     # -- no duplicates -------------------------------------------------------
 

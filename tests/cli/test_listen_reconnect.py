@@ -172,6 +172,34 @@ def test_listen_waits_for_a_restarted_daemon(daemon: Daemon, listeners: list[Lis
     assert sum("connection lost" in line for line in listener.err) == 1, listener.err
 
 
+def test_messages_beyond_the_history_are_said_to_be_missed(
+    socket_dir: Path, listeners: list[Listener]
+) -> None:
+    """The listener is stopped while its worker dies and four messages go
+    by; the daemon keeps two: those two are printed, the other two are
+    reported, and nothing is printed twice."""
+    daemon = Daemon(socket_dir, "--history-size", "2", workers=1).start()
+    try:
+        listener = listen(daemon, listeners, "--json", "-n", "3")
+        post(daemon, "a")
+        listener.wait_printed(1)
+        mine = listener_worker(daemon, listener.proc.pid)
+        os.kill(listener.proc.pid, signal.SIGSTOP)
+        try:
+            os.kill(mine, signal.SIGKILL)
+            daemon.settled_status(
+                lambda s: any(w["state"] == "running" and w["pid"] != mine for w in s["workers"])
+            )
+            post(daemon, "b", "c", "d", "e")
+        finally:
+            os.kill(listener.proc.pid, signal.SIGCONT)
+        assert listener.wait_exit() == 0, listener.err
+        assert texts(listener) == ["a", "d", "e"]
+        assert "ipcctl: 2 messages in ops were missed: older than the daemon's history" in listener.err
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_no_reconnect_exits_69_with_the_true_reason(socket_dir: Path, listeners: list[Listener]) -> None:
     daemon = Daemon(socket_dir, "--drain-timeout", "1", workers=1).start()
     try:
