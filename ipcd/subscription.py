@@ -29,7 +29,10 @@ or a room whose last ``seq`` is below the floor, resets that floor.
 
 Only the first connection's errors reach the caller as they are (no daemon
 at all is a mistake to report, not an outage to wait out), and refusals
-(``ServerError``) always do.
+(``ServerError``) always do. Requests go through :attr:`Subscription.client`
+(the current connection); one that fails with ``ConnectionLost`` hands it
+to :meth:`Subscription.recover`, which is what ``ipcctl chat`` does. Rooms
+joined and nicks taken through the subscription are kept across reconnects.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from ipcd.client import (
     DEFAULT_TIMEOUT,
@@ -66,7 +69,8 @@ StatusCallback = Callable[[str], None]
 
 class Subscription:
     """Chat deliveries for ``rooms`` (and private messages to ``nick``),
-    across reconnects unless ``reconnect`` is False."""
+    across reconnects unless ``reconnect`` is False; ``patience`` bounds how
+    long one outage is waited out (None: for ever)."""
 
     def __init__(
         self,
@@ -77,20 +81,22 @@ class Subscription:
         history: int = 0,
         timeout: float | None = DEFAULT_TIMEOUT,
         reconnect: bool = True,
+        patience: float | None = None,
         on_status: StatusCallback | None = None,
     ) -> None:
         self.socket_dir = socket_dir
-        self.rooms = list(dict.fromkeys(rooms)) or [DEFAULT_ROOM]
+        self.rooms = list(dict.fromkeys(rooms))
         self.nick = nick
         self._nick_chosen = nick is not None  # else the daemon's pick, which may go to another
         self.timeout = timeout
         self.reconnect = reconnect
+        self.patience = patience
         self.on_status = on_status or (lambda _line: None)
         self.reconnects = 0
         self._floors: dict[str, int] = {}  # room -> highest seq delivered or skipped
         self._daemon_pid: int | None = None
         self._nick_refusals = 0
-        self.client: Client | None = self._subscribe(history, first=True)
+        self._client: Client | None = self._subscribe(history, first=True)
 
     def __enter__(self) -> Self:
         return self
@@ -99,28 +105,62 @@ class Subscription:
         self.close()
 
     def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    @property
+    def client(self) -> Client:
+        """The current connection, for requests; it changes after a reconnect.
+        A request that fails with ConnectionLost goes to :meth:`recover`."""
+        if self._client is None:
+            self._reconnect()
+        assert self._client is not None
+        return self._client
 
     def next_event(self, timeout: float | None = None) -> ChatEvent:
         """The next delivery not delivered before, waiting up to ``timeout``
         seconds for it (RequestTimeout after that, as Client.next_event);
         the time spent reconnecting does not count."""
         while True:
-            if self.client is None:
-                self._reconnect()
-                assert self.client is not None
             try:
                 event = self.client.next_event(timeout)
             except ConnectionLost as exc:
-                if not self.reconnect:
-                    raise
-                self.close()
-                self.on_status(f"connection lost ({exc}); reconnecting")
+                self.recover(exc)
                 continue
             if self._is_new(event):
                 return event
+
+    def recover(self, lost: ConnectionLost) -> None:
+        """After ``lost``: connect again and rejoin, or raise ``lost`` when
+        reconnecting is off or the outage outlasts ``patience``."""
+        if not self.reconnect:
+            raise lost
+        self.close()
+        self.on_status(f"connection lost ({lost}); reconnecting")
+        self._reconnect(lost)
+
+    # -- what the subscription covers --------------------------------------
+
+    def join(self, room: str, history: int = 0) -> dict[str, Any]:
+        """Join ``room`` now and after every reconnect; the JOIN reply."""
+        reply = self.client.join(room, history=history)
+        if room not in self.rooms:
+            self.rooms.append(room)
+        self._set_floor(room, int(reply["seq"]), int(reply["history"]), fresh=True)
+        self.nick = str(reply["nick"])
+        return reply
+
+    def part(self, room: str) -> None:
+        self.client.part(room)
+        if room in self.rooms:
+            self.rooms.remove(room)
+        self._floors.pop(room, None)
+
+    def set_nick(self, nick: str) -> str:
+        self.nick = self.client.nick(nick)
+        self._nick_chosen = True
+        return self.nick
 
     # -- connecting ----------------------------------------------------------
 
@@ -143,13 +183,14 @@ class Subscription:
             raise
         return client
 
-    def _reconnect(self) -> None:
+    def _reconnect(self, cause: ConnectionLost | None = None) -> None:
+        deadline = None if self.patience is None else time.monotonic() + self.patience
         delay = BACKOFF_FIRST
         while True:
             try:
-                self.client = self._subscribe(_REPLAY_ALL, first=False)
-            except (DaemonUnreachable, ConnectionLost, RequestTimeout):
-                pass  # still away: wait and try again
+                self._client = self._subscribe(_REPLAY_ALL, first=False)
+            except (DaemonUnreachable, ConnectionLost, RequestTimeout) as exc:
+                cause = cause or (exc if isinstance(exc, ConnectionLost) else ConnectionLost(str(exc)))
             except ServerError as exc:
                 if exc.code == ErrorCode.EXISTS:  # only ever about the nick, here
                     self._nick_taken(exc)
@@ -160,6 +201,8 @@ class Subscription:
                 self.reconnects += 1
                 self.on_status("reconnected")
                 return
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise cause or ConnectionLost("the daemon did not come back")
             time.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
 
@@ -172,7 +215,7 @@ class Subscription:
             return
         if self._nick_chosen:
             raise refusal
-        self.on_status(f"{refusal.message}; listening under the nick the daemon gives")
+        self.on_status(f"{refusal.message}; going on under the nick the daemon gives")
         self.nick = None
         self._nick_refusals = 0
 

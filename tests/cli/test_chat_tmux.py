@@ -142,6 +142,20 @@ def test_daemon_going_away_ends_the_chat_with_69(alice: Terminal, daemon: Daemon
     assert alice.exit_status() == 69
 
 
+def test_a_reload_does_not_end_the_chat(alice: Terminal, daemon: Daemon) -> None:
+    alice.type("half")
+    alice.wait_prompt("[dev] alice> half")
+    daemon.signal(signal.SIGHUP)  # alice's worker retires: she is sent to a new one
+    alice.wait_text("* reconnected")
+    alice.wait_prompt("[dev] alice> half")  # what she was typing is still there
+    alice.enter(" and whole")
+    alice.wait_text("[dev] alice: half and whole")
+    with daemon.client() as reader:
+        assert [m["text"] for m in reader.history("dev")] == ["half and whole"]
+    alice.key("C-d")
+    assert alice.exit_status() == 0
+
+
 def test_sigterm_puts_the_terminal_back_and_exits_143(alice: Terminal, bob: Client) -> None:
     (me,) = [m for m in bob.who("dev") if m["nick"] == "alice"]
     alice.type("half")
