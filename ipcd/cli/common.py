@@ -83,8 +83,11 @@ def _json_wanted() -> bool:
 def report(message: str, exit_status: int, code: str | None = None, as_json: bool = False) -> None:
     """Print one error, as text or as one JSON object, on stderr."""
     if as_json:
-        error = {"code": code or _CODES.get(exit_status, "FAILED"), "message": message}
-        error["exit_status"] = exit_status  # type: ignore[assignment]
+        error: dict[str, Any] = {
+            "code": code or _CODES.get(exit_status, "FAILED"),
+            "message": message,
+            "exit_status": exit_status,
+        }
         click.echo(json.dumps({"error": error}, sort_keys=True, ensure_ascii=False), err=True)
     else:
         click.echo(f"ipcctl: {message}", err=True)
@@ -121,11 +124,9 @@ def handles_errors(func: F) -> F:
                 fail(f"timed out: {exc.message}", EXIT_TIMEOUT)
             fail(f"the daemon refused: {exc.message} ({exc.code_name})", EXIT_REFUSED, exc.code_name)
         except ConnectionLost as exc:
-            fail(
-                f"{exc}; retry, and check the daemon's log if it persists",
-                EXIT_UNREACHABLE,
-                exc.code_name or "CONNECTION_LOST",
-            )
+            # A reload's notice already says what to do (reconnect); others do not.
+            advice = "" if "reconnect" in str(exc) else "; retry, and check the daemon's log if it persists"
+            fail(f"{exc}{advice}", EXIT_UNREACHABLE, exc.code_name or "CONNECTION_LOST")
         except ClientError as exc:
             fail(str(exc), EXIT_REFUSED)
 
@@ -139,7 +140,7 @@ def run(group: click.Group, args: Sequence[str] | None = None) -> NoReturn:
     argv = list(sys.argv[1:] if args is None else args)
     try:
         result = group.main(argv, prog_name="ipcctl", standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt, EOFError):
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click made Ctrl-C an Abort
         interrupted()
     except click.ClickException as exc:
         ctx = getattr(exc, "ctx", None)

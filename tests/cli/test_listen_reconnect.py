@@ -200,16 +200,26 @@ def test_messages_beyond_the_history_are_said_to_be_missed(
         assert daemon.stop() == 0
 
 
-def test_no_reconnect_exits_69_with_the_true_reason(socket_dir: Path, listeners: list[Listener]) -> None:
+RETIRING = "ipcd reloaded and this connection's worker is retiring; reconnect to reach the new workers"
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_no_reconnect_exits_69_with_the_true_reason(
+    socket_dir: Path, listeners: list[Listener], json_output: bool
+) -> None:
     daemon = Daemon(socket_dir, "--drain-timeout", "1", workers=1).start()
     try:
-        listener = listen(daemon, listeners, "--no-reconnect")
+        listener = listen(daemon, listeners, "--no-reconnect", *(["--json"] if json_output else []))
         daemon.signal(signal.SIGHUP)
         assert listener.wait_exit() == 69
-        assert len(listener.err) == 1, listener.err
-        assert listener.err[0].startswith("ipcctl: ipcd reloaded and this connection's worker is retiring")
-        assert "reconnect" in listener.err[0]
         assert listener.out == []
+        if json_output:
+            (line,) = listener.err
+            assert json.loads(line) == {
+                "error": {"code": "SHUTTING_DOWN", "exit_status": 69, "message": RETIRING}
+            }
+        else:
+            assert listener.err == [f"ipcctl: {RETIRING}"]
     finally:
         assert daemon.stop() == 0
 
