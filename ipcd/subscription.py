@@ -60,9 +60,9 @@ BACKOFF_MAX = 2.0
 _REPLAY_ALL = 1 << 20  # "all the history you keep": the daemon caps it at its history size
 _NICK_PATIENCE = 20  # reconnects that may find our old nick still held by the old connection
 # Refusals that only say the daemon is between two states: a worker that
-# cannot reach its stopping master answers SHUTTING_DOWN (chat) or INTERNAL
-# (status) with the request's id.
-_TRANSIENT = frozenset((ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL))
+# cannot reach its master answers UNAVAILABLE (chat) or INTERNAL (status)
+# with the request's id.
+_TRANSIENT = frozenset((ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL, ErrorCode.SHUTTING_DOWN))
 
 StatusCallback = Callable[[str], None]
 
