@@ -68,7 +68,16 @@ class RequestTimeout(ClientError):
 
 
 class ConnectionLost(ClientError):
-    """The daemon closed the connection (its reason, if it sent one, is the message)."""
+    """The daemon closed the connection (its reason, if it sent one, is the
+    message, and its error code, such as SHUTTING_DOWN, is ``code``)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def code_name(self) -> str | None:
+        return None if self.code is None else _code_name(self.code)
 
 
 class ServerError(ClientError):
@@ -81,17 +90,21 @@ class ServerError(ClientError):
 
     @property
     def code_name(self) -> str:
-        try:
-            return ErrorCode(self.code).name
-        except ValueError:
-            return str(self.code)
+        return _code_name(self.code)
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)
 
 
 def connection_error(frame: Frame) -> ClientError:
     """An ERROR about the connection itself (request id 0): codes 40-49 mean
     the daemon is closing it; the others refuse something we did."""
     code, message = decode_error(frame.body)
-    return ConnectionLost(message) if code >= ErrorCode.SLOW_CONSUMER else ServerError(code, message)
+    return ConnectionLost(message, code) if code >= ErrorCode.SLOW_CONSUMER else ServerError(code, message)
 
 
 def _unreachable(path: Path, exc: OSError) -> DaemonUnreachable:
@@ -179,15 +192,14 @@ class Client(_Closing):
         except TimeoutError:
             raise RequestTimeout(f"sending to {self.path} timed out: the daemon is not reading") from None
         except OSError as exc:
-            reason = self._parting_words()
-            raise ConnectionLost(
-                reason or f"connection to {self.path} lost while sending: {exc.strerror}"
+            raise self._parting_words() or ConnectionLost(
+                f"connection to {self.path} lost while sending: {exc.strerror}"
             ) from None
         return request_id
 
-    def _parting_words(self) -> str | None:
-        """After the connection broke: the message of an ERROR frame the
-        daemon sent before closing (why it cut us off), if one is buffered."""
+    def _parting_words(self) -> ConnectionLost | None:
+        """After the connection broke: the ERROR frame the daemon sent
+        before closing (why it cut us off), if one is buffered."""
         self.sock.setblocking(False)
         try:
             while True:
@@ -204,7 +216,8 @@ class Client(_Closing):
                     return None
                 fdpass.close_fds(event.fds)
                 if event.op == Op.ERROR and event.request_id == 0:
-                    return decode_error(event.body)[1]
+                    code, message = decode_error(event.body)
+                    return ConnectionLost(message, code)
         except RemoteProtocolError:
             return None
         finally:

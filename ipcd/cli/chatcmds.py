@@ -14,6 +14,7 @@ from ipcd.cli.sendlines import Line, datagram_posts, input_lines, stdin_source, 
 from ipcd.client import ChatEvent, ClientError, ConnectionLost, RequestTimeout, ServerError
 from ipcd.posting import Poster
 from ipcd.protocol.chat import DEFAULT_ROOM
+from ipcd.subscription import Subscription
 
 
 def format_event(event: ChatEvent) -> str:
@@ -126,41 +127,74 @@ def send(opts: Options, room: str | None, to: str | None, dgram: bool, text: tup
     "-r",
     "rooms",
     multiple=True,
+    metavar="ROOM",
     help=f"Room to listen to; repeatable (default {DEFAULT_ROOM}).",
     shell_complete=room_names,
 )
-@click.option("--count", "-n", type=click.IntRange(min=1), default=None, help="Exit after N messages.")
 @click.option(
-    "--history", type=click.IntRange(min=0), default=0, help="First replay the last N messages of each room."
+    "--count", "-n", type=click.IntRange(min=1), metavar="N", default=None, help="Exit after N messages."
 )
-@click.option("--nick", default=None, help="Listen under this nick (default: your user name).")
+@click.option(
+    "--history",
+    type=click.IntRange(min=0),
+    metavar="N",
+    default=0,
+    help="First replay the last N messages of each room.",
+)
+@click.option(
+    "--nick", metavar="NICK", default=None, help="Listen under this nick (default: your user name)."
+)
 @click.option("--notices/--no-notices", default=False, help="Also print joins, parts and topic changes.")
+@click.option(
+    "--reconnect/--no-reconnect",
+    default=True,
+    show_default=True,
+    help="After a lost connection (a reload, a restart), connect again and go on; "
+    "--no-reconnect exits 69 instead.",
+)
 @pass_options
 @handles_errors
 def listen(
-    opts: Options, rooms: tuple[str, ...], count: int | None, history: int, nick: str | None, notices: bool
+    opts: Options,
+    rooms: tuple[str, ...],
+    count: int | None,
+    history: int,
+    nick: str | None,
+    notices: bool,
+    reconnect: bool,
 ) -> None:
-    """Print room messages (and private messages to you) as they come:
-    ``[room] nick: text``, or one JSON object per line with --json."""
+    """Print room messages (and private messages to you) as they come, one
+    line each ("[room] nick: text"), or one JSON object per line with --json.
+
+    When the connection is lost, listen says so on stderr, connects again
+    (retrying while the daemon is away), rejoins the same rooms with the same
+    nick and goes on without printing any message twice. --count counts
+    across reconnects."""
+
+    def status(line: str) -> None:
+        click.echo(f"ipcctl: {line}", err=True)
+
     seen = 0
-    with opts.client() as client:
-        if nick:
-            client.nick(nick)
-        for room in rooms or (DEFAULT_ROOM,):
-            client.join(room, history=history)
-        try:
-            while count is None or seen < count:
-                try:
-                    event = client.next_event(timeout=3600.0)
-                except RequestTimeout:
-                    continue  # quiet room; a listener waits for ever
-                if event.kind == "notice" and not notices:
-                    continue
-                click.echo(json_line(event) if opts.json else format_event(event))
-                if event.kind != "notice":
-                    seen += 1
-        except KeyboardInterrupt:
-            return
+    subscription = Subscription(
+        opts.socket_dir,
+        rooms or (DEFAULT_ROOM,),
+        nick=nick,
+        history=history,
+        timeout=opts.timeout,
+        reconnect=reconnect,
+        on_status=status,
+    )
+    with subscription:
+        while count is None or seen < count:
+            try:
+                event = subscription.next_event(timeout=3600.0)
+            except RequestTimeout:
+                continue  # quiet room; a listener waits for ever
+            if event.kind == "notice" and not notices:
+                continue
+            click.echo(json_line(event) if opts.json else format_event(event))
+            if event.kind != "notice":
+                seen += 1
 
 
 def json_line(event: ChatEvent) -> str:

@@ -21,7 +21,16 @@ notice, so :meth:`ChatSession.drain` runs after every command too.
 Between two prompts the terminal is in cbreak mode (:func:`quiet_terminal`),
 so keys typed ahead are neither echoed nor lost. Leaving -- /quit, Ctrl-D,
 Ctrl-C, SIGTERM, or the daemon going away -- always goes through the prompt's
-own clean-up, which puts the terminal back as it was.
+own clean-up, which puts the terminal back as it was. Ctrl-C exits 130: at
+the prompt it is a key (the prompt's ``interrupt_exception``), between
+prompts a SIGINT that the loop turns into the same way out as SIGTERM.
+
+The connection belongs to a :class:`~ipcd.subscription.Subscription`: when a
+reload retires its worker or the worker dies, the session connects again
+(for up to :data:`RECONNECT_PATIENCE` seconds, the prompt waiting), takes the
+same nick in the same rooms and shows what was said meanwhile, nothing twice;
+the loop then watches the new socket. A daemon that stays away ends the chat
+with 69, as before.
 
 The session logic (:class:`ChatSession`) only needs a ``write`` callable, so
 it runs without a terminal as well; the terminal is :func:`run_terminal`.
@@ -40,15 +49,27 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ipcd.cli.chatcmds import format_event
-from ipcd.cli.common import EXIT_UNREACHABLE, EXIT_USAGE, Options, fail, handles_errors, pass_options
+from ipcd.cli.common import (
+    EXIT_INTERRUPTED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    Options,
+    fail,
+    handles_errors,
+    pass_options,
+)
 from ipcd.cli.completion import room_names
 from ipcd.client import ChatEvent, Client, ConnectionLost, RequestTimeout, ServerError
 from ipcd.protocol.chat import DEFAULT_ROOM
+from ipcd.subscription import Subscription
 
 if TYPE_CHECKING:
     from prompt_toolkit.completion import Completer
 
 DEFAULT_HISTORY = 10
+# How long an outage is waited out, the prompt frozen, before the chat ends
+# with 69: enough for a reload or a respawned worker, not for a stopped daemon.
+RECONNECT_PATIENCE = 3.0
 
 # name: (arguments, what it does) -- the source of /help and of --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -61,7 +82,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "topic": ("[TEXT]", "show the current room's topic, or set it to TEXT"),
     "history": ("[N]", f"show the current room's last N messages (default {DEFAULT_HISTORY})"),
     "help": ("", "list these commands"),
-    "quit": ("", "leave (Ctrl-D and Ctrl-C too)"),
+    "quit": ("", "leave (Ctrl-D too; Ctrl-C leaves with exit status 130)"),
 }
 
 
@@ -72,6 +93,12 @@ def command_lines() -> list[str]:
 
 class Disconnected(Exception):
     """The daemon went away; the message says how."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C at the prompt. An ordinary exception, unlike KeyboardInterrupt,
+    which asyncio re-raises out of the loop and leaves in the prompt's task
+    ("Task exception was never retrieved")."""
 
 
 def _count(n: int, noun: str) -> str:
@@ -90,13 +117,20 @@ def event_line(event: ChatEvent) -> str:
 
 class ChatSession:
     """The state of one chat: nick, joined rooms (the last is current) and
-    what each typed line does. Output goes through ``write``, one line a call."""
+    what each typed line does. Output goes through ``write``, one line a call.
 
-    def __init__(self, client: Client, write: Callable[[str], None], history: int = DEFAULT_HISTORY) -> None:
-        self.client = client
+    The connection is a :class:`Subscription`'s: when it is lost (a reload
+    retiring its worker, a worker crash), the session connects again within
+    ``subscription.patience`` seconds, with the same nick in the same rooms,
+    and shows what it missed without showing anything twice."""
+
+    def __init__(
+        self, subscription: Subscription, write: Callable[[str], None], history: int = DEFAULT_HISTORY
+    ) -> None:
+        self.subscription = subscription
+        subscription.on_status = self._status
         self.write = write
         self.history = history
-        self.nick = ""
         self.rooms: list[str] = []  # in joining order; the last is the current room
         self._commands: dict[str, Callable[[str], None]] = {
             "join": self._join,
@@ -111,6 +145,15 @@ class ChatSession:
         }
 
     @property
+    def client(self) -> Client:
+        """The current connection (a new one after a reconnect)."""
+        return self.subscription.client
+
+    @property
+    def nick(self) -> str:
+        return self.subscription.nick or ""
+
+    @property
     def room(self) -> str | None:
         return self.rooms[-1] if self.rooms else None
 
@@ -119,18 +162,21 @@ class ChatSession:
 
     # -- start and incoming ------------------------------------------------
 
-    def start(self, room: str, nick: str | None) -> None:
+    def start(self, room: str, nick: str | None = None) -> None:
         """Take ``nick`` and join ``room``; errors propagate (the caller exits)."""
-        if nick:
-            self.nick = self.client.nick(nick)
+        if nick and nick != self.nick:
+            self.subscription.set_nick(nick)
         self._join(room)
+
+    def _status(self, line: str) -> None:
+        self.write("* reconnected" if line == "reconnected" else f"! {line}")
 
     def drain(self) -> None:
         """Show every delivery already received, without waiting for more.
         Raises :class:`Disconnected` when the daemon has gone."""
         while True:
             try:
-                event = self.client.next_event(timeout=0)
+                event = self.subscription.next_event(timeout=0)  # reconnects if need be
             except RequestTimeout:
                 return
             except ServerError as exc:
@@ -169,7 +215,11 @@ class ChatSession:
         except RequestTimeout as exc:
             self.write(f"! {exc}")
         except ConnectionLost as exc:
-            raise Disconnected(str(exc)) from exc
+            try:
+                self.subscription.recover(exc)
+            except ConnectionLost as gone:
+                raise Disconnected(str(gone)) from gone
+            self.write("! that may not have reached the daemon; if it is missing, type it again")
         self.drain()
         return True
 
@@ -190,9 +240,8 @@ class ChatSession:
         if not arg or " " in arg:
             self._usage("join")
             return
-        reply = self.client.join(arg, history=self.history)
+        reply = self.subscription.join(arg, history=self.history)
         room = str(reply["room"])
-        self.nick = str(reply["nick"])
         if room in self.rooms:
             self.rooms.remove(room)
         self.rooms.append(room)
@@ -203,7 +252,7 @@ class ChatSession:
         room = arg or self._current()
         if room is None:
             return
-        self.client.part(room)
+        self.subscription.part(room)
         if room in self.rooms:
             self.rooms.remove(room)
         now = f"; now in {self.room}" if self.room else "; /join a room to talk"
@@ -222,7 +271,7 @@ class ChatSession:
         if not arg or " " in arg:
             self._usage("nick")
             return
-        self.nick = self.client.nick(arg)
+        self.subscription.set_nick(arg)
         if not self.rooms:  # otherwise every room's notice says so
             self.write(f"* you are now known as {self.nick}")
 
@@ -301,7 +350,8 @@ async def run_terminal(chat: ChatSession) -> int:
 
     loop = asyncio.get_running_loop()
     ended: asyncio.Future[tuple[int, str]] = loop.create_future()  # exit code, last words
-    fd = chat.client.fileno()
+    watched = chat.client
+    fd = watched.fileno()
 
     def end(code: int, why: str) -> None:
         if not ended.done():
@@ -318,14 +368,29 @@ async def run_terminal(chat: ChatSession) -> int:
         except Disconnected as exc:
             loop.remove_reader(fd)
             lost(exc)
+            return
+        rewatch()
+
+    def rewatch() -> None:
+        """After a reconnect, watch the new connection instead."""
+        nonlocal watched, fd
+        if chat.client is not watched:
+            loop.remove_reader(fd)
+            watched = chat.client
+            fd = watched.fileno()
+            loop.add_reader(fd, readable)
 
     session: PromptSession[str] = PromptSession(
-        erase_when_done=True, completer=slash_completer(), complete_while_typing=False
+        erase_when_done=True,
+        completer=slash_completer(),
+        complete_while_typing=False,
+        interrupt_exception=Interrupted,
     )
     with patch_stdout():
         loop.add_reader(fd, readable)
         # Leave through the same door as a lost connection: the terminal is put back.
         loop.add_signal_handler(signal.SIGTERM, end, 128 + signal.SIGTERM, "! terminated")
+        loop.add_signal_handler(signal.SIGINT, end, EXIT_INTERRUPTED, "")  # Ctrl-C between prompts
         try:
             readable()  # what came with the join (history) before the loop watched
             while not ended.done():
@@ -334,23 +399,29 @@ async def run_terminal(chat: ChatSession) -> int:
                 await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                 if not prompt.done():  # ended while editing: let the prompt restore the terminal
                     prompt.cancel()
-                    with suppress(asyncio.CancelledError, EOFError, KeyboardInterrupt):
+                    with suppress(asyncio.CancelledError, EOFError, Interrupted):
                         await prompt
                     break
                 try:
                     line = prompt.result()
-                except (EOFError, KeyboardInterrupt):
+                except EOFError:
                     return 0
+                except Interrupted:
+                    return EXIT_INTERRUPTED
                 try:
                     if not chat.handle(line):
                         return 0
                 except Disconnected as exc:
                     lost(exc)
+                else:
+                    rewatch()
         finally:
             loop.remove_signal_handler(signal.SIGTERM)
+            loop.remove_signal_handler(signal.SIGINT)
             loop.remove_reader(fd)
     code, why = ended.result()
-    click.echo(why, err=True)
+    if why:
+        click.echo(why, err=True)
     return code
 
 
@@ -422,12 +493,15 @@ def chat(opts: Options, room: str, nick: str | None, history: int) -> None:
         )
     import asyncio  # noqa: PLC0415  (see run_terminal)
 
-    with opts.client() as client:
-        session = ChatSession(client, _print_line, history)
-        session.start(room, nick)
+    subscription = Subscription(
+        opts.socket_dir, (), nick=nick, timeout=opts.timeout, patience=RECONNECT_PATIENCE
+    )
+    with subscription:
+        session = ChatSession(subscription, _print_line, history)
+        session.start(room)
         try:
             with quiet_terminal(sys.stdin.fileno()):
                 code = asyncio.run(run_terminal(session))
         except KeyboardInterrupt:  # Ctrl-C while a request was on its way
-            code = 0
+            code = EXIT_INTERRUPTED
     sys.exit(code)

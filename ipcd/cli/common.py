@@ -1,11 +1,28 @@
-"""What every ipcctl command shares: options, output, errors and exit codes."""
+"""What every ipcctl command shares: options, output, errors and exit codes.
+
+Errors are reported in one place each: :func:`handles_errors` maps the
+client's exceptions (and Ctrl-C) to exit codes, :func:`fail` prints the one
+line, and :func:`run` (ipcctl's entry point) catches what click itself
+raises -- usage errors and interrupts outside a command -- so that every
+error has the same two forms: ``ipcctl: what happened; what to do`` on
+stderr, or with ``--json`` one object on one line of stderr::
+
+    {"error": {"code": "NOT_FOUND", "exit_status": 1, "message": "..."}}
+
+``code`` is the daemon's error code name for a refusal (``NOT_FOUND``,
+``PERMISSION_DENIED``, ...), or one of ``USAGE``, ``UNREACHABLE``,
+``TIMED_OUT``, ``CONNECTION_LOST``, ``FAILED`` (a local failure, such as a
+file that cannot be opened) and ``EXEC_FAILED``. An interrupt (Ctrl-C) is
+not an error: it exits 130 and prints nothing more.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -26,6 +43,17 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 69  # EX_UNAVAILABLE
 EXIT_TIMEOUT = 75  # EX_TEMPFAIL
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+# The JSON ``code`` of an error that has no daemon error code, by exit status.
+_CODES = {
+    EXIT_REFUSED: "FAILED",
+    EXIT_USAGE: "USAGE",
+    EXIT_UNREACHABLE: "UNREACHABLE",
+    EXIT_TIMEOUT: "TIMED_OUT",
+    126: "EXEC_FAILED",
+    127: "EXEC_FAILED",
+}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,18 +74,47 @@ class Options:
         click.echo(json.dumps(obj, sort_keys=True))
 
 
-def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"ipcctl: {message}", err=True)
+def _json_wanted() -> bool:
+    ctx = click.get_current_context(silent=True)
+    options = ctx.find_object(Options) if ctx is not None else None
+    return options is not None and options.json
+
+
+def report(message: str, exit_status: int, code: str | None = None, as_json: bool = False) -> None:
+    """Print one error, as text or as one JSON object, on stderr."""
+    if as_json:
+        error: dict[str, Any] = {
+            "code": code or _CODES.get(exit_status, "FAILED"),
+            "message": message,
+            "exit_status": exit_status,
+        }
+        click.echo(json.dumps({"error": error}, sort_keys=True, ensure_ascii=False), err=True)
+    else:
+        click.echo(f"ipcctl: {message}", err=True)
+
+
+def fail(message: str, code: int, name: str | None = None) -> NoReturn:
+    """Report an error and exit with status ``code``; ``name`` is its JSON
+    code (by default the one that goes with the exit status)."""
+    report(message, code, name, _json_wanted())
     sys.exit(code)
 
 
+def interrupted() -> NoReturn:
+    """Ctrl-C: leave quietly with 130 (whatever was to be shown is shown)."""
+    sys.exit(EXIT_INTERRUPTED)
+
+
 def handles_errors(func: F) -> F:
-    """Map client exceptions to the documented exit codes, one line each."""
+    """Map client exceptions to the documented exit codes, one line each,
+    and Ctrl-C to 130 without a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            interrupted()
         except DaemonUnreachable as exc:
             fail(str(exc), EXIT_UNREACHABLE)
         except RequestTimeout as exc:
@@ -65,13 +122,45 @@ def handles_errors(func: F) -> F:
         except ServerError as exc:
             if exc.code == ErrorCode.TIMED_OUT:
                 fail(f"timed out: {exc.message}", EXIT_TIMEOUT)
-            fail(f"the daemon refused: {exc.message} ({exc.code_name})", EXIT_REFUSED)
+            fail(f"the daemon refused: {exc.message} ({exc.code_name})", EXIT_REFUSED, exc.code_name)
         except ConnectionLost as exc:
-            fail(f"{exc}; retry, and check the daemon's log if it persists", EXIT_UNREACHABLE)
+            # A reload's notice already says what to do (reconnect); others do not.
+            advice = "" if "reconnect" in str(exc) else "; retry, and check the daemon's log if it persists"
+            fail(f"{exc}{advice}", EXIT_UNREACHABLE, exc.code_name or "CONNECTION_LOST")
         except ClientError as exc:
             fail(str(exc), EXIT_REFUSED)
 
     return wrapper  # type: ignore[return-value]
+
+
+def run(group: click.Group, args: Sequence[str] | None = None) -> NoReturn:
+    """Run ``group`` as a program: what click would do in its standalone
+    mode, except that an interrupt exits 130 without "Aborted!" and that,
+    with ``--json``, click's own usage errors are JSON too."""
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        result = group.main(argv, prog_name="ipcctl", standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click made Ctrl-C an Abort
+        interrupted()
+    except click.ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        options = ctx.find_object(Options) if ctx is not None else None
+        before_command_args = argv[: argv.index("--")] if "--" in argv else argv
+        if (options is not None and options.json) or "--json" in before_command_args:
+            message = exc.format_message()
+            if ctx is not None:
+                message += f"; see '{ctx.command_path} --help'"
+            report(message, exc.exit_code, "USAGE" if exc.exit_code == EXIT_USAGE else None, as_json=True)
+        else:
+            exc.show()
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        # The reader of our stdout left (``ipcctl listen | head -1``): stop
+        # quietly, and keep the interpreter's final flush from failing too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 pass_options = click.make_pass_decorator(Options)
@@ -90,6 +179,7 @@ def json_option(func: F) -> F:
         "--json",
         "json_flag",
         is_flag=True,
+        is_eager=True,  # before the others: their usage errors are then JSON too
         expose_value=False,
         callback=enable,
         help="JSON output, for scripts.",

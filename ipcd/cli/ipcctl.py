@@ -12,7 +12,16 @@ from pathlib import Path
 import click
 
 from ipcd import __version__
-from ipcd.cli.common import EXIT_TIMEOUT, Options, fail, handles_errors, json_option, pass_options
+from ipcd.cli.common import (
+    EXIT_TIMEOUT,
+    Options,
+    fail,
+    handles_errors,
+    interrupted,
+    json_option,
+    pass_options,
+    run,
+)
 from ipcd.cli.lazygroup import LazyGroup
 from ipcd.cli.pingstats import PingStats
 from ipcd.client import RequestTimeout
@@ -51,14 +60,28 @@ LAZY_COMMANDS = {
 )
 @click.option("--json", "json_output", is_flag=True, help="One JSON object per result, for scripts.")
 @click.option(
-    "--timeout", type=click.FloatRange(min=0.001), default=10.0, show_default=True, help="Seconds to wait."
+    "--timeout",
+    type=click.FloatRange(min=0.001),
+    metavar="SECS",
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the daemon.",
 )
 @click.pass_context
 def cli(ctx: click.Context, socket_dir: Path, json_output: bool, timeout: float) -> None:
     """Talk to the ipcd daemon.
 
     Exit codes: 0 ok, 1 the daemon refused, 2 usage, 69 daemon unreachable,
-    75 timed out.
+    75 timed out, 130 interrupted (Ctrl-C).
+
+    Errors are one line on stderr. With --json (before or after the
+    command), an error is one JSON object on one line of stderr instead:
+
+    \b
+      {"error": {"code": "NOT_FOUND", "exit_status": 1, "message": "..."}}
+
+    where code is the daemon's error code (NOT_FOUND, PERMISSION_DENIED, ...)
+    or USAGE, UNREACHABLE, TIMED_OUT, CONNECTION_LOST, FAILED, EXEC_FAILED.
     """
     ctx.obj = Options(socket_dir, json_output, timeout)
 
@@ -93,12 +116,19 @@ def echo(opts: Options, dgram: bool, text: tuple[str, ...]) -> None:
 @cli.command()
 @json_option
 @click.option(
-    "-c", "--count", type=click.IntRange(min=1), default=5, show_default=True, help="Requests to send."
+    "-c",
+    "--count",
+    type=click.IntRange(min=1),
+    metavar="N",
+    default=5,
+    show_default=True,
+    help="Requests to send.",
 )
 @click.option(
     "-s",
     "--size",
     type=click.IntRange(min=0, max=1 << 19),
+    metavar="BYTES",
     default=56,
     show_default=True,
     help="Payload bytes per request.",
@@ -107,6 +137,7 @@ def echo(opts: Options, dgram: bool, text: tuple[str, ...]) -> None:
     "-i",
     "--interval",
     type=click.FloatRange(min=0),
+    metavar="SECS",
     default=0.0,
     show_default=True,
     help="Seconds between requests.",
@@ -116,7 +147,8 @@ def echo(opts: Options, dgram: bool, text: tuple[str, ...]) -> None:
 @pass_options
 @handles_errors
 def ping(opts: Options, count: int, size: int, interval: float, quiet: bool, dgram: bool) -> None:
-    """Measure round trips to the daemon, like ping(8)."""
+    """Measure round trips to the daemon, like ping(8). Ctrl-C stops it:
+    the statistics so far are printed, and it exits 130."""
     payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
     stats = PingStats()
     maker = opts.datagram_client if dgram else opts.client
@@ -125,22 +157,27 @@ def ping(opts: Options, count: int, size: int, interval: float, quiet: bool, dgr
     if verbose:
         click.echo(f"PING {target}: {size} data bytes")
     started = time.perf_counter()
+    stopped = False  # by Ctrl-C: like ping(8), show the statistics so far, then exit 130
     with maker() as client:
-        for seq in range(1, count + 1):
-            stats.sent += 1
-            try:
-                rtt = client.ping(payload)
-            except RequestTimeout:
-                if not dgram:
-                    raise
+        try:
+            for seq in range(1, count + 1):
+                try:
+                    rtt = client.ping(payload)
+                except RequestTimeout:
+                    if not dgram:
+                        raise
+                    stats.sent += 1  # counted once answered or lost: an interrupted one is neither
+                    if verbose:
+                        click.echo(f"request seq={seq} timed out")
+                    continue
+                stats.sent += 1
+                stats.rtts.append(rtt)
                 if verbose:
-                    click.echo(f"request seq={seq} timed out")
-                continue
-            stats.rtts.append(rtt)
-            if verbose:
-                click.echo(f"{size + 16} bytes from {target}: seq={seq} time={rtt * 1000:.3f} ms")
-            if interval and seq < count:
-                time.sleep(interval)
+                    click.echo(f"{size + 16} bytes from {target}: seq={seq} time={rtt * 1000:.3f} ms")
+                if interval and seq < count:
+                    time.sleep(interval)
+        except KeyboardInterrupt:
+            stopped = True
     elapsed = time.perf_counter() - started
     if opts.json:
         opts.emit(
@@ -151,6 +188,8 @@ def ping(opts: Options, count: int, size: int, interval: float, quiet: bool, dgr
             click.echo("")
         for line in stats.lines(target, elapsed):
             click.echo(line)
+    if stopped:
+        interrupted()
     if not stats.received:
         fail(f"no replies from {target}", EXIT_TIMEOUT)
 
@@ -211,7 +250,7 @@ def status(opts: Options) -> None:
 
 
 def main() -> None:
-    cli()
+    run(cli)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ from ipcd.settings import READ_BUFFER_SIZE, Settings
 log = logging.getLogger("ipcd.worker")
 
 _SWEEP_INTERVAL = 1.0
+# A reload's notice to the connections of an old worker: the daemon goes on;
+# only this connection's worker is going. Code SHUTTING_DOWN, id 0.
+RETIRING = "ipcd reloaded and this connection's worker is retiring{}; reconnect to reach the new workers"
 _REPORT_INTERVAL = 1.0
 FDS_ALLOWED = frozenset((Op.PUT,))  # ops whose frames may carry fds
 NEVER_ANSWERED = frozenset((Op.PONG,))
@@ -134,20 +137,57 @@ class Worker:
 
     def stop(self, reason: str) -> None:
         """Close every connection (telling each why) and exit."""
+        self._close_all(f"ipcd is stopping ({reason})")
+
+    def _close_all(self, notice: str) -> None:
         for conn in list(self.connections.values()):
-            conn.send_error(0, ErrorCode.SHUTTING_DOWN, f"ipcd is stopping ({reason})")
+            conn.send_error(0, ErrorCode.SHUTTING_DOWN, notice)
             conn.flush()
             conn.close(None)
         self._exit_code = 0
 
     def drain(self, timeout: float) -> None:
-        """Old generation after a reload: no new work; exit when idle."""
+        """Old generation after a reload: no new work; exit when idle.
+
+        Connections in flight are served to the end. Idle chat listeners
+        would never end on their own, so they are told at once to
+        reconnect (to the new generation) instead of at the drain timeout;
+        every other connection is left alone until then."""
         self.draining = True
         if self.dgram is not None:
             self.loop.remove(self.dgram)
-        self.loop.call_later(timeout, lambda: self.stop("drain timeout after reload"))
+        self.loop.call_later(
+            timeout, lambda: self._close_all(RETIRING.format(" (drain timeout after reload)"))
+        )
+        self._retire_idle_listeners()
         if not self.connections:
             self._exit_code = 0
+
+    def _retire_idle_listeners(self) -> None:
+        """Send idle room members away (checked again each second of the drain)."""
+        for conn in [c for c in self.connections.values() if self._idle_listener(c)]:
+            conn.send_error(0, ErrorCode.SHUTTING_DOWN, RETIRING.format(""))
+            conn.close_after_flush()
+        if self._exit_code is None and self.connections:
+            self.loop.call_later(_SWEEP_INTERVAL, self._retire_idle_listeners)
+
+    def _idle_listener(self, conn: Connection) -> bool:
+        """In a room, and nothing of its own on the way in either direction:
+        no request unanswered or half-read, no byte unread, no output queued."""
+        state = conn.chat
+        if conn.closing or conn.held or state is None or not state.rooms or conn.has_output:
+            return False
+        if state.in_flight or any(c == conn.id for c, _ in self._status_waiters.values()):
+            return False
+        if conn.decoder is not None and not conn.decoder.idle:
+            return False
+        try:
+            conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True  # nothing sent to us that we have not read
+        except OSError:
+            return False  # broken: its own read will find out and close it
+        return False  # a request has arrived (or end of file): let it be served first
 
     # -- channel -----------------------------------------------------------
 

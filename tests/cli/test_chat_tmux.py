@@ -124,11 +124,15 @@ def test_lines_typed_ahead_are_sent_in_order_and_not_echoed(alice: Terminal, bob
     assert bob.history("dev", 1)[0]["text"] == "bye"
 
 
-def test_ctrl_c_leaves_cleanly_even_mid_line(alice: Terminal) -> None:
+def test_ctrl_c_leaves_cleanly_even_mid_line(alice: Terminal, bob: Client) -> None:
     alice.type("never sent")
     alice.wait_prompt("[dev] alice> never sent")
     alice.key("C-c")
-    assert alice.exit_status() == 0
+    assert alice.exit_status() == 130  # interrupted, as a shell reports it
+    screen = alice.screen()
+    assert "Traceback" not in screen, screen
+    assert "Task exception" not in screen, screen
+    assert [r["seq"] for r in bob.rooms() if r["room"] == "dev"] in ([], [0])  # nothing was sent
 
 
 def test_daemon_going_away_ends_the_chat_with_69(alice: Terminal, daemon: Daemon) -> None:
@@ -136,6 +140,20 @@ def test_daemon_going_away_ends_the_chat_with_69(alice: Terminal, daemon: Daemon
     assert daemon.stop() == 0
     alice.wait_text("! lost the connection to the daemon")
     assert alice.exit_status() == 69
+
+
+def test_a_reload_does_not_end_the_chat(alice: Terminal, daemon: Daemon) -> None:
+    alice.type("half")
+    alice.wait_prompt("[dev] alice> half")
+    daemon.signal(signal.SIGHUP)  # alice's worker retires: she is sent to a new one
+    alice.wait_text("* reconnected")
+    alice.wait_prompt("[dev] alice> half")  # what she was typing is still there
+    alice.enter(" and whole")
+    alice.wait_text("[dev] alice: half and whole")
+    with daemon.client() as reader:
+        assert [m["text"] for m in reader.history("dev")] == ["half and whole"]
+    alice.key("C-d")
+    assert alice.exit_status() == 0
 
 
 def test_sigterm_puts_the_terminal_back_and_exits_143(alice: Terminal, bob: Client) -> None:

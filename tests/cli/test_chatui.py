@@ -3,19 +3,22 @@ lines, its output collected, against a real daemon."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from ipcd.cli.chatui import ChatSession, Disconnected
-from ipcd.client import Client
+from ipcd.subscription import Subscription
 from tests.daemon import Daemon, wait_for
 
 
 class Chat:
-    def __init__(self, client: Client) -> None:
+    def __init__(self, daemon: Daemon, patience: float = 0.2) -> None:
         self.lines: list[str] = []
-        self.session = ChatSession(client, self.lines.append, history=5)
+        self.subscription = Subscription(daemon.socket_dir, (), patience=patience)
+        self.session = ChatSession(self.subscription, self.lines.append, history=5)
 
     def type(self, line: str) -> list[str]:
         """What one typed line printed (deliveries included)."""
@@ -34,8 +37,8 @@ class Chat:
 
 @pytest.fixture
 def chat(daemon: Daemon) -> Iterator[Chat]:
-    with daemon.client() as client:
-        chat = Chat(client)
+    chat = Chat(daemon)
+    with chat.subscription:
         chat.session.start("dev", "carol")
         yield chat
 
@@ -49,8 +52,8 @@ def test_join_replays_recent_history_with_timestamps(daemon: Daemon) -> None:
     with daemon.client() as dave:
         for n in range(7):
             dave.say("old", f"m{n}")
-        with daemon.client() as client:
-            late = Chat(client)
+        late = Chat(daemon)
+        with late.subscription:
             late.session.start("old", None)
             late.wait_line("m6")
             shown = [line for line in late.lines if "[old]" in line]
@@ -112,3 +115,28 @@ def test_a_closed_connection_raises_disconnected(daemon: Daemon, chat: Chat) -> 
     assert daemon.stop() == 0
     with pytest.raises(Disconnected):
         chat.session.handle("anyone?")
+
+
+def test_a_reload_moves_the_session_on_and_nothing_shows_twice(socket_dir: Path) -> None:
+    # The drain timeout is never reached: only the reload's notice can move the session.
+    daemon = Daemon(socket_dir, "--drain-timeout", "3600", workers=1).start()
+    try:
+        chat = Chat(daemon, patience=10)
+        with chat.subscription:
+            chat.session.start("dev", "carol")
+            chat.type("before")
+            chat.wait_line("carol: before")
+            daemon.signal(signal.SIGHUP)
+            chat.wait_line("* reconnected")
+            with daemon.client() as dave:
+                dave.say("dev", "during")  # dave connected after the reload: a new worker's
+            chat.type("after")
+            chat.wait_line("carol: after")
+            assert chat.session.prompt() == "[dev] carol> "
+        shown = [line.split("] ", 1)[1] for line in chat.lines if "[dev] " in line and ": " in line]
+        assert shown == ["carol: before", "root: during", "carol: after"], chat.lines  # in seq order
+        lost = [line for line in chat.lines if line.startswith("! connection lost")]
+        assert len(lost) == 1, chat.lines
+        assert "ipcd reloaded" in lost[0]
+    finally:
+        assert daemon.stop() == 0

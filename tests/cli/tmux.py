@@ -63,6 +63,10 @@ class Terminal:
     def screen(self) -> str:
         return self.tmux("capture-pane", "-p", "-t", self.target)
 
+    def transcript(self) -> str:
+        """Everything the pane showed, the lines scrolled off the top included."""
+        return self.tmux("capture-pane", "-p", "-S", "-", "-t", self.target)
+
     def wait_screen(self, predicate: Callable[[str], bool], what: str, timeout: float = 10.0) -> str:
         """The screen once ``predicate`` holds for it."""
         seen = [""]
@@ -76,6 +80,10 @@ class Terminal:
         except TimeoutError as exc:
             raise AssertionError(f"{exc}; the screen shows:\n{seen[0]}") from None
         return screen
+
+    def pane_pid(self) -> int:
+        """The pid of the program the pane runs (its first process)."""
+        return int(self.tmux("display-message", "-p", "-t", self.target, "#{pane_pid}").strip())
 
     def wait_text(self, text: str, timeout: float = 10.0) -> str:
         return self.wait_screen(lambda s: text in s, f"{text!r} on the screen", timeout)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ipcd.client import ConnectionLost, ServerError
-from ipcd.protocol import ErrorCode, Op, encode_frame
+from ipcd.client import Client, ConnectionLost, ServerError
+from ipcd.protocol import ErrorCode, Op, encode_frame, encode_json
 from ipcd.settings import OPTIONS
 from tests.daemon import (
     Daemon,
@@ -177,6 +177,59 @@ def test_reload_drain_timeout_closes_lingering_connections(daemon_args: list[str
         held.close()
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_reload_sends_idle_listeners_away_at_once_and_lets_requests_finish(socket_dir: Path) -> None:
+    """Old workers retire at a reload: a room member with nothing in flight
+    is told at once (not at the drain timeout, never reached here) that it
+    should reconnect; a member waiting for a reply gets the reply first; a
+    connection that is not listening is served until it closes."""
+    daemon = Daemon(socket_dir, "--drain-timeout", "3600", workers=1).start()
+    listener, waiter, held = daemon.client(), daemon.client(), daemon.client()
+    try:
+        listener.join("news")
+        waiter.join("news")
+        get = waiter.send(Op.GET, encode_json({"name": "later", "wait": 60}))
+        assert held.echo(b"x") == b"x"
+        old = daemon.worker_pids()
+
+        daemon.signal(signal.SIGHUP)
+        notice = sent_away(listener)
+        assert notice.code == ErrorCode.SHUTTING_DOWN
+        assert str(notice) == (
+            "ipcd reloaded and this connection's worker is retiring; reconnect to reach the new workers"
+        )
+        assert held.echo(b"still served") == b"still served"
+
+        read_end, write_end = os.pipe()
+        try:
+            with daemon.client() as putter:  # a new connection: served by the new generation
+                putter.put("later", [read_end])
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+        reply = waiter.wait_reply(get)
+        assert reply.op == Op.GET_REPLY
+        os.close(*reply.fds)
+        assert "reconnect to reach the new workers" in str(sent_away(waiter))  # idle now: sent away too
+
+        held.close()
+        daemon.settled_status(lambda s: not set(old) & {w["pid"] for w in s["workers"]})
+    finally:
+        for client in (listener, waiter, held):
+            client.close()
+        assert daemon.stop() == 0
+
+
+def sent_away(client: Client) -> ConnectionLost:
+    """How the daemon closed ``client``'s connection, past the notices
+    (joins) it delivered before."""
+    while True:
+        try:
+            event = client.next_event(timeout=10)
+        except ConnectionLost as exc:
+            return exc
+        assert event.kind == "notice", event
 
 
 @pytest.fixture
