@@ -42,7 +42,12 @@ def event_json(event: ChatEvent) -> dict[str, Any]:
 @click.command()
 @json_option
 @click.option(
-    "--room", "-r", default=None, help=f"Room to post to (default {DEFAULT_ROOM}).", shell_complete=room_names
+    "--room",
+    "-r",
+    metavar="ROOM",
+    default=None,
+    help=f"Room to post to (default {DEFAULT_ROOM}).",
+    shell_complete=room_names,
 )
 @click.option(
     "--to", "to", default=None, metavar="NICK", help="Send a private message instead.", shell_complete=nicks

@@ -52,6 +52,7 @@ LAZY_COMMANDS = {
 @click.option(
     "--socket-dir",
     type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
     envvar="IPCD_SOCKET_DIR",
     show_envvar=True,
     default=DEFAULT_SOCKET_DIR,

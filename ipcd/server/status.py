@@ -8,6 +8,7 @@ from typing import Any
 
 from ipcd import __version__
 from ipcd.server.pool import WorkerHandle, WorkerPool
+from ipcd.services.chat import BURST_FACTOR, MAX_IN_FLIGHT
 from ipcd.settings import READ_BUFFER_SIZE, Settings
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -51,6 +52,8 @@ def limits(settings: Settings) -> dict[str, Any]:
         "history_size": settings.history_size,
         "rooms_per_connection": settings.rooms_per_connection,
         "rate_limit": settings.rate_limit,
+        "rate_burst": settings.rate_limit * BURST_FACTOR,
+        "max_in_flight": MAX_IN_FLIGHT,
         "fd_quota": settings.fd_quota,
         "send_timeout": settings.send_timeout,
         "idle_timeout": settings.idle_timeout,

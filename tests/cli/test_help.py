@@ -33,3 +33,23 @@ def test_ipcd_help_has_no_raw_markup_or_type_names(path: tuple[str, ...]) -> Non
     assert result.exit_code == 0, result.output
     found = sorted({m.group(0) for m in RAW.finditer(result.output)})
     assert not found, f"ipcd {' '.join(path)} --help shows {found}:\n{result.output}"
+
+
+# An option followed by click's name for its type instead of a metavar.
+RAW_OPTION = re.compile(
+    r"--[\w-]+ (?:TEXT|FLOAT RANGE|INTEGER RANGE|FLOAT|INTEGER|DIRECTORY|PATH|FILENAME)\b"
+)
+
+
+def _ipcctl() -> click.Group:
+    from ipcd.cli.ipcctl import cli  # noqa: PLC0415 - a LazyGroup: every command is loaded below
+
+    return cli
+
+
+@pytest.mark.parametrize("path", _commands(_ipcctl()), ids=lambda p: " ".join(("ipcctl", *p)))
+def test_ipcctl_help_has_no_raw_markup_or_type_names(path: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(_ipcctl(), [*path, "--help"], prog_name="ipcctl")
+    assert result.exit_code == 0, result.output
+    found = sorted({m.group(0) for m in (*RAW.finditer(result.output), *RAW_OPTION.finditer(result.output))})
+    assert not found, f"ipcctl {' '.join(path)} --help shows {found}:\n{result.output}"

@@ -85,6 +85,8 @@ def test_status_tells_a_client_the_limits_it_must_respect(short_tmp: Path) -> No
         assert limits["pause_reading_at"] == 256 * 1024
         assert limits["max_datagram"] == 256 * 1024
         assert limits["max_message"] == 16 * 1024
+        assert limits["max_in_flight"] == 256
+        assert limits["rate_burst"] == 2 * limits["rate_limit"]
         for key in ("history_size", "rooms_per_connection", "fd_quota", "rate_limit", "idle_timeout"):
             assert key in limits
     finally:
