@@ -298,3 +298,41 @@ class Pipes:
             for fd in select.select(list(waiting), [], [], remaining)[0]:
                 assert os.read(fd, 1) == b"", "nobody writes to these pipes"
                 waiting.discard(fd)
+
+
+def run_cli_as(
+    uid: int, gid: int, main: Callable[[list[str]], object], argv: list[str]
+) -> tuple[int, str, str]:
+    """Run a CLI's ``main(argv)`` in a forked child that became ``uid``/``gid``:
+    its exit status, stdout and stderr. The venv's interpreter lies under
+    root's 0700 home, so another user can neither exec it nor import what
+    the parent has not imported yet: import the CLI before calling this."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 70
+        try:
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - pytest replaced the streams
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            main(argv)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException as exc:
+            os.write(2, f"child failed: {exc!r}\n".encode())
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(out_w)
+    os.close(err_w)
+    with os.fdopen(out_r) as out, os.fdopen(err_r) as err:
+        stdout, stderr = out.read(), err.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), stdout, stderr

@@ -6,10 +6,9 @@ import os
 import pwd
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
-from tests.daemon import Daemon, ipcctl, wait_for
+from tests.daemon import Daemon, ipcctl, run_cli_as, wait_for
 
 IPCD = [sys.executable, "-m", "ipcd.cli.ipcd"]
 
@@ -133,38 +132,7 @@ def test_status_says_permission_denied_not_not_running(short_tmp: Path) -> None:
 
 
 def _as_nobody(args: list[str]) -> tuple[int, str, str]:
-    """Run ``ipcd ARGS`` in a forked child that became ``nobody`` (the
-    interpreter lives under /root, which nobody may not exec, so the child
-    runs the already-imported CLI instead of a new process image)."""
     from ipcd.cli.ipcd import cli  # noqa: PLC0415
 
     nobody = pwd.getpwnam("nobody")
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 70
-        try:
-            os.dup2(out_w, 1)
-            os.dup2(err_w, 2)
-            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - pytest replaced the streams
-            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-            os.setgroups([])
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            cli.main(args=args, prog_name="ipcd", standalone_mode=True)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    os.close(out_w)
-    os.close(err_w)
-    with os.fdopen(out_r) as out, os.fdopen(err_r) as err:
-        stdout, stderr = out.read(), err.read()
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), stdout, stderr
+    return run_cli_as(nobody.pw_uid, nobody.pw_gid, lambda argv: cli.main(args=argv, prog_name="ipcd"), args)

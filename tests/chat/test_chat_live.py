@@ -24,7 +24,7 @@ import pytest
 from ipcd.client import Client, ConnectionLost, DatagramClient, ServerError
 from ipcd.protocol import ErrorCode, Op, decode_json, encode_json
 from tests.chat.conftest import Spawn, StartDaemon
-from tests.chat.users import Actor, ActorError, ChatUser, Event, worker_of
+from tests.chat.users import Actor, ActorError, ChatUser, Event, nicks_in, worker_of
 from tests.daemon import IPCCTL, Daemon, ipcctl, rss_kib, wait_for
 from tests.server.test_bad_input import FdBaseline
 
@@ -76,14 +76,6 @@ def nicks_after_a_kill(daemon: Daemon, room: str) -> list[str] | None:
         return nicks_in(daemon, room)
     except ConnectionLost:
         return None
-
-
-def nicks_in(daemon: Daemon, room: str) -> list[str]:
-    try:
-        with daemon.client() as client:
-            return [m["nick"] for m in client.who(room)]
-    except ServerError:
-        return []  # no such room yet
 
 
 def spread_over_workers(

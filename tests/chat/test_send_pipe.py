@@ -25,17 +25,9 @@ import pytest
 from ipcd.client import Client, ServerError
 from ipcd.protocol import Op, decode_json, encode_frame, encode_json
 from tests.chat.conftest import Spawn, StartDaemon
-from tests.chat.users import ChatUser
+from tests.chat.users import ChatUser, nicks_in
 from tests.daemon import IPCCTL, Daemon, ipcctl, wait_for
 from tests.server.test_bad_input import FdBaseline
-
-
-def nicks_in(daemon: Daemon, room: str) -> list[str]:
-    try:
-        with daemon.client() as client:
-            return [m["nick"] for m in client.who(room)]
-    except ServerError:
-        return []  # no such room yet
 
 
 def send_all(client: Client, room: str, texts: list[str]) -> list[int]:

@@ -64,6 +64,15 @@ def remove_users(names: list[str]) -> None:
         subprocess.run(["userdel", name], capture_output=True, check=False)
 
 
+def nicks_in(daemon: Daemon, room: str) -> list[str]:
+    """Who is in ``room`` now (none if it does not exist yet)."""
+    try:
+        with daemon.client() as client:
+            return [m["nick"] for m in client.who(room)]
+    except ServerError:
+        return []  # no such room yet
+
+
 # -- where a connection landed ------------------------------------------------------
 
 

@@ -6,7 +6,6 @@ the contract (1 refused, 2 usage, 69 unreachable, 75 timed out)."""
 from __future__ import annotations
 
 import json
-import os
 import pwd
 import socket
 import subprocess
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 from ipcd.cli.ipcctl import main
-from tests.daemon import Daemon, ipcctl
+from tests.daemon import Daemon, ipcctl, run_cli_as
 
 
 def json_error(result: subprocess.CompletedProcess[str], exit_status: int, code: str) -> dict[str, Any]:
@@ -110,33 +109,14 @@ def test_help_documents_the_json_errors() -> None:
 
 
 def run_as(uid: int, gid: int, argv: list[str]) -> tuple[int, str]:
-    """ipcctl's main() in a child that became ``uid`` (the venv's interpreter
-    lies under root's 0700 home, so another user cannot exec it, nor import
-    what the parent has not imported yet): its exit status and stderr."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 70
-        try:
-            os.dup2(write_end, 2)
-            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - not pytest's capture
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            sys.argv = ["ipcctl", *argv]
-            main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException as exc:
-            os.write(2, f"child failed: {exc!r}\n".encode())
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end) as err:
-        stderr = err.read()
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), stderr
+    """ipcctl's main() as another user: its exit status and stderr."""
+
+    def run(args: list[str]) -> None:
+        sys.argv = ["ipcctl", *args]
+        main()
+
+    code, _, stderr = run_cli_as(uid, gid, run, argv)
+    return code, stderr
 
 
 @pytest.fixture
