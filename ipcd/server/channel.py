@@ -137,13 +137,15 @@ class Channel:
         return self.sock.fileno()
 
     def send(self, op: ChannelOp, body: bytes = b"", fds: Sequence[int] = (), request_id: int = 0) -> None:
-        """Send one record. Raises ``BlockingIOError`` when the peer's queue
-        is full and :class:`ChannelClosed` when the peer is gone."""
-        record = encode_frame(op, request_id, body, nfds=len(fds))
-        try:
-            fdpass.send_with_fds(self.sock, [record], fds)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise ChannelClosed(str(exc)) from exc
+        """Send one message now, behind everything posted before it.
+
+        There is one ordered path: the batch posted so far goes first, then
+        this message (fragmented if large), and if the peer's queue is full
+        it waits in the backlog like any other record. Nothing overtakes a
+        queued record or lands between the fragments of one. ``fds`` become
+        the channel's, as with :meth:`post`. Raises :class:`ChannelClosed`."""
+        self.flush()
+        self._send_message(op, body, request_id, fds)
 
     def post(self, op: ChannelOp, body: bytes = b"", request_id: int = 0, fds: Sequence[int] = ()) -> None:
         """Queue a message; :meth:`flush` sends what was queued, in order.

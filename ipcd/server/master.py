@@ -266,7 +266,7 @@ class Master:
     def _sync_accepting(self) -> None:
         assert self.pool is not None
         assert self.stream is not None
-        want = not self._stopping and not self._accept_paused and bool(self.pool.running())
+        want = not self._stopping and not self._accept_paused and self.pool.can_take()
         if want != self._accepting:
             self._accepting = want
             if want:
@@ -279,6 +279,13 @@ class Master:
         assert self.stream is not None
         listener = self.stream.sock
         for _ in range(_ACCEPT_BATCH):
+            if not self.pool.can_take():
+                # Every channel is backed up: leave the rest in the kernel's
+                # backlog (it pushes back on clients) rather than accept
+                # what no worker can take now; the loop resumes accepting
+                # once a channel drains (see _sync_accepting).
+                self._sync_accepting()
+                return
             try:
                 conn, _ = listener.accept()
             except BlockingIOError:
@@ -286,9 +293,9 @@ class Master:
             except OSError as exc:
                 self._accept_failed(exc)
                 return
-            with conn:
-                if self.pool.pass_connection(conn.fileno()) is None:
-                    log.error("no worker could take a connection; closing it")
+            # The channel owns the fd from here on and closes it once sent.
+            if self.pool.pass_connection(conn.detach()) is None:
+                log.error("no worker runs to take a connection; closed it")
 
     def _accept_failed(self, exc: OSError) -> None:
         """Out of fds (EMFILE/ENFILE) or memory: the listener stays readable,
@@ -346,7 +353,7 @@ class Master:
                 handle.channel.send(
                     ChannelOp.STATUS_RESULT, encode_json(status), request_id=record.request_id
                 )
-            except (BlockingIOError, ChannelClosed, OSError) as exc:
+            except ChannelClosed as exc:
                 log.warning("cannot answer worker %d's status query: %s", handle.pid, exc)
 
     def _store_tick(self) -> None:

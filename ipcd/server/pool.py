@@ -202,19 +202,27 @@ class WorkerPool:
     def running(self) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.state is WorkerState.RUNNING and w.channel_open]
 
+    def can_take(self) -> bool:
+        """Whether some running worker's channel is clear: the master accepts
+        only then, so a burst waits in the kernel's listen backlog instead of
+        piling up in the master (or being closed)."""
+        return any(not w.channel.has_backlog for w in self.running())
+
     def pass_connection(self, fd: int) -> WorkerHandle | None:
-        """Send ``fd`` to the least-loaded running worker; None if none took it."""
-        candidates = sorted(self.running(), key=lambda w: (w.connections, w.passed))
+        """Hand ``fd`` (ours: the channel closes it once sent) to the
+        least-loaded running worker whose channel is clear, else to the
+        least-loaded one, where it waits its turn in the channel's order.
+        None (and ``fd`` closed) only if no worker runs."""
+        candidates = sorted(self.running(), key=lambda w: (w.channel.has_backlog, w.connections, w.passed))
         for handle in candidates:
             try:
                 handle.channel.send(ChannelOp.CONN, fds=(fd,))
-            except BlockingIOError:
-                continue  # its queue is full: it is stuck or swamped, try the next
-            except (ChannelClosed, OSError):
+            except ChannelClosed:
                 self.channel_closed(handle)
                 continue
             handle.passed += 1
             return handle
+        os.close(fd)
         return None
 
     def broadcast(self, op: ChannelOp, body: bytes = b"", states: tuple[WorkerState, ...] = ()) -> None:
@@ -222,8 +230,8 @@ class WorkerPool:
             if handle.channel_open and (not states or handle.state in states):
                 try:
                     handle.channel.send(op, body)
-                except (BlockingIOError, ChannelClosed, OSError):
-                    pass
+                except ChannelClosed:
+                    pass  # its EOF is being handled
 
     # -- reload and stop ---------------------------------------------------
 
@@ -251,7 +259,7 @@ class WorkerPool:
             if handle.channel_open:
                 try:
                     handle.channel.send(ChannelOp.DRAIN, f"{self.settings.drain_timeout}".encode())
-                except (BlockingIOError, ChannelClosed, OSError):
+                except ChannelClosed:
                     self._signal(handle.pid, signal.SIGTERM)
 
     def stop_all(self) -> None:
