@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 PY_DIRS := $(wildcard ipcd tests benchmarks examples)
 
-.PHONY: install run test lint fmt bench clean
+.PHONY: install run test lint fmt bench soak clean
 
 # Bytecode is compiled here because nothing else will write it: this machine
 # sets PYTHONDONTWRITEBYTECODE=1, so every run would compile ipcd again
@@ -48,6 +48,9 @@ fmt: install
 
 bench: install
 	$(BIN)/python -m benchmarks
+
+soak: install
+	$(BIN)/pytest -m soak
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
