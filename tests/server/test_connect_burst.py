@@ -64,10 +64,7 @@ def _client(path: str, count: int, results: multiprocessing.connection.Connectio
 def burst(daemon: Daemon, clients: int, each: int) -> None:
     context = multiprocessing.get_context("fork")
     pipes = [context.Pipe(duplex=False) for _ in range(clients)]
-    procs = [
-        context.Process(target=_client, args=(str(daemon.stream_path), each, send))
-        for _, send in pipes
-    ]
+    procs = [context.Process(target=_client, args=(str(daemon.stream_path), each, send)) for _, send in pipes]
     for proc in procs:
         proc.start()
     results = []
