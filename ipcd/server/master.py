@@ -202,7 +202,7 @@ class Master:
 
     def preserved_fds(self) -> list[int]:
         """The fds a daemonizer must keep open: sockets, lock, loop."""
-        fds = [self.loop.selector.fileno()]
+        fds = [self.loop.fileno()]
         fds += [b.sock.fileno() for b in (self.stream, self.dgram) if b is not None]
         if self.lock.fd >= 0:
             fds.append(self.lock.fd)
@@ -277,9 +277,14 @@ class Master:
     def _on_accept(self, mask: int) -> None:
         assert self.pool is not None
         assert self.stream is not None
-        listener = self.stream.sock
+        pool = self.pool
+        # accept() without the socket object socket.accept() would build
+        # for each connection (the fd is passed on at once); close-on-exec
+        # as socket.accept() makes it.
+        accept = self.stream.sock._accept  # type: ignore[attr-defined]
         for _ in range(_ACCEPT_BATCH):
-            if not self.pool.can_take():
+            target = pool.choose()
+            if target is None:
                 # Every channel is backed up: leave the rest in the kernel's
                 # backlog (it pushes back on clients) rather than accept
                 # what no worker can take now; the loop resumes accepting
@@ -287,14 +292,14 @@ class Master:
                 self._sync_accepting()
                 return
             try:
-                conn, _ = listener.accept()
+                fd, _ = accept()
             except BlockingIOError:
                 return
             except OSError as exc:
                 self._accept_failed(exc)
                 return
             # The channel owns the fd from here on and closes it once sent.
-            if self.pool.pass_connection(conn.detach()) is None:
+            if pool.pass_connection(fd, target) is None:
                 log.error("no worker runs to take a connection; closed it")
 
     def _accept_failed(self, exc: OSError) -> None:

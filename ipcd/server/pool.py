@@ -202,28 +202,41 @@ class WorkerPool:
     def running(self) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.state is WorkerState.RUNNING and w.channel_open]
 
-    def can_take(self) -> bool:
-        """Whether some running worker's channel is clear: the master accepts
-        only then, so a burst waits in the kernel's listen backlog instead of
-        piling up in the master (or being closed)."""
-        return any(not w.channel.has_backlog for w in self.running())
+    def choose(self) -> WorkerHandle | None:
+        """The least-loaded running worker whose channel is clear, if any.
+        The master accepts only while there is one, so a burst waits in the
+        kernel's listen backlog instead of piling up in the master (or being
+        closed). One pass, no lists: it runs once per accepted connection."""
+        best: WorkerHandle | None = None
+        best_key = (0, 0)
+        for handle in self.workers.values():
+            if handle.state is WorkerState.RUNNING and handle.channel_open and not handle.channel.has_backlog:
+                key = (handle.connections, handle.passed)
+                if best is None or key < best_key:
+                    best, best_key = handle, key
+        return best
 
-    def pass_connection(self, fd: int) -> WorkerHandle | None:
-        """Hand ``fd`` (ours: the channel closes it once sent) to the
-        least-loaded running worker whose channel is clear, else to the
-        least-loaded one, where it waits its turn in the channel's order.
-        None (and ``fd`` closed) only if no worker runs."""
-        candidates = sorted(self.running(), key=lambda w: (w.channel.has_backlog, w.connections, w.passed))
-        for handle in candidates:
-            try:
-                handle.channel.send(ChannelOp.CONN, fds=(fd,))
-            except ChannelClosed:
-                self.channel_closed(handle)
-                continue
-            handle.passed += 1
-            return handle
-        os.close(fd)
-        return None
+    def can_take(self) -> bool:
+        return self.choose() is not None
+
+    def pass_connection(self, fd: int, handle: WorkerHandle | None = None) -> WorkerHandle | None:
+        """Hand ``fd`` to ``handle``, or the worker :meth:`choose` picks, or
+        else the least-loaded running one, where it waits its turn in the
+        channel's order. The channel owns ``fd`` from here on: it closes it
+        once sent, or at once if the worker turns out to be gone (then the
+        connection is lost with it, as a crashed worker's are, and None is
+        returned). None too, ``fd`` closed, if no worker runs."""
+        target = handle or self.choose() or min(self.running(), key=lambda w: w.connections, default=None)
+        if target is None:
+            os.close(fd)
+            return None
+        try:
+            target.channel.send(ChannelOp.CONN, fds=(fd,))
+        except ChannelClosed:
+            self.channel_closed(target)
+            return None
+        target.passed += 1
+        return target
 
     def broadcast(self, op: ChannelOp, body: bytes = b"", states: tuple[WorkerState, ...] = ()) -> None:
         for handle in list(self.workers.values()):

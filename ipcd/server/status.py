@@ -30,7 +30,7 @@ def _worker_entry(handle: WorkerHandle, now: float) -> dict[str, Any]:
         "generation": handle.generation,
         "connections": handle.connections,
         "rss": rss_bytes(handle.pid),
-        "received": handle.load.get("received", 0),
+        "received": handle.passed,  # the master counts what it passed: exact, unlike the reports
         "frames": handle.load.get("frames", 0),
         "datagrams": handle.load.get("datagrams", 0),
         "protocol_errors": handle.load.get("protocol_errors", 0),

@@ -47,6 +47,10 @@ _SWEEP_INTERVAL = 1.0
 # only this connection's worker is going. Code SHUTTING_DOWN, id 0.
 RETIRING = "ipcd reloaded and this connection's worker is retiring{}; reconnect to reach the new workers"
 _REPORT_INTERVAL = 1.0
+# Connection counts change on every open and close; reporting each change
+# cost every short connection two LOAD records. The master counts what it
+# passed itself, so closes may reach it this much later.
+_LOAD_COALESCE = 0.02
 FDS_ALLOWED = frozenset((Op.PUT,))  # ops whose frames may carry fds
 NEVER_ANSWERED = frozenset((Op.PONG,))
 
@@ -88,6 +92,7 @@ class Worker:
         self._exit_code: int | None = None
         self._ids = itertools.count(1)
         self._load_dirty = True
+        self._load_timer = False
         self._last_report = 0.0
         self._reported = (0, 0)
         self._status_waiters: dict[int, tuple[int, int]] = {}  # token -> (conn id, request id)
@@ -118,10 +123,10 @@ class Worker:
             self.loop.run_once()
             if self.to_flush:
                 self._flush_all()
+            if self._exit_code is None and self._load_due():
+                self._report_load()
             if self.channel.has_pending:
                 self._flush_channel()
-            if self._exit_code is None and (self._load_dirty or self._report_due()):
-                self._report_load()
         try:
             self.channel.flush()  # last words: GONE for the connections closed on the way out
         except (ChannelClosed, OSError):
@@ -246,6 +251,22 @@ class Worker:
             log.warning("worker %d: cannot reach the master (%s)", os.getpid(), exc)
             return False
         return True
+
+    def _load_due(self) -> bool:
+        """A changed connection count goes out within _LOAD_COALESCE (a
+        timer wakes the loop for it); other counters once a second."""
+        if not self._load_dirty:
+            return self._report_due()
+        wait = self._last_report + _LOAD_COALESCE - self.loop.now
+        if wait <= 0:
+            return True
+        if not self._load_timer:
+            self._load_timer = True
+            self.loop.call_later(wait, self._load_timer_fired)
+        return False
+
+    def _load_timer_fired(self) -> None:
+        self._load_timer = False  # the loop's next pass reports
 
     def _report_due(self) -> bool:
         if self.loop.now - self._last_report < _REPORT_INTERVAL:
