@@ -53,7 +53,8 @@ def assert_every_reader_gets_the_room(daemon: Daemon, texts: list[str]) -> None:
         assert [m["seq"] for m in history] == list(range(1, FULL + 1))
     with daemon.client(timeout=30) as raw:
         capped = raw.call(Op.JOIN, room=ROOM, history=FULL)  # the daemon's own reply: a capped replay
-        assert capped["more"] and capped["before"] == FULL - capped["history"] + 1
+        assert capped["more"]
+        assert capped["before"] == FULL - capped["history"] + 1
         replayed = [raw.next_event(timeout=10).data["seq"] for _ in range(capped["history"])]
         assert replayed == list(range(capped["before"], FULL + 1))
     with daemon.client(timeout=30) as joiner:
