@@ -307,8 +307,22 @@ class Client(_Closing):
         return str(self.call(Op.NICK, nick=nick)["nick"])
 
     def join(self, room: str, history: int = 0) -> dict[str, Any]:
-        """Join ``room``; the last ``history`` messages follow as events."""
-        return self.call(Op.JOIN, room=room, history=history or None)
+        """Join ``room``; the last ``history`` messages follow as events,
+        oldest first, then new ones. The daemon replays as many as fit its
+        output buffer and says where it stopped (``more``, ``before``): the
+        older rest is fetched here with HISTORY and queued ahead of the
+        replay, so the reply's ``history`` counts every message that follows."""
+        reply = self.call(Op.JOIN, room=room, history=history or None)
+        if reply.get("more"):
+            at = len(self.events)  # the replay comes after the reply: none of it is queued yet
+            replayed = int(reply["history"])
+            older = self.history(room, history - replayed, before=int(reply["before"]))
+            for offset, message in enumerate(older):
+                self.events.insert(at + offset, Frame(Op.MESSAGE, 0, encode_json(message)))
+            reply["history"] = replayed + len(older)
+            reply["more"] = False
+            del reply["before"]
+        return reply
 
     def part(self, room: str) -> None:
         self.call(Op.PART, room=room)
@@ -344,8 +358,25 @@ class Client(_Closing):
     def topic(self, room: str, topic: str | None = None) -> str:
         return str(self.call(Op.TOPIC, room=room, topic=topic)["topic"])
 
-    def history(self, room: str, count: int | None = None) -> list[dict[str, Any]]:
-        return list(self.call(Op.HISTORY, room=room, count=count)["messages"])
+    def history(self, room: str, count: int | None = None, before: int | None = None) -> list[dict[str, Any]]:
+        """The last ``count`` messages of ``room`` (None: all the daemon
+        keeps), below seq ``before`` if given, oldest first. A reply holds
+        what fits the daemon's output buffer and says if more remain; this
+        asks page after page and returns them all."""
+        pages: list[list[dict[str, Any]]] = []
+        remaining = count
+        while True:
+            reply = self.call(Op.HISTORY, room=room, count=remaining, before=before)
+            page = list(reply["messages"])
+            pages.append(page)
+            if not reply.get("more") or not page:
+                break
+            before = int(reply["before"])
+            if remaining is not None:
+                remaining -= len(page)
+                if remaining <= 0:
+                    break
+        return [message for page in reversed(pages) for message in page]
 
     # -- fd hand-off ------------------------------------------------------------
 

@@ -17,6 +17,14 @@ receives it once, in sequence order. Notices (join, part, quit, topic,
 nick) do not take sequence numbers, so a gap in ``seq`` always means a lost
 message, never a notice.
 
+History is paged so that one reply always fits the connection's output
+buffer, whatever the history size and message limit: a HISTORY reply, and
+a JOIN's replay, hold the newest of the messages asked for that fit the
+reply budget (a quarter of ``--max-outbuf``, never less than one message)
+and say so when the budget left older ones out (``more``, and the ``before``
+to ask HISTORY with next). A reader that reads therefore never meets the
+slow-consumer bound through its own requests.
+
 Identity comes from the kernel (SO_PEERCRED / SCM_CREDENTIALS, forwarded by
 the worker): a message carries its sender's uid whatever nick they chose.
 """
@@ -28,7 +36,7 @@ import pwd
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ipcd.protocol import (
@@ -45,6 +53,7 @@ from ipcd.protocol.chat import (
     NICK_MAX,
     TOPIC_MAX,
     check_count,
+    check_cursor,
     check_nick,
     check_room,
     check_text,
@@ -60,6 +69,7 @@ _CHUNK = 128 * 1024  # replayed history per channel record, well under RECORD_MA
 Member = tuple[int, int]  # (worker pid, connection id)
 Args = dict[str, Any]  # a request body
 Result = tuple[dict[str, Any], dict[str, Any]]  # (meta for the worker, reply body)
+Kept = tuple[dict[str, Any], bytes]  # a message in a room's history: its body and its MESSAGE frame
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +78,7 @@ class Limits:
     max_text: int = 16 * 1024  # bytes of UTF-8 text per message
     rooms_per_connection: int = 64
     max_rooms: int = 10_000
+    reply_budget: int = 1 << 20  # bytes of history per reply or replay: a quarter of --max-outbuf
 
 
 @dataclasses.dataclass(eq=False)
@@ -86,8 +97,20 @@ class Room:
     seq: int = 0
     members: dict[Member, Session] = dataclasses.field(default_factory=dict)
     workers: Counter[int] = dataclasses.field(default_factory=Counter)
-    history: deque[tuple[dict[str, Any], bytes]] = dataclasses.field(default_factory=deque)
+    history: deque[Kept] = dataclasses.field(default_factory=deque)
     last_used: float = dataclasses.field(default_factory=time.monotonic)
+
+
+def newest_that_fit(sizes: Sequence[int], budget: int) -> int:
+    """How many of the last of ``sizes`` fit in ``budget`` bytes together:
+    a page of history is its newest messages. At least one (if there is
+    one), so a message larger than the budget still pages through."""
+    total = 0
+    for taken, size in enumerate(reversed(sizes)):
+        total += size
+        if taken and total > budget:
+            return taken
+    return len(sizes)
 
 
 class ChatError(ServiceError):
@@ -320,7 +343,7 @@ class Hub:
             room.workers[sender.worker] += 1
             session.rooms.add(name)
         self._reply_at = len(out)  # the joiner's worker indexes it only from the reply on
-        replay = list(room.history)[-want_history:] if want_history else []
+        replay, more = self._page(room, want_history, None)
         # After the reply record, on the same ordered channel: before any new message.
         self._deliver_to(sender.worker, sender.conn, [frame for _, frame in replay], out)
         result = {
@@ -330,7 +353,10 @@ class Hub:
             "seq": room.seq,
             "members": sorted(s.nick for s in room.members.values()),
             "history": len(replay),
+            "more": more,
         }
+        if more:
+            result["before"] = replay[0][0]["seq"]  # HISTORY pages on from here
         return {"join": name}, result
 
     def _part(self, sender: Sender, args: Args, out: list[Out]) -> Result:
@@ -420,8 +446,23 @@ class Hub:
     def _history(self, sender: Sender, args: Args, out: list[Out]) -> Result:
         room = self._room(check_room(args.get("room", DEFAULT_ROOM)), create=False)
         count = check_count(args.get("count", self.limits.history), self.limits.history, "count")
-        messages = [message for message, _ in list(room.history)[-count:]] if count else []
-        return {}, {"room": room.name, "messages": messages}
+        page, more = self._page(room, count, check_cursor(args.get("before"), "before"))
+        messages = [message for message, _ in page]
+        result: dict[str, Any] = {"room": room.name, "messages": messages, "more": more}
+        if more:
+            result["before"] = page[0][0]["seq"]
+        return {}, result
+
+    def _page(self, room: Room, count: int, before: int | None) -> tuple[list[Kept], bool]:
+        """The last ``count`` messages with a seq below ``before`` (of all,
+        when None), oldest first, cut to the newest that fit the reply
+        budget; and whether the budget left any of them out."""
+        if not count:
+            return [], False
+        kept = list(room.history) if before is None else [k for k in room.history if k[0]["seq"] < before]
+        wanted = kept[-count:]
+        fit = newest_that_fit([len(frame) for _, frame in wanted], self.limits.reply_budget)
+        return wanted[len(wanted) - fit :], fit < len(wanted)
 
 
 _HANDLERS: dict[int, Callable[[Hub, Sender, Args, list[Out]], Result]] = {

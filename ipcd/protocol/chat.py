@@ -66,6 +66,15 @@ def check_count(value: Any, limit: int, name: str) -> int:
     return min(value, limit)
 
 
+def check_cursor(value: Any, name: str) -> int | None:
+    """A paging cursor: a sequence number, or None for "from the newest"."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _bad(f"{name} must be a non-negative integer (a seq)")
+    return value
+
+
 def parse_body(body: bytes) -> dict[str, Any]:
     return decode_json(body)
 

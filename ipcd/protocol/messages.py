@@ -4,6 +4,10 @@ ERROR bodies are binary (``u16 code`` + UTF-8 message) so a C client can read
 them without a JSON parser. Control bodies that are read by people and
 scripts (STATUS) are UTF-8 JSON objects: they change shape as the daemon
 grows, and JSON lets old clients ignore keys they do not know.
+
+JSON is written as UTF-8, not ASCII with ``\\uXXXX`` escapes: a character
+takes its 1-4 UTF-8 bytes instead of 6 (12 beyond U+FFFF), so a body's size
+is its text's size and the reply limits hold for non-Latin text too.
 """
 
 from __future__ import annotations
@@ -31,7 +35,17 @@ def decode_error(body: bytes) -> tuple[int, str]:
 
 
 def encode_json(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+    """Compact UTF-8 JSON with sorted keys. Never raises for a string: one
+    with no UTF-8 form (a lone surrogate, or a path that ``os`` decoded
+    with surrogateescape) sends the whole body ASCII-escaped instead, which
+    is still JSON and decodes to the same strings. Text a client sends is
+    refused at the door when it is not valid Unicode (ipcd.protocol.chat),
+    so only the daemon's own descriptions of the system can take that path."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
 
 
 def decode_json(body: bytes) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipcd.chat.hub import Hub, Limits, Out, Sender
+from ipcd.chat.hub import Hub, Limits, Out, Sender, newest_that_fit
 from ipcd.protocol import (
     NEED_DATA,
     ErrorCode,
@@ -303,6 +303,103 @@ def test_a_long_replay_is_split_into_records_but_stays_in_order(sim: Sim) -> Non
     assert [m["seq"] for m in late.messages()] == list(range(1, 41))
 
 
+# A message of 1000 "ü" is a frame of about 2.1 KB (UTF-8 text, not escapes): two fit this budget.
+PAGED = Limits(history=10, reply_budget=5000)
+
+
+def _full_room(sim: Sim, n: int = 10) -> Conn:
+    poster = sim.connect(W1)
+    for i in range(1, n + 1):
+        poster.say("big", f"{i:02d}" + "ü" * 998)
+    return poster
+
+
+def test_a_history_reply_holds_the_newest_that_fit_and_pages_back_to_the_oldest() -> None:
+    sim = Sim(PAGED)
+    reader = _full_room(sim)
+    pages, before, count = [], None, 10
+    while True:
+        args = {"room": "big", "count": count, **({} if before is None else {"before": before})}
+        frame = reader.request(Op.HISTORY, encode_json(args))
+        assert len(frame.body) <= PAGED.reply_budget  # one reply always fits
+        reply = decode_json(frame.body)
+        pages.append([m["seq"] for m in reply["messages"]])
+        if not reply["more"]:
+            assert "before" not in reply
+            break
+        before, count = reply["before"], count - len(reply["messages"])
+        assert before == reply["messages"][0]["seq"]
+    assert pages == [[9, 10], [7, 8], [5, 6], [3, 4], [1, 2]]
+    assert all(m["text"].endswith("ü" * 998) for m in reader.call(Op.HISTORY, room="big")["messages"])
+
+
+def test_history_counts_back_from_before_and_says_more_only_when_the_budget_cut_it() -> None:
+    sim = Sim(PAGED)
+    reader = _full_room(sim)
+
+    def page(**args: Any) -> tuple[list[int], bool]:
+        reply = reader.call(Op.HISTORY, room="big", **args)
+        return [m["seq"] for m in reply["messages"]], reply["more"]
+
+    assert page(count=1) == ([10], False)
+    assert page(count=2, before=5) == ([3, 4], False)
+    assert page(count=5, before=3) == ([1, 2], False)  # fewer than asked: the history has no more
+    assert page(count=3, before=5) == ([3, 4], True)
+    assert page(count=3, before=1) == ([], False)
+    assert page(count=3, before=0) == ([], False)
+    assert page(count=3, before=1000) == ([9, 10], True)
+    assert page(count=0) == ([], False)
+
+
+def test_a_message_larger_than_the_budget_still_comes_one_per_page() -> None:
+    sim = Sim(Limits(history=10, reply_budget=100))
+    reader = _full_room(sim, 3)
+    reply = reader.call(Op.HISTORY, room="big", count=3)
+    assert ([m["seq"] for m in reply["messages"]], reply["more"], reply["before"]) == ([3], True, 3)
+    reply = reader.call(Op.HISTORY, room="big", count=2, before=3)
+    assert ([m["seq"] for m in reply["messages"]], reply["more"], reply["before"]) == ([2], True, 2)
+
+
+def test_a_join_replays_what_fits_the_budget_and_says_where_history_goes_on() -> None:
+    sim = Sim(PAGED)
+    _full_room(sim)
+    sim.records.clear()
+    late = sim.connect(W2)
+    reply = late.join("big", history=10)
+    assert (reply["seq"], reply["history"], reply["more"], reply["before"]) == (10, 2, True, 9)
+    replay = [r for r in sim.records if r.op == ChannelOp.DELIVER]
+    assert sum(len(unpack_meta(r.body)[1]) for r in replay) <= PAGED.reply_budget
+    assert [m["seq"] for m in late.messages()] == [9, 10]
+    # The rest, with HISTORY from where the replay began: together, the 10 asked for.
+    rest = late.call(Op.HISTORY, room="big", count=10 - reply["history"], before=reply["before"])
+    assert [m["seq"] for m in rest["messages"]] == [7, 8]
+    small = sim.connect(W2).join("big", history=2)
+    assert (small["history"], small["more"], "before" in small) == (2, False, False)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "budget", "fit"),
+    [
+        ([], 10, 0),
+        ([5], 1, 1),  # never less than one
+        ([3, 3, 3], 6, 2),
+        ([3, 3, 3], 5, 1),
+        ([3, 3, 3], 100, 3),
+        ([10, 1, 1], 2, 2),  # the newest are the last
+        ([1, 1, 10], 2, 1),
+    ],
+)
+def test_newest_that_fit(sizes: list[int], budget: int, fit: int) -> None:
+    assert newest_that_fit(sizes, budget) == fit
+
+
+@given(sizes=st.lists(st.integers(1, 50), max_size=20), budget=st.integers(1, 200))
+def test_newest_that_fit_is_the_longest_tail_within_the_budget(sizes: list[int], budget: int) -> None:
+    fit = newest_that_fit(sizes, budget)
+    assert fit == len(sizes) or sum(sizes[len(sizes) - fit - 1 :]) > budget  # one more would not fit
+    assert fit == min(len(sizes), 1) or sum(sizes[len(sizes) - fit :]) <= budget
+
+
 def test_join_reply_follows_join_notices_and_precedes_history(sim: Sim) -> None:
     here_w1, here_w2 = sim.connect(W1), sim.connect(W2)
     here_w1.join("hall")
@@ -556,6 +653,9 @@ def test_longest_room_name_is_fine(sim: Sim) -> None:
         (Op.JOIN, b'{"room": "r", "history": -1}'),
         (Op.JOIN, b'{"room": "r", "history": true}'),
         (Op.HISTORY, b'{"room": "lobby", "count": "all"}'),
+        (Op.HISTORY, b'{"room": "lobby", "before": -1}'),
+        (Op.HISTORY, b'{"room": "lobby", "before": "9"}'),
+        (Op.HISTORY, b'{"room": "lobby", "before": true}'),
         (Op.TOPIC, b'{"room": "lobby", "topic": 5}'),
         (Op.MSG, b'{"to": "x"}'),
         # A lone surrogate has no UTF-8 form: refused, never raised inside the master.
@@ -650,7 +750,9 @@ _value = st.one_of(
     st.sampled_from(["r", "s", DEFAULT_ROOM, "uid70001", "uid70002", "n", "", "\ud800", "é" * 9, "x" * 70]),
     st.text(max_size=6),
 )
-_body = st.dictionaries(st.sampled_from(["room", "text", "nick", "to", "history", "count", "topic"]), _value)
+_body = st.dictionaries(
+    st.sampled_from(["room", "text", "nick", "to", "history", "count", "before", "topic"]), _value
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -666,7 +768,7 @@ def test_any_request_sequence_is_answered_and_keeps_the_rules(
 ) -> None:
     """Whatever clients send: every request gets exactly one answer, nothing
     raises, and every member sees its rooms' messages once, in order."""
-    sim = Sim(Limits(history=3, max_text=8, rooms_per_connection=2, max_rooms=4))
+    sim = Sim(Limits(history=3, max_text=8, rooms_per_connection=2, max_rooms=4, reply_budget=250))
     conns = {(w, i): sim.connect(w, uid=70001 + i) for w in (W1, W2) for i in range(4)}
     for worker, index, op, args in steps:
         body = json.dumps(args).encode()

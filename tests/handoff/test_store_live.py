@@ -471,3 +471,21 @@ def test_a_wait_that_nobody_meets_times_out(start_daemon: StartDaemon) -> None:
     put_memfd(daemon, "never", b"late")
     assert names(daemon) == ["never"]
     ledger.expect(1)
+
+
+def test_ls_lists_a_path_that_is_not_utf8(daemon: Daemon, short_tmp: Path) -> None:
+    """The master reads a stored file's path from /proc as a string with
+    surrogateescape for bytes that are not UTF-8; such a string has no
+    UTF-8 form, and JSON bodies are UTF-8: it is sent escaped instead, and
+    LS still answers (a plain UTF-8 encoder fails it as an internal error,
+    for everyone who may see the entry)."""
+    path = os.fsencode(short_tmp) + b"/caf\xe9"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        with daemon.client() as client:
+            client.put("not-utf8", [fd])
+            [entry] = [e for e in client.ls()["entries"] if e["name"] == "not-utf8"]
+            assert os.fsencode(entry["fds"][0]["path"]) == path
+            client.rm("not-utf8")
+    finally:
+        os.close(fd)

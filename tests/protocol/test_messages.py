@@ -62,6 +62,32 @@ def test_json_is_compact_and_sorted() -> None:
     assert encode_json({"b": 1, "a": [1, 2], "c": {"z": 0, "y": 1}}) == b'{"a":[1,2],"b":1,"c":{"y":1,"z":0}}'
 
 
+def test_json_text_is_utf8_not_escaped() -> None:
+    assert encode_json({"text": "hé 😀"}) == '{"text":"hé 😀"}'.encode()
+    # So a body takes its text's UTF-8 size: 2 bytes per "ü", not a 6-byte \u00fc.
+    assert len(encode_json({"t": "ü" * 8000})) == len(b'{"t":""}') + 16_000
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\ud800",  # a lone surrogate, as JSON "\ud800" decodes
+        "a\udcffb",  # an undecodable byte of a path, as os.readlink's surrogateescape gives it
+        "é and \udfff",
+    ],
+)
+def test_json_with_a_string_without_utf8_form_is_escaped_not_raised(text: str) -> None:
+    body = encode_json({"path": text, "other": "ü"})
+    body.decode("ascii")  # the whole body escaped: still JSON
+    assert decode_json(body) == {"path": text, "other": "ü"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=st.characters(blacklist_categories=())))  # surrogates included
+def test_json_round_trip_any_code_points(text: str) -> None:
+    assert decode_json(encode_json({"text": text})) == {"text": text}
+
+
 def test_empty_body_is_an_empty_object() -> None:
     assert decode_json(b"") == {}
 
