@@ -204,6 +204,12 @@ def _handoff(ipcd: Server, raw: Server, s: Settings, problems: list[str]) -> Tab
     return handoff(ipcd, raw, s, problems)
 
 
+def _connect(ipcd: Server, raw: Server, s: Settings, problems: list[str]) -> Table:
+    from benchmarks.connect import connect  # noqa: PLC0415 - connect imports this module
+
+    return connect(ipcd, raw, s, problems)
+
+
 SCENARIOS: dict[str, Callable[[Server, Server, Settings, list[str]], Table]] = {
     "throughput": throughput,
     "latency": latency,
@@ -211,4 +217,5 @@ SCENARIOS: dict[str, Callable[[Server, Server, Settings, list[str]], Table]] = {
     "idle": _idle,
     "handoff": _handoff,
     "startup": _startup,
+    "connect": _connect,
 }
