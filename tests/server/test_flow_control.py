@@ -10,18 +10,39 @@ dropped to ``ipcd-fd-other``), served while the flood sits blocked.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import resource
+import selectors
 import socket
+import sys
+import termios
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ipcd import fdpass
 from ipcd.client import Client, ConnectionLost
-from ipcd.protocol import Op, encode_frame, encode_json
-from ipcd.server.flow import master_fd_bound, worker_fd_bound
+from ipcd.handoff.store import OUT_OF_FDS, Store, StoreLimits
+from ipcd.protocol import (
+    ErrorCode,
+    Frame,
+    Op,
+    decode_error,
+    decode_record,
+    encode_frame,
+    encode_json,
+    reply_op,
+)
+from ipcd.server.channel import Channel, ChannelOp, pack_meta, unpack_meta
+from ipcd.server.flow import ChannelBudget, FdBudget, largest_reply, master_fd_bound, worker_fd_bound
+from ipcd.server.master import Master
+from ipcd.server.pool import WorkerHandle, WorkerPool
+from ipcd.server.records import HANDOUT, Sender
 from ipcd.settings import Settings
 from tests.daemon import Daemon, Pipes, fd_count, rss_kib, wait_for
 from tests.handoff.users import FdLedger, FdUsers, StartDaemon, start_as
@@ -50,6 +71,12 @@ class Flood:
             self.sent_all = True
         except OSError as exc:  # the daemon cut us off, or close() shut us down
             self.error = exc
+
+    @property
+    def unread(self) -> int:
+        """Bytes sent that the daemon has not read yet (SIOCOUTQ)."""
+        queued = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+        return int.from_bytes(queued, sys.byteorder, signed=True)
 
     @property
     def blocked(self) -> bool:
@@ -175,22 +202,22 @@ def test_pipelined_history_kills_no_worker_and_starves_no_other_client(start_dae
     master_peak, worker_peak = master_before, worker_before
     flood = Flood(daemon, pipelined(Op.HISTORY, {"room": "full"}, 2000))
     try:
-        delivered = 0
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline:
+        # Once the worker has read the flood (or cut it off), the flooder's
+        # requests are on their way to the master (256 of them; the in-flight
+        # cap holds the rest), and every request of the others below travels
+        # behind them on the worker's channel.
+        wait_for(lambda: flood.unread == 0 or "cut off" in daemon.log(), 15, "the worker to read the flood")
+        for delivered in range(20):
             seq = talker.say("other", f"news {delivered}")
-            event = listener.next_event(timeout=10)
+            event = listener.next_event(timeout=15)
             assert (event.kind, event.data["seq"], event.data["text"]) == (
                 "message",
                 seq,
                 f"news {delivered}",
             )
             assert echoer.echo(b"ping %d" % delivered) == b"ping %d" % delivered
-            delivered += 1
             master_peak = max(master_peak, rss_kib(daemon.pid))
             worker_peak = max(worker_peak, rss_kib(worker))
-            if delivered >= 50 and not flood.blocked:
-                break  # the flooder was cut off and its replies are all drained
         assert daemon.worker_pids() == [worker], daemon.log()
         assert "killing it" not in daemon.log()
     finally:
@@ -212,3 +239,165 @@ def test_pipelined_history_kills_no_worker_and_starves_no_other_client(start_dae
         conn.close()
     if "cut off" in daemon.log():
         assert "the client is not reading" in daemon.log()
+
+
+# -- the master's channel budget, in-process ---------------------------------------
+
+FAKE_WORKER = 1 << 22  # a pid no process has (pid_max is at most 2**22)
+
+
+class MasterUnderTest:
+    """A real :class:`Master` with one channel to a worker that is this
+    test: it sends FORWARD records itself and reads the master's answers
+    only when it chooses to."""
+
+    def __init__(self, settings: Settings, budget: ChannelBudget) -> None:
+        self.master = Master(settings, {})
+        self.master.hublink.budget = budget
+        master_end, self.worker_end = Channel.pair()
+        self.channel = master_end
+        self.handle = WorkerHandle(FAKE_WORKER, master_end, generation=1)
+        pool = WorkerPool(
+            settings, None, lambda: None, lambda h: None, lambda h: self.master.loop.remove(h.channel)
+        )
+        pool.workers[FAKE_WORKER] = self.handle
+        self.master.pool = self.master.hublink.pool = pool
+        self.master.loop.add_reader(master_end, lambda mask: self.master._on_channel(self.handle, mask))
+
+    def forward(self, op: Op, rid: int, args: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+        meta = {"conn": 1, "rid": rid, "op": op, "uid": 0, "gid": 0, "pid": os.getpid()}
+        self.worker_end.post(ChannelOp.FORWARD, pack_meta(meta, encode_json(args)), fds=fds)
+
+    def turns(self, count: int = 50) -> None:
+        """Let the master run (it never blocks: epoll waits 0 s)."""
+        for _ in range(count):
+            self.worker_end.flush()
+            self.worker_end.flush_backlog()
+            self.master.loop.run_once(0)
+            self.master.hublink.flush_all()
+
+    def answers(self) -> list[tuple[dict[str, Any], Frame]]:
+        """Every answer the master has sent so far (their fds stay open)."""
+        got: list[tuple[dict[str, Any], Frame]] = []
+        while True:
+            try:
+                record = self.worker_end.recv()
+            except BlockingIOError:
+                return got
+            assert record.op == ChannelOp.ANSWER
+            meta, payload = unpack_meta(record.body)
+            got.append((meta, decode_record(payload, record.fds)))
+
+    @property
+    def reading(self) -> bool:
+        return bool(self.master.loop.selector.get_key(self.channel).events & selectors.EVENT_READ)
+
+    def close(self) -> None:
+        self.master.store.close_all()
+        self.worker_end.close()
+        self.channel.close()
+        self.master.loop.close()
+
+
+def test_master_stops_reading_a_worker_whose_channel_holds_its_fd_budget(short_tmp: Path) -> None:
+    """The worker does not take its answers: the master dups for GETs only
+    until its channel holds the fd budget (plus one answer's fds), stops
+    reading that worker, and serves the rest in order as the worker reads."""
+    settings = Settings(socket_dir=short_tmp / "s", max_fds=4)
+    budget = ChannelBudget(max_bytes=8 << 20, max_fds=32)
+    link = MasterUnderTest(settings, budget)
+    try:
+        with Pipes(4) as pipes:
+            link.forward(Op.PUT, 1, {"name": "e"}, tuple(os.dup(fd) for fd in pipes.write_ends))
+            pipes.drop_write_ends()
+            link.turns()
+            ((_, put_reply),) = link.answers()
+            assert put_reply.op == reply_op(Op.PUT)
+            for rid in range(2, 302):
+                link.forward(Op.GET, rid, {"name": "e"})
+            link.turns()
+            assert not link.reading, "the master reads on with its channel over budget"
+            assert 0 < link.channel.backlog_fds <= budget.max_fds + 4
+            served: list[int] = []
+            deadline = time.monotonic() + 10
+            while len(served) < 300 and time.monotonic() < deadline:
+                for meta, frame in link.answers():
+                    assert (frame.op, len(frame.fds), meta.get(HANDOUT)) == (reply_op(Op.GET), 4, 1)
+                    for fd in frame.fds:
+                        os.close(fd)
+                    served.append(frame.request_id)
+                link.turns(5)
+                assert link.channel.backlog_fds <= budget.max_fds + 4
+            assert served == list(range(2, 302))
+            assert link.reading
+            link.forward(Op.RM, 400, {"name": "e"})
+            link.turns()
+            assert [frame.op for _, frame in link.answers()] == [reply_op(Op.RM)]
+            pipes.assert_closed_elsewhere()
+    finally:
+        link.close()
+
+
+def test_a_get_the_kernel_cannot_dup_is_refused_and_leaks_nothing() -> None:
+    """Out of fds in the middle of a GET's dups: the ones made are closed
+    again and the requester is told UNAVAILABLE, marked as a hand-out."""
+    store = Store(StoreLimits(max_entry_fds=16))
+    sender = Sender(worker=1, conn=1, request_id=7, uid=0, gid=0, pid=os.getpid())
+    with Pipes(16) as pipes:
+        fds = tuple(os.dup(fd) for fd in pipes.write_ends)
+        pipes.drop_write_ends()
+        store.handle(sender, Op.PUT, encode_json({"name": "e"}), fds)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+        fillers = []  # every free fd number up to the highest: the dups can only go above it
+        while (fd := os.open(os.devnull, os.O_RDONLY)) < highest:
+            fillers.append(fd)
+        os.close(fd)
+        open_fds = len(os.listdir("/proc/self/fd")) - 1  # listdir's own fd is closed again
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1 + 3, hard))  # room for 3 dups of 16
+        try:
+            (answer,) = store.handle(sender, Op.GET, encode_json({"name": "e"}), ())
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        left = len(os.listdir("/proc/self/fd")) - 1
+        fdpass.close_fds(fillers)
+        meta, payload = unpack_meta(answer.body)
+        frame = decode_record(payload, answer.fds)
+        assert (frame.op, frame.request_id, meta.get(HANDOUT), answer.fds) == (Op.ERROR, 7, 1, ())
+        assert decode_error(frame.body) == (ErrorCode.UNAVAILABLE, OUT_OF_FDS)
+        assert left == open_fds
+        store.close_all()
+        pipes.assert_closed_elsewhere()
+
+
+# -- the budgets' arithmetic ----------------------------------------------------------
+
+
+def test_fd_budget_admits_a_get_while_its_fds_fit() -> None:
+    budget = FdBudget(budget=64, per_request=16)
+    assert budget.admits(queued=0, reserved=0)
+    assert budget.admits(queued=0, reserved=3)  # the fourth GET in flight
+    assert not budget.admits(queued=0, reserved=4)
+    assert budget.admits(queued=48, reserved=0)
+    assert not budget.admits(queued=49, reserved=0)
+    assert not budget.admits(queued=32, reserved=2)
+    # However small the budget, one GET always goes while nothing is pending.
+    assert FdBudget.from_settings(Settings(max_fds=253)).admits(queued=0, reserved=0)
+
+
+def test_channel_budget_counts_bytes_and_fds() -> None:
+    budget = ChannelBudget(max_bytes=1000, max_fds=10)
+    assert budget.admits(999, 9)
+    assert not budget.admits(1000, 0)
+    assert not budget.admits(0, 10)
+
+
+def test_budgets_follow_the_settings() -> None:
+    default = Settings()
+    assert (default.connection_fd_budget, default.channel_fd_budget) == (64, 256)
+    assert default.channel_byte_budget == 8 << 20
+    assert Settings(max_fds=100).connection_fd_budget == 400
+    assert Settings(max_outbuf=16 << 20).channel_byte_budget == 32 << 20
+    assert master_fd_bound(default, workers=2, stored=16, baseline=11) == 11 + 16 + 2 * (256 + 16)
+    assert worker_fd_bound(default, connections=3, baseline=8) == 8 + 3 * (1 + 64 + 16)
+    assert largest_reply(default) == 100 * (16 * 1024 * 6 + 256)
