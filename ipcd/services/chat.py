@@ -124,7 +124,8 @@ class ChatRouter:
             meta["groups"] = list(fdpass.peer_groups(conn.sock))
         if self._post(ChannelOp.FORWARD, pack_meta(meta, frame.body), conn, frame.request_id, frame.fds):
             state.in_flight += 1
-            state.fd_requests += fd_op
+            if fd_op:
+                state.fd_requests += 1
 
     def _retry_grouped(self, conn: Connection, frame: Frame) -> None:
         self.forward(conn, frame, with_groups=True)
