@@ -22,7 +22,8 @@ queue or allocate without bound. Each hop waits for the next one instead:
   workers' requests (room fan-out) are not held back by that worker; a
   worker that falls ``MAX_CHANNEL_BACKLOG`` behind on them is killed (its
   clients see a disconnect, never a silent gap in a room's sequence), and
-  so is one that takes nothing from its channel for ``worker_timeout``.
+  so is one that for ``worker_timeout`` neither sends a record nor takes
+  one from its channel (taking records counts as alive while unread).
 
 Everything here is pure arithmetic, shared by the processes and the docs'
 worst-case figures (``ipcctl status`` shows the budgets under ``limits``).
