@@ -16,6 +16,7 @@ silent gap in a room's sequence.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -164,5 +165,5 @@ class HubLink:
             self.pool.channel_closed(handle)
             return
         if handle.channel.backlog_bytes < before:
-            handle.last_heartbeat = self.loop.now
+            handle.last_heartbeat = time.monotonic()  # the clock of the heartbeat check
         self._watch(handle)

@@ -104,6 +104,7 @@ class Master:
         self.passed = take_passed_fds()  # before Manager() clears LISTEN_* from the environment
         self.manager = Manager()
         self._announced_generation = 0  # the worker generation READY=1 was sent for
+        self._unread: set[WorkerHandle] = set()  # channels over budget: not read until they drain
 
     # -- start -------------------------------------------------------------
 
@@ -227,7 +228,7 @@ class Master:
             self.dgram.sock,
             self._child_setup,
             on_channel=lambda h: self.loop.add_reader(h.channel, lambda mask: self._on_channel(h, mask)),
-            remove_channel=lambda h: self.loop.remove(h.channel),
+            remove_channel=self._remove_channel,
             on_gone=self.hublink.worker_gone,
         )
         self.pool.spawn_generation(self.settings.workers)
@@ -345,14 +346,26 @@ class Master:
 
     def _sync_channel(self, handle: WorkerHandle) -> None:
         """Read interest unless the channel is over budget, write interest
-        while records wait for room in it."""
+        while records wait for room in it. Messages a paused read left
+        unpacked would wake no epoll: they are served on the next turn."""
         if not handle.channel_open:
             return
         channel = handle.channel
-        events = selectors.EVENT_READ if self.hublink.admits(handle) else 0
+        admitted = self.hublink.admits(handle)
+        if not admitted:
+            self._unread.add(handle)
+        elif handle in self._unread:
+            self._unread.discard(handle)
+            if channel.has_inbox:
+                self.loop.call_later(0, lambda: self._read_channel(handle) if handle.channel_open else None)
+        events = selectors.EVENT_READ if admitted else 0
         if channel.has_backlog:
             events |= selectors.EVENT_WRITE
         self.loop.set_events(channel, events, lambda mask: self._on_channel(handle, mask))
+
+    def _remove_channel(self, handle: WorkerHandle) -> None:
+        self._unread.discard(handle)
+        self.loop.remove(handle.channel)
 
     def _on_record(self, handle: WorkerHandle, record: Frame) -> None:
         assert self.pool is not None
