@@ -207,6 +207,25 @@ class Settings:
         """Queued reply bytes at which a worker stops reading a connection."""
         return max(self.max_outbuf // 4, 64 * 1024)
 
+    @property
+    def connection_fd_budget(self) -> int:
+        """fds one connection may have queued for it, or reserved by its
+        GETs and TAKEs in flight (``max_fds`` each), before the worker
+        holds its next GET or TAKE (see ipcd.server.flow)."""
+        return max(4 * self.max_fds, 64)
+
+    @property
+    def channel_fd_budget(self) -> int:
+        """fds queued on one worker's channel at which the master stops
+        reading that worker's requests until the worker has taken them."""
+        return 4 * self.connection_fd_budget
+
+    @property
+    def channel_byte_budget(self) -> int:
+        """Bytes queued on one worker's channel at which the master stops
+        reading that worker's requests until the worker has taken them."""
+        return max(2 * self.max_outbuf, 8 << 20)
+
 
 def _parse(name: str, value: Any, source: str) -> Any:
     spec = OPTIONS_BY_NAME[name]

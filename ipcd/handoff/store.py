@@ -17,11 +17,18 @@ owner's quota. A GET or TAKE may wait for a name that is not there yet (a
 rendezvous): waiters are served in order when it is put, and time out with
 TIMED_OUT. Expired entries (TTL) are closed. Like the chat hub, the store does
 no socket I/O: it returns the records to send.
+
+Every answer to a GET or TAKE (fds, refusal or time-out) is marked
+``handout``: it frees the fd reservation the requester's worker made for
+it (ipcd.server.flow). A GET whose dups the kernel refuses (the master is
+out of fds) closes the ones already made and is answered UNAVAILABLE:
+never a leak, never a traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import logging
 import re
@@ -44,11 +51,13 @@ from ipcd.protocol import (
 )
 from ipcd.protocol.messages import decode_json
 from ipcd.server.channel import ChannelOp, pack_meta
-from ipcd.server.records import Out, Sender, ServiceError
+from ipcd.server.records import HANDOUT, Out, Sender, ServiceError
 
 log = logging.getLogger("ipcd.master")
 
 NAME_MAX = 128
+OUT_OF_FDS = "the daemon is out of file descriptors; retry"
+_HANDOUT_OPS = frozenset((Op.GET, Op.TAKE))
 # No ':': an entry's name is also its fds' default LISTEN_FDNAMES, which ':' separates.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@/-]*")
 Member = tuple[int, int]
@@ -154,7 +163,7 @@ class Store:
                     )
                 _HANDLERS[op](self, sender, args, out)
         except StoreError as exc:
-            out.append(self._error(sender, exc.code, exc.message))
+            out.append(self._error(sender, exc.code, exc.message, op))
         finally:
             fdpass.close_fds(fds)
         return out
@@ -169,7 +178,11 @@ class Store:
         for name, queue in list(self.waiters.items()):
             for waiter in [w for w in queue if w.deadline <= now]:
                 queue.remove(waiter)
-                out.append(self._error(waiter.sender, ErrorCode.TIMED_OUT, f"{name!r} was not put in time"))
+                out.append(
+                    self._error(
+                        waiter.sender, ErrorCode.TIMED_OUT, f"{name!r} was not put in time", waiter.op
+                    )
+                )
             if not queue:
                 del self.waiters[name]
         return out
@@ -200,14 +213,20 @@ class Store:
     # -- helpers -----------------------------------------------------------
 
     @staticmethod
-    def _reply(sender: Sender, op: int, result: dict[str, Any], fds: tuple[int, ...] = ()) -> Out:
-        frame = encode_frame(reply_op(op), sender.request_id, encode_json(result), nfds=len(fds))
-        return Out(sender.worker, ChannelOp.ANSWER, pack_meta({"conn": sender.conn}, frame), fds)
+    def _meta(sender: Sender, op: int) -> dict[str, Any]:
+        if op in _HANDOUT_OPS:
+            return {"conn": sender.conn, HANDOUT: 1}
+        return {"conn": sender.conn}
 
-    @staticmethod
-    def _error(sender: Sender, code: ErrorCode, message: str) -> Out:
+    @classmethod
+    def _reply(cls, sender: Sender, op: int, result: dict[str, Any], fds: tuple[int, ...] = ()) -> Out:
+        frame = encode_frame(reply_op(op), sender.request_id, encode_json(result), nfds=len(fds))
+        return Out(sender.worker, ChannelOp.ANSWER, pack_meta(cls._meta(sender, op), frame), fds)
+
+    @classmethod
+    def _error(cls, sender: Sender, code: ErrorCode, message: str, op: int = 0) -> Out:
         frame = encode_frame(Op.ERROR, sender.request_id, encode_error(code, message))
-        return Out(sender.worker, ChannelOp.ANSWER, pack_meta({"conn": sender.conn}, frame))
+        return Out(sender.worker, ChannelOp.ANSWER, pack_meta(cls._meta(sender, op), frame))
 
     def _remove(self, name: str) -> Entry:
         entry = self.entries.pop(name)
@@ -250,9 +269,7 @@ class Store:
         if op == Op.TAKE:
             self._remove(entry.name)
             return self._reply(sender, op, result, entry.fds)
-        # Copies: the channel closes what it is given once sent, the entry keeps its own.
-        copies = tuple(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in entry.fds)
-        return self._reply(sender, op, result, copies)
+        return self._reply(sender, op, result, _copies(entry.fds))
 
     # -- operations --------------------------------------------------------
 
@@ -322,10 +339,16 @@ class Store:
             waiter = queue.popleft()
             if not entry.allows(waiter.sender):
                 out.append(
-                    self._error(waiter.sender, ErrorCode.PERMISSION_DENIED, _denied(entry, waiter.sender))
+                    self._error(
+                        waiter.sender, ErrorCode.PERMISSION_DENIED, _denied(entry, waiter.sender), waiter.op
+                    )
                 )
                 continue
-            out.append(self._hand_out(waiter.sender, waiter.op, entry))
+            try:
+                out.append(self._hand_out(waiter.sender, waiter.op, entry))
+            except StoreError as exc:  # out of fds: this waiter is told, the next may fare better
+                out.append(self._error(waiter.sender, exc.code, exc.message, waiter.op))
+                continue
             if waiter.op == Op.TAKE:
                 break  # it is gone; the rest keep waiting for the next put
         if queue is not None and not queue:
@@ -370,6 +393,25 @@ class Store:
             )
         fdpass.close_fds(self._remove(name).fds)
         out.append(self._reply(sender, Op.RM, {"name": name, "count": len(entry.fds)}))
+
+
+def _copies(fds: tuple[int, ...]) -> tuple[int, ...]:
+    """Duplicates of ``fds`` for one GET: the channel closes what it is
+    given once sent, the entry keeps its own. All or none: if the kernel
+    refuses one (out of fds), the ones made are closed again."""
+    copies: list[int] = []
+    try:
+        for fd in fds:
+            copies.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3))
+    except OSError as exc:
+        fdpass.close_fds(copies)
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            log.warning(
+                "a GET could not be served: %s (%d of %d fds duplicated)", exc.strerror, len(copies), len(fds)
+            )
+            raise StoreError(ErrorCode.UNAVAILABLE, OUT_OF_FDS) from None
+        raise
+    return tuple(copies)
 
 
 def _denied(entry: Entry, sender: Sender) -> str:

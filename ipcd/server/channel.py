@@ -218,6 +218,17 @@ class Channel:
     def has_backlog(self) -> bool:
         return bool(self._backlog)
 
+    @property
+    def backlog_fds(self) -> int:
+        """fds the queued records hold (flow control's fd budget)."""
+        return sum(len(pending.fds) for pending in self._backlog) if self._backlog else 0
+
+    @property
+    def has_inbox(self) -> bool:
+        """Messages already received (unpacked from a batch) that
+        :meth:`recv` hands out before it reads the socket again."""
+        return bool(self._inbox)
+
     def flush_backlog(self) -> None:
         """Send queued records while the peer takes them."""
         backlog = self._backlog

@@ -25,7 +25,10 @@ frame the daemon pushes that would take the queue past ``max_outbuf`` cuts
 the client off. Either way, a client whose pending output makes no progress
 for ``send_timeout`` is cut off with a reason, logged and (best effort) sent
 as an ERROR frame. An fd queued for sending belongs to the connection: it is
-closed once the kernel has it, or when the connection dies.
+closed once the kernel has it, or when the connection dies. Queued fds are
+counted (``out_fds``): the chat router holds a connection's next GET or TAKE
+while they and its unanswered ones would pass its fd budget, and is told
+when fds have gone out (ipcd.server.flow).
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class Connection:
         "last_progress",
         "last_read",
         "out_bytes",
+        "out_fds",
         "sock",
         "worker",
     )
@@ -101,6 +105,7 @@ class Connection:
         self._out: deque[_Pending] | None = None
         self._head_started = False  # the first queued frame is partly sent
         self.out_bytes = 0
+        self.out_fds = 0  # fds in the outbound queue, not yet taken by the kernel
         self._creds: fdpass.Credentials | None = None
         self.chat: ChatState | None = None  # created on the first chat operation
         self._events = _READ
@@ -283,6 +288,7 @@ class Connection:
             self.worker.to_flush.add(self)  # written at the end of this loop iteration
         out.append(_Pending(data, fds))
         self.out_bytes += len(data)
+        self.out_fds += len(fds)
         if self.out_bytes > self.worker.settings.max_outbuf:
             self.cut_off(
                 ErrorCode.SLOW_CONSUMER,
@@ -296,6 +302,7 @@ class Connection:
         """Write as much of the queue as the socket takes."""
         out = self._out
         sock = self.sock
+        fds_before = self.out_fds
         while out:
             head = out[0]
             fds = head.fds
@@ -318,6 +325,7 @@ class Connection:
             if fds:
                 fdpass.close_fds(fds)  # the kernel holds its own references now
                 head.fds = ()
+                self.out_fds -= len(fds)
             self.out_bytes -= sent
             self.last_progress = self.worker.now
             offered = sum(len(buffer) for buffer in buffers)
@@ -335,9 +343,9 @@ class Connection:
                     remaining = 0
             if sent < offered:
                 break  # the socket took less than offered: it is full
-        self._after_flush()
+        self._after_flush(fds_before > self.out_fds)
 
-    def _after_flush(self) -> None:
+    def _after_flush(self, fds_sent: bool = False) -> None:
         if self.closed:
             return
         if not self._out:
@@ -349,6 +357,8 @@ class Connection:
         else:
             self.worker.stalled.add(self)
         self._update_events()
+        if fds_sent and self._held is not None:
+            self.worker.chat.fds_sent(self)  # a GET held for the fd budget may go now
 
     def _update_events(self) -> None:
         """Write interest while output is pending; read interest unless
@@ -383,6 +393,7 @@ class Connection:
             while len(out) > keep:
                 fdpass.close_fds(out.pop().fds)
             self.out_bytes = sum(len(entry.data) for entry in out)
+            self.out_fds = sum(len(entry.fds) for entry in out)
         if not self._head_started:
             # Bypass send_frame: its limit check is what brought us here.
             frame = encode_frame(Op.ERROR, 0, encode_error(code, reason))
@@ -405,6 +416,7 @@ class Connection:
             for entry in self._out:
                 fdpass.close_fds(entry.fds)
             self._out = None
+        self.out_fds = 0
         if self._held is not None:
             fdpass.close_fds(self._held[0].fds)
             self._held = None

@@ -4,41 +4,62 @@ Theory of operation: the chat hub and the fd store are pure logic; this
 module feeds them what workers forward (by op) and delivers what they
 return, each record to its worker's channel, in order, with its fds.
 Channels are non-blocking: a worker whose queue is full gets records
-queued in the master (write interest is watched until they drain). A
-worker that falls hopelessly behind is killed, so its clients see a
-disconnect, never a silent gap in a room's sequence.
+queued in the master (write interest is watched until they drain). While
+that backlog is over the channel's budget (bytes or fds, ipcd.server.flow)
+the master reads no more of that worker's requests (:meth:`HubLink.admits`),
+so replies to a worker's own requests never pile up here. A worker that
+falls ``MAX_CHANNEL_BACKLOG`` behind anyway (deliveries caused by other
+workers' requests) is killed, so its clients see a disconnect, never a
+silent gap in a room's sequence.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from typing import Any
 
 from ipcd import fdpass
 from ipcd.chat.hub import Hub
 from ipcd.handoff.store import Store
 from ipcd.protocol import ErrorCode, Op, encode_error, encode_frame
 from ipcd.server.channel import ChannelClosed, ChannelOp, pack_meta, unpack_meta
+from ipcd.server.flow import MAX_CHANNEL_BACKLOG, ChannelBudget
 from ipcd.server.loop import EventLoop
 from ipcd.server.pool import WorkerHandle, WorkerPool
-from ipcd.server.records import Out, Sender
+from ipcd.server.records import HANDOUT, Out, Sender
 
 log = logging.getLogger("ipcd.master")
 
-MAX_CHANNEL_BACKLOG = 64 << 20
 _INTERNAL = "internal error in the daemon (logged); please report it"
 STORE_OPS = frozenset((Op.PUT, Op.GET, Op.TAKE, Op.LS, Op.RM))
 
 
 class HubLink:
     def __init__(
-        self, hub: Hub, store: Store, loop: EventLoop, watch: Callable[[WorkerHandle, bool], None]
+        self,
+        hub: Hub,
+        store: Store,
+        loop: EventLoop,
+        watch: Callable[[WorkerHandle], None],
+        budget: ChannelBudget,
     ) -> None:
         self.hub = hub
         self.store = store
         self.loop = loop
+        self.budget = budget
         self.pool: WorkerPool | None = None
-        self._watch = watch  # (handle, writable): set the channel's interest
+        self._watch = watch  # set the channel's interest from admits() and has_backlog
+
+    def admits(self, handle: WorkerHandle) -> bool:
+        """May the master read another record of this worker? Not while
+        what it has queued for the worker is over the channel's budget:
+        the worker's requests wait (in the worker) until it took that."""
+        channel = handle.channel
+        if not channel.has_backlog:
+            return True
+        return self.budget.admits(channel.backlog_bytes, channel.backlog_fds)
 
     def request(self, handle: WorkerHandle, body: bytes, fds: tuple[int, ...] = ()) -> None:
         """A forwarded request; ``fds`` came with it and are handed on or closed."""
@@ -70,8 +91,12 @@ class HubLink:
             # room and stored fd). The request's fds were the service's to close.
             log.exception("internal error serving op 0x%02x for uid %d", op, sender.uid)
             frame = encode_frame(Op.ERROR, sender.request_id, encode_error(ErrorCode.INTERNAL, _INTERNAL))
-            meta = {"conn": sender.conn, "dgram": sender.dgram} if sender.dgram else {"conn": sender.conn}
-            outs = [Out(handle.pid, ChannelOp.ANSWER, pack_meta(meta, frame))]
+            routing: dict[str, Any] = {"conn": sender.conn}
+            if sender.dgram:
+                routing["dgram"] = sender.dgram
+            if op in (Op.GET, Op.TAKE):
+                routing[HANDOUT] = 1  # frees the worker's fd reservation for it
+            outs = [Out(handle.pid, ChannelOp.ANSWER, pack_meta(routing, frame))]
         self.route(outs)
 
     def connection_gone(self, handle: WorkerHandle, body: bytes) -> None:
@@ -119,21 +144,26 @@ class HubLink:
             self._check_backlog(handle)
 
     def _check_backlog(self, handle: WorkerHandle) -> None:
-        """Watch a backed-up channel for room; kill a worker hopelessly behind."""
+        """Watch a backed-up channel for room (and stop reading the worker
+        while it is over budget); kill a worker hopelessly behind."""
         assert self.pool is not None
         channel = handle.channel
         if channel.backlog_bytes > MAX_CHANNEL_BACKLOG:
             self.pool.kill(handle, f"fell {channel.backlog_bytes} bytes behind on deliveries")
             self.pool.channel_closed(handle)
         elif channel.has_backlog:
-            self._watch(handle, True)
+            self._watch(handle)
 
     def flush(self, handle: WorkerHandle) -> None:
+        """The channel is writable: send the backlog. A worker that takes
+        records is alive, even while the master is not reading it."""
         assert self.pool is not None
+        before = handle.channel.backlog_bytes
         try:
             handle.channel.flush_backlog()
         except ChannelClosed:
             self.pool.channel_closed(handle)
             return
-        if not handle.channel.has_backlog:
-            self._watch(handle, False)
+        if handle.channel.backlog_bytes < before:
+            handle.last_heartbeat = time.monotonic()  # the clock of the heartbeat check
+        self._watch(handle)

@@ -32,6 +32,7 @@ from ipcd.handoff.persist import SystemdPersistence
 from ipcd.handoff.store import Store, StoreLimits
 from ipcd.protocol import Frame, RemoteProtocolError, decode_json, encode_json
 from ipcd.server.channel import ChannelClosed, ChannelOp
+from ipcd.server.flow import ChannelBudget
 from ipcd.server.hublink import HubLink
 from ipcd.server.loop import EventLoop
 from ipcd.server.pool import WorkerHandle, WorkerPool, WorkerState
@@ -47,6 +48,7 @@ _ACCEPT_BATCH = 64
 _HEARTBEAT_INTERVAL = 2.0
 _ACCEPT_PAUSE = 0.1
 _STORE_TICK = 0.1  # resolution of fd-store TTLs and rendezvous timeouts
+_CHANNEL_READS = 64  # socket reads per wake-up and worker channel (fairness)
 
 
 def _chat_limits(settings: Settings) -> Limits:
@@ -97,10 +99,13 @@ class Master:
         self.error: str | None = None
         self.hub = Hub(_chat_limits(settings))
         self.store = Store(StoreLimits(quota=settings.fd_quota, max_entry_fds=settings.max_fds))
-        self.hublink = HubLink(self.hub, self.store, self.loop, self._watch_channel)
+        self.hublink = HubLink(
+            self.hub, self.store, self.loop, self._sync_channel, ChannelBudget.from_settings(settings)
+        )
         self.passed = take_passed_fds()  # before Manager() clears LISTEN_* from the environment
         self.manager = Manager()
         self._announced_generation = 0  # the worker generation READY=1 was sent for
+        self._unread: set[WorkerHandle] = set()  # channels over budget: not read until they drain
 
     # -- start -------------------------------------------------------------
 
@@ -224,7 +229,7 @@ class Master:
             self.dgram.sock,
             self._child_setup,
             on_channel=lambda h: self.loop.add_reader(h.channel, lambda mask: self._on_channel(h, mask)),
-            remove_channel=lambda h: self.loop.remove(h.channel),
+            remove_channel=self._remove_channel,
             on_gone=self.hublink.worker_gone,
         )
         self.pool.spawn_generation(self.settings.workers)
@@ -321,18 +326,59 @@ class Master:
     # -- channel -----------------------------------------------------------
 
     def _on_channel(self, handle: WorkerHandle, mask: int) -> None:
-        assert self.pool is not None
         if mask & selectors.EVENT_WRITE:
-            self.hublink.flush(handle)
-        handle.channel.drain(
-            lambda record: self._on_record(handle, record),
-            lambda: self.pool.channel_closed(handle) if self.pool else None,
-            lambda why: log.error("bad record from worker %d: %s", handle.pid, why),
-        )
+            self.hublink.flush(handle)  # which may bring the backlog back under budget
+        if handle.channel_open:
+            self._read_channel(handle)
 
-    def _watch_channel(self, handle: WorkerHandle, writable: bool) -> None:
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writable else 0)
-        self.loop.set_events(handle.channel, events, lambda mask: self._on_channel(handle, mask))
+    def _read_channel(self, handle: WorkerHandle) -> None:
+        """Serve the worker's records: up to ``_CHANNEL_READS`` socket reads,
+        and every message already unpacked from a batch (epoll would not
+        wake us for those), but only while the hub link admits more: past
+        the channel's budget the rest wait, in order, until it drained."""
+        assert self.pool is not None
+        channel = handle.channel
+        reads = _CHANNEL_READS
+        while handle.channel_open and (reads > 0 or channel.has_inbox):
+            if not self.hublink.admits(handle):
+                self._sync_channel(handle)  # no read interest until the backlog drains
+                return
+            if not channel.has_inbox:
+                reads -= 1
+            try:
+                record = channel.recv()
+            except BlockingIOError:
+                return
+            except (ChannelClosed, OSError):
+                self.pool.channel_closed(handle)
+                return
+            except RemoteProtocolError as exc:
+                log.error("bad record from worker %d: %s", handle.pid, exc.message)
+                continue
+            self._on_record(handle, record)
+
+    def _sync_channel(self, handle: WorkerHandle) -> None:
+        """Read interest unless the channel is over budget, write interest
+        while records wait for room in it. Messages a paused read left
+        unpacked would wake no epoll: they are served on the next turn."""
+        if not handle.channel_open:
+            return
+        channel = handle.channel
+        admitted = self.hublink.admits(handle)
+        if not admitted:
+            self._unread.add(handle)
+        elif handle in self._unread:
+            self._unread.discard(handle)
+            if channel.has_inbox:
+                self.loop.call_later(0, lambda: self._read_channel(handle) if handle.channel_open else None)
+        events = selectors.EVENT_READ if admitted else 0
+        if channel.has_backlog:
+            events |= selectors.EVENT_WRITE
+        self.loop.set_events(channel, events, lambda mask: self._on_channel(handle, mask))
+
+    def _remove_channel(self, handle: WorkerHandle) -> None:
+        self._unread.discard(handle)
+        self.loop.remove(handle.channel)
 
     def _on_record(self, handle: WorkerHandle, record: Frame) -> None:
         assert self.pool is not None
@@ -411,6 +457,7 @@ class Master:
         self.settings = fresh
         self.hub.limits = _chat_limits(fresh)
         self.store.limits = StoreLimits(quota=fresh.fd_quota, max_entry_fds=fresh.max_fds)
+        self.hublink.budget = ChannelBudget.from_settings(fresh)
         logging.getLogger("ipcd").setLevel(fresh.log_level.upper())
         log.info("reloading: starting %d new workers, draining the old ones", fresh.workers)
         self.manager.reloading()

@@ -12,6 +12,10 @@ import dataclasses
 from ipcd.protocol import ErrorCode
 from ipcd.server.channel import ChannelOp
 
+# ANSWER meta key: this answers a GET or TAKE, so the worker frees the fd
+# reservation its connection made for it (ipcd.server.flow).
+HANDOUT = "handout"
+
 
 @dataclasses.dataclass(frozen=True)
 class Sender:

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from ipcd import __version__
+from ipcd.server.flow import MAX_CHANNEL_BACKLOG
 from ipcd.server.pool import WorkerHandle, WorkerPool
 from ipcd.services.chat import BURST_FACTOR, MAX_IN_FLIGHT
 from ipcd.settings import READ_BUFFER_SIZE, Settings
@@ -54,6 +55,10 @@ def limits(settings: Settings) -> dict[str, Any]:
         "rate_limit": settings.rate_limit,
         "rate_burst": settings.rate_limit * BURST_FACTOR,
         "max_in_flight": MAX_IN_FLIGHT,
+        "connection_fd_budget": settings.connection_fd_budget,
+        "channel_fd_budget": settings.channel_fd_budget,
+        "channel_byte_budget": settings.channel_byte_budget,
+        "max_channel_backlog": MAX_CHANNEL_BACKLOG,
         "fd_quota": settings.fd_quota,
         "send_timeout": settings.send_timeout,
         "idle_timeout": settings.idle_timeout,

@@ -20,6 +20,14 @@ forwarded and the connection goes on with what it had already received. So
 nothing is lost or reordered, and one user's pipelined flood can neither
 outrun its share nor fill the master's queue ahead of other users. A datagram
 cannot be held: past the share it is answered with RATE_LIMITED.
+
+The same hold keeps a GET or TAKE within the connection's fd budget
+(ipcd.server.flow): each one in flight reserves ``max_fds`` until its
+answer (marked ``handout`` by the master) comes back, and the fds of
+answers the client has not read yet count too. A client that pipelines
+GETs and never reads is held once that budget is used, instead of making
+the master dup and this worker queue fds without end; it goes on when the
+kernel has taken fds (Connection tells :meth:`ChatRouter.fds_sent`).
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ from ipcd.chat.fairshare import FairShares, Share
 from ipcd.fdpass import Credentials
 from ipcd.protocol import ErrorCode, Frame, Op, encode_error, encode_frame
 from ipcd.server.channel import ChannelClosed, ChannelOp, pack_meta, unpack_meta
+from ipcd.server.flow import FdBudget
+from ipcd.server.records import HANDOUT
 
 if TYPE_CHECKING:
     from ipcd.server.connection import Connection
@@ -45,6 +55,7 @@ log = logging.getLogger("ipcd.worker")
 
 CHAT_OPS = (Op.NICK, Op.JOIN, Op.PART, Op.SAY, Op.MSG, Op.ROOMS, Op.WHO, Op.TOPIC, Op.HISTORY)
 RATED_OPS = (Op.SAY, Op.MSG)
+FD_OPS = (Op.GET, Op.TAKE)  # answered with up to max_fds fds each
 MAX_IN_FLIGHT = 256  # a connection's forwarded requests not yet answered, before it is held
 RESUME_IN_FLIGHT = MAX_IN_FLIGHT // 2  # ... and read again once this few remain
 BURST_FACTOR = 2.0  # a full share is this many seconds of posts
@@ -54,11 +65,13 @@ MIN_HOLD = 0.01  # a held uid waits at least this long: tokens come back in batc
 class ChatState:
     """Per-connection chat state, created on the connection's first forwarded op."""
 
-    __slots__ = ("granted", "in_flight", "rooms", "waiting")
+    __slots__ = ("fd_requests", "fd_wait", "granted", "in_flight", "rooms", "waiting")
 
     def __init__(self) -> None:
         self.rooms: set[str] = set()
         self.in_flight = 0  # forwarded, not yet answered
+        self.fd_requests = 0  # GETs and TAKEs among them: max_fds reserved for each
+        self.fd_wait = False  # held until the fd budget has room for the next GET or TAKE
         self.waiting = False  # held in its uid's queue for a token
         self.granted = False  # the uid's queue gave the held post its token already
 
@@ -69,6 +82,7 @@ class ChatRouter:
         self.rooms: dict[str, set[Connection]] = {}
         rate = worker.settings.rate_limit
         self.shares: FairShares[Connection] = FairShares(rate, rate * BURST_FACTOR)
+        self.fd_budget = FdBudget.from_settings(worker.settings)
 
     # -- requests ----------------------------------------------------------
 
@@ -80,8 +94,15 @@ class ChatRouter:
         if state is None:
             state = conn.chat = ChatState()
         if state.in_flight >= MAX_IN_FLIGHT:
+            state.fd_wait = False
             conn.hold(frame, self._retry_grouped if with_groups else self.forward)
             return  # on_reply releases it
+        fd_op = frame.op in FD_OPS
+        if fd_op:
+            state.fd_wait = not self.fd_budget.admits(conn.out_fds, state.fd_requests)
+            if state.fd_wait:
+                conn.hold(frame, self._retry_grouped if with_groups else self.forward)
+                return  # on_reply or fds_sent releases it
         try:
             creds = conn.creds
         except OSError:
@@ -103,6 +124,8 @@ class ChatRouter:
             meta["groups"] = list(fdpass.peer_groups(conn.sock))
         if self._post(ChannelOp.FORWARD, pack_meta(meta, frame.body), conn, frame.request_id, frame.fds):
             state.in_flight += 1
+            if fd_op:
+                state.fd_requests += 1
 
     def _retry_grouped(self, conn: Connection, frame: Frame) -> None:
         self.forward(conn, frame, with_groups=True)
@@ -186,8 +209,22 @@ class ChatRouter:
         state = conn.chat
         if state is not None and state.in_flight:
             state.in_flight -= 1
-            if state.in_flight <= RESUME_IN_FLIGHT and conn.held and not state.waiting:
+            if meta.get(HANDOUT) and state.fd_requests:
+                state.fd_requests -= 1
+            if conn.held and not state.waiting and self._may_resume(conn, state):
                 conn.release()
+
+    def fds_sent(self, conn: Connection) -> None:
+        """The kernel took fds queued for ``conn``: a GET or TAKE held for
+        the fd budget may go now."""
+        state = conn.chat
+        if state is not None and state.fd_wait and not state.waiting and self._may_resume(conn, state):
+            conn.release()
+
+    def _may_resume(self, conn: Connection, state: ChatState) -> bool:
+        if state.fd_wait:
+            return self.fd_budget.admits(conn.out_fds, state.fd_requests)
+        return state.in_flight <= RESUME_IN_FLIGHT
 
     def on_deliver(self, body: bytes) -> None:
         meta, frames = unpack_meta(body)

@@ -86,6 +86,10 @@ def test_status_tells_a_client_the_limits_it_must_respect(short_tmp: Path) -> No
         assert limits["max_datagram"] == 256 * 1024
         assert limits["max_message"] == 16 * 1024
         assert limits["max_in_flight"] == 256
+        assert limits["connection_fd_budget"] == 64  # 4 x max-fds, at least 64
+        assert limits["channel_fd_budget"] == 256
+        assert limits["channel_byte_budget"] == 8 << 20  # 2 x max-outbuf, at least 8 MiB
+        assert limits["max_channel_backlog"] == 64 << 20
         assert limits["rate_burst"] == 2 * limits["rate_limit"]
         for key in ("history_size", "rooms_per_connection", "fd_quota", "rate_limit", "idle_timeout"):
             assert key in limits
