@@ -70,6 +70,10 @@ class EventLoop:
     def fileno(self) -> int:
         return self._epoll.fileno()
 
+    def events_of(self, fileobj: Any) -> int:
+        """The interest registered for ``fileobj`` (0: none)."""
+        return self._interest.get(_fd(fileobj), 0)
+
     def add_reader(self, fileobj: Any, callback: Callback) -> None:
         self.set_events(fileobj, _READ, callback)
 

@@ -290,7 +290,7 @@ class MasterUnderTest:
 
     @property
     def reading(self) -> bool:
-        return bool(self.master.loop.selector.get_key(self.channel).events & selectors.EVENT_READ)
+        return bool(self.master.loop.events_of(self.channel) & selectors.EVENT_READ)
 
     def close(self) -> None:
         self.master.store.close_all()
