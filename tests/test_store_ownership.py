@@ -9,9 +9,10 @@ import json
 import os
 
 from ipcd.handoff.store import Store
+from ipcd.link.ops import ChannelOp
+from ipcd.link.records import Sender
 from ipcd.protocol import Op, encode_frame
-from ipcd.server.channel import Channel, ChannelOp
-from ipcd.server.records import Sender
+from ipcd.server.channel import Channel
 
 
 def _sender(conn: int) -> Sender:

@@ -39,6 +39,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ipcd.link.ops import ChannelOp
+from ipcd.link.records import Answer, Deliver, Out, Sender, ServiceError
 from ipcd.protocol import (
     ErrorCode,
     Op,
@@ -60,8 +62,6 @@ from ipcd.protocol.chat import (
     parse_body,
     sanitize_text,
 )
-from ipcd.server.channel import ChannelOp, pack_meta
-from ipcd.server.records import Out, Sender, ServiceError
 
 __all__ = ["ChatError", "Hub", "Limits", "Out", "Sender"]
 
@@ -195,10 +195,8 @@ class Hub:
         except (ChatError, RemoteProtocolError) as exc:
             meta = {}
             frame = encode_frame(Op.ERROR, sender.request_id, encode_error(exc.code, exc.message))
-        meta["conn"] = sender.conn
-        if sender.dgram is not None:
-            meta["dgram"] = sender.dgram
-        out.insert(self._reply_at, Out(sender.worker, ChannelOp.ANSWER, pack_meta(meta, frame)))
+        answer = Answer(sender.conn, frame, meta.get("join"), meta.get("part"), dgram=sender.dgram)
+        out.insert(self._reply_at, Out(sender.worker, ChannelOp.ANSWER, answer.encode()))
         return out
 
     def connection_gone(self, member: Member) -> list[Out]:
@@ -265,9 +263,9 @@ class Hub:
     # -- fan-out -----------------------------------------------------------
 
     def _to_room(self, room: Room, frame: bytes, out: list[Out]) -> None:
-        meta = pack_meta({"room": room.name}, frame)
+        record = Deliver(frame, room=room.name).encode()  # once, the same bytes for every worker
         for worker in room.workers:
-            out.append(Out(worker, ChannelOp.DELIVER, meta))
+            out.append(Out(worker, ChannelOp.DELIVER, record))
 
     @staticmethod
     def _deliver_to(worker: int, conn: int, frames: list[bytes], out: list[Out]) -> None:
@@ -276,12 +274,12 @@ class Hub:
         size = 0
         for frame in frames:
             if batch and size + len(frame) > _CHUNK:
-                out.append(Out(worker, ChannelOp.DELIVER, pack_meta({"conns": [conn]}, b"".join(batch))))
+                out.append(Out(worker, ChannelOp.DELIVER, Deliver(b"".join(batch), conns=(conn,)).encode()))
                 batch, size = [], 0
             batch.append(frame)
             size += len(frame)
         if batch:
-            out.append(Out(worker, ChannelOp.DELIVER, pack_meta({"conns": [conn]}, b"".join(batch))))
+            out.append(Out(worker, ChannelOp.DELIVER, Deliver(b"".join(batch), conns=(conn,)).encode()))
 
     def _notice(self, room: Room, event: str, session: Session, out: list[Out], **extra: Any) -> None:
         notice = {
@@ -405,7 +403,8 @@ class Hub:
             "text": text,
         }
         frame = encode_frame(Op.PRIVATE, 0, encode_json(message))
-        out.append(Out(target.member[0], ChannelOp.DELIVER, pack_meta({"conns": [target.member[1]]}, frame)))
+        worker, conn = target.member
+        out.append(Out(worker, ChannelOp.DELIVER, Deliver(frame, conns=(conn,)).encode()))
         self.messages += 1
         return {}, {"to": target.nick, "seq": self.private_seq, "ts": message["ts"]}
 

@@ -40,6 +40,8 @@ from typing import Any
 from ipcd import fdpass
 from ipcd.handoff.fdinfo import describe
 from ipcd.handoff.persist import SystemdPersistence
+from ipcd.link.ops import ChannelOp
+from ipcd.link.records import Answer, Out, Sender, ServiceError
 from ipcd.protocol import (
     ErrorCode,
     Op,
@@ -50,8 +52,6 @@ from ipcd.protocol import (
     reply_op,
 )
 from ipcd.protocol.messages import decode_json
-from ipcd.server.channel import ChannelOp, pack_meta
-from ipcd.server.records import HANDOUT, Out, Sender, ServiceError
 
 log = logging.getLogger("ipcd.master")
 
@@ -213,20 +213,18 @@ class Store:
     # -- helpers -----------------------------------------------------------
 
     @staticmethod
-    def _meta(sender: Sender, op: int) -> dict[str, Any]:
-        if op in _HANDOUT_OPS:
-            return {"conn": sender.conn, HANDOUT: 1}
-        return {"conn": sender.conn}
+    def _answer(sender: Sender, op: int, frame: bytes) -> bytes:
+        return Answer.to(sender, frame, handout=op in _HANDOUT_OPS).encode()
 
     @classmethod
     def _reply(cls, sender: Sender, op: int, result: dict[str, Any], fds: tuple[int, ...] = ()) -> Out:
         frame = encode_frame(reply_op(op), sender.request_id, encode_json(result), nfds=len(fds))
-        return Out(sender.worker, ChannelOp.ANSWER, pack_meta(cls._meta(sender, op), frame), fds)
+        return Out(sender.worker, ChannelOp.ANSWER, cls._answer(sender, op, frame), fds)
 
     @classmethod
     def _error(cls, sender: Sender, code: ErrorCode, message: str, op: int = 0) -> Out:
         frame = encode_frame(Op.ERROR, sender.request_id, encode_error(code, message))
-        return Out(sender.worker, ChannelOp.ANSWER, pack_meta(cls._meta(sender, op), frame))
+        return Out(sender.worker, ChannelOp.ANSWER, cls._answer(sender, op, frame))
 
     def _remove(self, name: str) -> Entry:
         entry = self.entries.pop(name)

@@ -11,16 +11,13 @@ spot a worker that is alive but stuck.
 
 from __future__ import annotations
 
-import enum
-import json
 import logging
 import socket
-import struct
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from ipcd import fdpass
+from ipcd.link.ops import ChannelOp
 from ipcd.protocol import HEADER_SIZE, ErrorCode, Frame, RemoteProtocolError, decode_record, encode_frame
 
 # A SEQPACKET record must fit the socket's send buffer (about 208 KiB by
@@ -32,43 +29,7 @@ MORE = 0x01
 MESSAGE_MAX = 256 << 20  # a reassembled message larger than this is dropped
 
 
-class ChannelOp(enum.IntEnum):
-    # master -> worker
-    CONN = 0x20  # one accepted stream connection, as the record's fd
-    DRAIN = 0x21  # finish current connections, take no new ones, then exit
-    STOP = 0x22  # close everything now and exit
-    HEARTBEAT = 0x23
-    STATUS_RESULT = 0x24  # request id = the worker's token
-    BATCH = 0x27  # several fd-less messages gathered in one loop iteration (either way)
-    ANSWER = 0x25  # meta {conn, join?, part?, dgram?} + the client-ready reply frame (+ its fds)
-    DELIVER = 0x26  # meta {room} or {conns} + client-ready frames to copy to each
-    # worker -> master
-    READY = 0x30  # booted; may be sent connections
-    LOAD = 0x31  # JSON counters: connections, received, ...
-    HEARTBEAT_ACK = 0x32
-    STATUS_QUERY = 0x33  # request id = token to answer with
-    FORWARD = 0x34  # meta {conn, rid, op, uid, gid, pid, groups, dgram?} + the client's body (+ fds)
-    GONE = 0x35  # meta {conn}: a connection that used the master's services closed
-
-
 log = logging.getLogger("ipcd")
-
-_META_LEN = struct.Struct("!I")
-
-
-def pack_meta(meta: dict[str, Any], payload: bytes = b"") -> bytes:
-    """A record body: u32 length, a JSON object, then opaque payload bytes."""
-    head = json.dumps(meta, separators=(",", ":")).encode()
-    return _META_LEN.pack(len(head)) + head + payload
-
-
-def unpack_meta(body: bytes) -> tuple[dict[str, Any], bytes]:
-    (size,) = _META_LEN.unpack_from(body)
-    end = _META_LEN.size + size
-    meta = json.loads(body[_META_LEN.size : end])
-    if not isinstance(meta, dict):
-        raise ValueError("channel meta is not a JSON object")
-    return meta, body[end:]
 
 
 class _Posted:

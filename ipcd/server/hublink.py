@@ -18,17 +18,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from ipcd import fdpass
 from ipcd.chat.hub import Hub
 from ipcd.handoff.store import Store
+from ipcd.link.ops import ChannelOp
+from ipcd.link.records import Answer, Forward, Gone, LinkError, Out
 from ipcd.protocol import ErrorCode, Op, encode_error, encode_frame
-from ipcd.server.channel import ChannelClosed, ChannelOp, pack_meta, unpack_meta
+from ipcd.server.channel import ChannelClosed
 from ipcd.server.flow import MAX_CHANNEL_BACKLOG, ChannelBudget
 from ipcd.server.loop import EventLoop
 from ipcd.server.pool import WorkerHandle, WorkerPool
-from ipcd.server.records import HANDOUT, Out, Sender
 
 log = logging.getLogger("ipcd.master")
 
@@ -64,22 +64,13 @@ class HubLink:
     def request(self, handle: WorkerHandle, body: bytes, fds: tuple[int, ...] = ()) -> None:
         """A forwarded request; ``fds`` came with it and are handed on or closed."""
         try:
-            meta, payload = unpack_meta(body)
-            sender = Sender(
-                worker=handle.pid,
-                conn=int(meta["conn"]),
-                request_id=int(meta["rid"]),
-                uid=int(meta["uid"]),
-                gid=int(meta["gid"]),
-                pid=int(meta["pid"]),
-                dgram=meta.get("dgram"),
-                groups=tuple(int(g) for g in meta.get("groups", ())),
-            )
-            op = int(meta["op"])
-        except (ValueError, KeyError, TypeError):
+            forward = Forward.decode(body)
+        except LinkError as exc:
             fdpass.close_fds(fds)
-            log.error("malformed request from worker %d", handle.pid)
+            log.error("malformed request from worker %d: %s", handle.pid, exc)
             return
+        sender = forward.sender(handle.pid)
+        op, payload = forward.op, forward.body
         try:
             if op in STORE_OPS:
                 outs = self.store.handle(sender, op, payload, fds)
@@ -91,20 +82,16 @@ class HubLink:
             # room and stored fd). The request's fds were the service's to close.
             log.exception("internal error serving op 0x%02x for uid %d", op, sender.uid)
             frame = encode_frame(Op.ERROR, sender.request_id, encode_error(ErrorCode.INTERNAL, _INTERNAL))
-            routing: dict[str, Any] = {"conn": sender.conn}
-            if sender.dgram:
-                routing["dgram"] = sender.dgram
-            if op in (Op.GET, Op.TAKE):
-                routing[HANDOUT] = 1  # frees the worker's fd reservation for it
-            outs = [Out(handle.pid, ChannelOp.ANSWER, pack_meta(routing, frame))]
+            # handout frees the worker's fd reservation for a GET or TAKE
+            answer = Answer.to(sender, frame, handout=op in (Op.GET, Op.TAKE))
+            outs = [Out(handle.pid, ChannelOp.ANSWER, answer.encode())]
         self.route(outs)
 
     def connection_gone(self, handle: WorkerHandle, body: bytes) -> None:
         try:
-            meta, _ = unpack_meta(body)
-            conn = int(meta["conn"])
-        except (ValueError, KeyError, TypeError):
-            log.error("malformed GONE from worker %d", handle.pid)
+            conn = Gone.decode(body).conn
+        except LinkError as exc:
+            log.error("malformed GONE from worker %d: %s", handle.pid, exc)
             return
         self.store.connection_gone((handle.pid, conn))
         self.route(self.hub.connection_gone((handle.pid, conn)))

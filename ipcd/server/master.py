@@ -30,8 +30,9 @@ from ipcd import __version__, fdpass
 from ipcd.chat.hub import Hub, Limits
 from ipcd.handoff.persist import SystemdPersistence
 from ipcd.handoff.store import Store, StoreLimits
+from ipcd.link.ops import ChannelOp
 from ipcd.protocol import Frame, RemoteProtocolError, decode_json, encode_json
-from ipcd.server.channel import ChannelClosed, ChannelOp
+from ipcd.server.channel import ChannelClosed
 from ipcd.server.flow import ChannelBudget
 from ipcd.server.hublink import HubLink
 from ipcd.server.loop import EventLoop

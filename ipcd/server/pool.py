@@ -28,7 +28,8 @@ import time
 import traceback
 from collections.abc import Callable
 
-from ipcd.server.channel import Channel, ChannelClosed, ChannelOp
+from ipcd.link.ops import ChannelOp
+from ipcd.server.channel import Channel, ChannelClosed
 from ipcd.settings import Settings
 
 log = logging.getLogger("ipcd.master")

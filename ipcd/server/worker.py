@@ -21,6 +21,7 @@ import socket
 from collections.abc import Callable
 
 from ipcd import fdpass
+from ipcd.link.ops import ChannelOp
 from ipcd.protocol import (
     ErrorCode,
     Frame,
@@ -31,7 +32,7 @@ from ipcd.protocol import (
     encode_json,
     op_name,
 )
-from ipcd.server.channel import Channel, ChannelClosed, ChannelOp
+from ipcd.server.channel import Channel, ChannelClosed
 from ipcd.server.connection import Connection
 from ipcd.server.dgram import DatagramEndpoint
 from ipcd.server.loop import EventLoop

@@ -36,15 +36,16 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ipcd import fdpass
 from ipcd.chat.fairshare import FairShares, Share
 from ipcd.fdpass import Credentials
+from ipcd.link.ops import ChannelOp
+from ipcd.link.records import Answer, Deliver, Forward, Gone
 from ipcd.protocol import ErrorCode, Frame, Op, encode_error, encode_frame
-from ipcd.server.channel import ChannelClosed, ChannelOp, pack_meta, unpack_meta
+from ipcd.server.channel import ChannelClosed
 from ipcd.server.flow import FdBudget
-from ipcd.server.records import HANDOUT
 
 if TYPE_CHECKING:
     from ipcd.server.connection import Connection
@@ -119,10 +120,11 @@ class ChatRouter:
                     conn.hold(frame, self.forward)
                     self._schedule(share)
                     return
-        meta = {"conn": conn.id, "rid": frame.request_id, "op": frame.op, **_creds(creds)}
-        if with_groups:
-            meta["groups"] = list(fdpass.peer_groups(conn.sock))
-        if self._post(ChannelOp.FORWARD, pack_meta(meta, frame.body), conn, frame.request_id, frame.fds):
+        groups = tuple(fdpass.peer_groups(conn.sock)) if with_groups else ()
+        forward = Forward(
+            conn.id, frame.request_id, frame.op, creds.uid, creds.gid, creds.pid, frame.body, groups
+        )
+        if self._post(ChannelOp.FORWARD, forward.encode(), conn, frame.request_id, frame.fds):
             state.in_flight += 1
             if fd_op:
                 state.fd_requests += 1
@@ -164,7 +166,7 @@ class ChatRouter:
         """A datagram SAY: posted as its sender's uid, answered at its address."""
         if creds is None:
             return  # SO_PASSCRED is set on the socket: the kernel always attaches them
-        addr = os.fsencode(address).hex() if address else None
+        addr = os.fsencode(address) if address else None
         if not self.shares.get(creds.uid, self.worker.now).take(self.worker.now):
             if address:
                 limit = self.worker.settings.rate_limit
@@ -175,8 +177,10 @@ class ChatRouter:
                 )
                 self.worker.reply_datagram(os.fsencode(address), error)
             return
-        meta = {"conn": 0, "rid": frame.request_id, "op": frame.op, "dgram": addr, **_creds(creds)}
-        self._post(ChannelOp.FORWARD, pack_meta(meta, frame.body), None, frame.request_id)
+        forward = Forward(
+            0, frame.request_id, frame.op, creds.uid, creds.gid, creds.pid, frame.body, dgram=addr
+        )
+        self._post(ChannelOp.FORWARD, forward.encode(), None, frame.request_id)
 
     def _post(
         self, op: ChannelOp, body: bytes, conn: Connection | None, request_id: int, fds: tuple[int, ...] = ()
@@ -192,24 +196,25 @@ class ChatRouter:
     # -- answers from the hub ----------------------------------------------
 
     def on_reply(self, body: bytes, fds: tuple[int, ...] = ()) -> None:
-        meta, frame = unpack_meta(body)
-        if meta.get("dgram"):
+        answer = Answer.decode(body)
+        frame = answer.frame
+        if answer.dgram:
             fdpass.close_fds(fds)
-            self.worker.reply_datagram(bytes.fromhex(meta["dgram"]), frame)
+            self.worker.reply_datagram(answer.dgram, frame)
             return
-        conn = self.worker.connections.get(meta.get("conn", 0))
+        conn = self.worker.connections.get(answer.conn)
         if conn is None:
             fdpass.close_fds(fds)
             return  # it closed meanwhile; the master hears GONE
-        if "join" in meta:
-            self._index(conn, meta["join"], True)
-        if "part" in meta:
-            self._index(conn, meta["part"], False)
+        if answer.joined is not None:
+            self._index(conn, answer.joined, True)
+        if answer.parted is not None:
+            self._index(conn, answer.parted, False)
         conn.send_frame(frame, fds)  # the connection closes the fds once they are sent
         state = conn.chat
         if state is not None and state.in_flight:
             state.in_flight -= 1
-            if meta.get(HANDOUT) and state.fd_requests:
+            if answer.handout and state.fd_requests:
                 state.fd_requests -= 1
             if conn.held and not state.waiting and self._may_resume(conn, state):
                 conn.release()
@@ -227,13 +232,14 @@ class ChatRouter:
         return state.in_flight <= RESUME_IN_FLIGHT
 
     def on_deliver(self, body: bytes) -> None:
-        meta, frames = unpack_meta(body)
+        delivery = Deliver.decode(body)
+        frames = delivery.frames
         targets: Iterable[Connection]
-        if "room" in meta:
-            targets = self.rooms.get(meta["room"], ())
+        if delivery.room is not None:
+            targets = self.rooms.get(delivery.room, ())
         else:
             connections = self.worker.connections
-            targets = [c for c in (connections.get(i) for i in meta.get("conns", ())) if c is not None]
+            targets = [c for c in (connections.get(i) for i in delivery.conns) if c is not None]
         for conn in list(targets):
             conn.send_frame(frames)  # the same bytes object for every member
 
@@ -262,13 +268,9 @@ class ChatRouter:
                 if not members:
                     del self.rooms[room]
         try:
-            self.worker.channel.post(ChannelOp.GONE, pack_meta({"conn": conn.id}))
+            self.worker.channel.post(ChannelOp.GONE, Gone(conn.id).encode())
         except ChannelClosed:
             pass
-
-
-def _creds(creds: Credentials) -> dict[str, Any]:
-    return {"uid": creds.uid, "gid": creds.gid, "pid": creds.pid}
 
 
 def _forward(worker: Worker, conn: Connection, frame: Frame) -> None:

@@ -20,6 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipcd.chat.hub import Hub, Limits, Out, Sender, newest_that_fit
+from ipcd.link.ops import ChannelOp
+from ipcd.link.records import Answer, Deliver
 from ipcd.protocol import (
     NEED_DATA,
     ErrorCode,
@@ -32,7 +34,6 @@ from ipcd.protocol import (
     reply_op,
 )
 from ipcd.protocol.chat import DEFAULT_ROOM, NAME_MAX
-from ipcd.server.channel import ChannelOp, unpack_meta
 
 W1, W2 = 1001, 1002  # worker pids
 ROOT = pwd.getpwuid(0).pw_name
@@ -135,7 +136,7 @@ class Sim:
         self.conns: dict[tuple[int, int], Conn] = {}
         self._conn_ids = itertools.count(1)
         self.index: dict[int, dict[str, set[int]]] = {}  # worker -> room -> local conn ids
-        self.datagrams: dict[str, list[Frame]] = {}  # sender address -> replies
+        self.datagrams: dict[bytes, list[Frame]] = {}  # sender address -> replies
         self.dead: set[int] = set()
         self.records: list[Out] = []  # every record the hub returned, in order
 
@@ -148,25 +149,27 @@ class Sim:
         self.records += outs
         for out in outs:
             assert out.worker not in self.dead, f"record for dead worker {out.worker}: {out}"
-            meta, payload = unpack_meta(out.body)
-            frames = frames_of(payload)
             rooms = self.index.setdefault(out.worker, {})
             if out.op == ChannelOp.ANSWER:
+                answer = Answer.decode(out.body)
+                frames = frames_of(answer.frame)
                 assert len(frames) == 1
-                if "dgram" in meta:
-                    self.datagrams.setdefault(meta["dgram"], []).extend(frames)
+                if answer.dgram:
+                    self.datagrams.setdefault(answer.dgram, []).extend(frames)
                     continue
-                conn = self.conns.get((out.worker, meta["conn"]))
+                conn = self.conns.get((out.worker, answer.conn))
                 if conn is None:
                     continue  # closed meanwhile
-                if "join" in meta:
-                    rooms.setdefault(meta["join"], set()).add(conn.conn)
-                if "part" in meta:
-                    rooms.get(meta["part"], set()).discard(conn.conn)
+                if answer.joined is not None:
+                    rooms.setdefault(answer.joined, set()).add(conn.conn)
+                if answer.parted is not None:
+                    rooms.get(answer.parted, set()).discard(conn.conn)
                 conn.log += frames
             else:
                 assert out.op == ChannelOp.DELIVER
-                targets = rooms.get(meta["room"], set()) if "room" in meta else meta["conns"]
+                delivery = Deliver.decode(out.body)
+                frames = frames_of(delivery.frames)
+                targets = rooms.get(delivery.room, set()) if delivery.room is not None else delivery.conns
                 for conn_id in sorted(targets):
                     if (out.worker, conn_id) in self.conns:
                         self.conns[(out.worker, conn_id)].log += frames
@@ -184,7 +187,7 @@ class Sim:
             del self.conns[member]
         self.route(self.hub.worker_gone(worker))
 
-    def datagram(self, op: int, body: bytes, uid: int = 70000, address: str = "00616263") -> Frame:
+    def datagram(self, op: int, body: bytes, uid: int = 70000, address: bytes = b"\0abc") -> Frame:
         rid = next(self.ids)
         sender = Sender(worker=W1, conn=0, request_id=rid, uid=uid, gid=uid, pid=77, dgram=address)
         self.route(self.hub.handle(sender, op, body))
@@ -299,7 +302,7 @@ def test_a_long_replay_is_split_into_records_but_stays_in_order(sim: Sim) -> Non
     late.join("big", history=40)
     replay = [r for r in sim.records if r.op == ChannelOp.DELIVER]
     assert len(replay) > 1
-    assert all(unpack_meta(r.body)[0] == {"conns": [late.conn]} for r in replay)
+    assert all(Deliver.decode(r.body).conns == (late.conn,) for r in replay)
     assert [m["seq"] for m in late.messages()] == list(range(1, 41))
 
 
@@ -368,7 +371,7 @@ def test_a_join_replays_what_fits_the_budget_and_says_where_history_goes_on() ->
     reply = late.join("big", history=10)
     assert (reply["seq"], reply["history"], reply["more"], reply["before"]) == (10, 2, True, 9)
     replay = [r for r in sim.records if r.op == ChannelOp.DELIVER]
-    assert sum(len(unpack_meta(r.body)[1]) for r in replay) <= PAGED.reply_budget
+    assert sum(len(Deliver.decode(r.body).frames) for r in replay) <= PAGED.reply_budget
     assert [m["seq"] for m in late.messages()] == [9, 10]
     # The rest, with HISTORY from where the replay began: together, the 10 asked for.
     rest = late.call(Op.HISTORY, room="big", count=10 - reply["history"], before=reply["before"])
@@ -411,8 +414,10 @@ def test_join_reply_follows_join_notices_and_precedes_history(sim: Sim) -> None:
     joiner.join("hall", history=2)
     kinds = []
     for record in sim.records:
-        _, payload = unpack_meta(record.body)
-        ops = [Op(f.op).name for f in frames_of(payload)]
+        decoded = Answer.decode(record.body) if record.op == ChannelOp.ANSWER else Deliver.decode(record.body)
+        ops = [
+            Op(f.op).name for f in frames_of(decoded.frame if isinstance(decoded, Answer) else decoded.frames)
+        ]
         kinds.append((record.worker, record.op.name if record.op != ChannelOp.ANSWER else "REPLY", ops))
     assert kinds == [
         (W1, "DELIVER", ["NOTICE"]),

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipcd import fdpass
-from ipcd.server.channel import FRAGMENT, Channel, ChannelOp
+from ipcd.link.ops import ChannelOp
+from ipcd.server.channel import FRAGMENT, Channel
 
 
 @dataclass(frozen=True)

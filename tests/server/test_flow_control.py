@@ -28,6 +28,8 @@ import pytest
 from ipcd import fdpass
 from ipcd.client import Client, ConnectionLost
 from ipcd.handoff.store import OUT_OF_FDS, Store, StoreLimits
+from ipcd.link.ops import ChannelOp
+from ipcd.link.records import Answer, Forward, Sender
 from ipcd.protocol import (
     ErrorCode,
     Frame,
@@ -38,11 +40,10 @@ from ipcd.protocol import (
     encode_json,
     reply_op,
 )
-from ipcd.server.channel import Channel, ChannelOp, pack_meta, unpack_meta
+from ipcd.server.channel import Channel
 from ipcd.server.flow import ChannelBudget, FdBudget, largest_reply, master_fd_bound, worker_fd_bound
 from ipcd.server.master import Master
 from ipcd.server.pool import WorkerHandle, WorkerPool
-from ipcd.server.records import HANDOUT, Sender
 from ipcd.settings import Settings
 from tests.daemon import Daemon, Pipes, fd_count, rss_kib, wait_for
 from tests.handoff.users import FdLedger, FdUsers, StartDaemon, start_as
@@ -265,8 +266,8 @@ class MasterUnderTest:
         self.master.loop.add_reader(master_end, lambda mask: self.master._on_channel(self.handle, mask))
 
     def forward(self, op: Op, rid: int, args: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
-        meta = {"conn": 1, "rid": rid, "op": op, "uid": 0, "gid": 0, "pid": os.getpid()}
-        self.worker_end.post(ChannelOp.FORWARD, pack_meta(meta, encode_json(args)), fds=fds)
+        forward = Forward(1, rid, op, 0, 0, os.getpid(), encode_json(args))
+        self.worker_end.post(ChannelOp.FORWARD, forward.encode(), fds=fds)
 
     def turns(self, count: int = 50) -> None:
         """Let the master run (it never blocks: epoll waits 0 s)."""
@@ -276,17 +277,17 @@ class MasterUnderTest:
             self.master.loop.run_once(0)
             self.master.hublink.flush_all()
 
-    def answers(self) -> list[tuple[dict[str, Any], Frame]]:
+    def answers(self) -> list[tuple[Answer, Frame]]:
         """Every answer the master has sent so far (their fds stay open)."""
-        got: list[tuple[dict[str, Any], Frame]] = []
+        got: list[tuple[Answer, Frame]] = []
         while True:
             try:
                 record = self.worker_end.recv()
             except BlockingIOError:
                 return got
             assert record.op == ChannelOp.ANSWER
-            meta, payload = unpack_meta(record.body)
-            got.append((meta, decode_record(payload, record.fds)))
+            answer = Answer.decode(record.body)
+            got.append((answer, decode_record(answer.frame, record.fds)))
 
     @property
     def reading(self) -> bool:
@@ -330,8 +331,8 @@ def test_master_stops_reading_a_worker_whose_channel_holds_its_fd_budget(short_t
                 served.append(frame.request_id)
             deadline = time.monotonic() + 10
             while len(served) < 300 and time.monotonic() < deadline:
-                for meta, frame in link.answers():
-                    assert (frame.op, len(frame.fds), meta.get(HANDOUT)) == (reply_op(Op.GET), 4, 1)
+                for answer, frame in link.answers():
+                    assert (frame.op, len(frame.fds), answer.handout) == (reply_op(Op.GET), 4, True)
                     for fd in frame.fds:
                         os.close(fd)
                     served.append(frame.request_id)
@@ -370,9 +371,9 @@ def test_a_get_the_kernel_cannot_dup_is_refused_and_leaks_nothing() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         left = len(os.listdir("/proc/self/fd")) - 1
         fdpass.close_fds(fillers)
-        meta, payload = unpack_meta(answer.body)
-        frame = decode_record(payload, answer.fds)
-        assert (frame.op, frame.request_id, meta.get(HANDOUT), answer.fds) == (Op.ERROR, 7, 1, ())
+        decoded = Answer.decode(answer.body)
+        frame = decode_record(decoded.frame, answer.fds)
+        assert (frame.op, frame.request_id, decoded.handout, answer.fds) == (Op.ERROR, 7, True, ())
         assert decode_error(frame.body) == (ErrorCode.UNAVAILABLE, OUT_OF_FDS)
         assert left == open_fds
         store.close_all()

@@ -1,0 +1,220 @@
+"""Typed records of the master<->worker link and their binary form.
+
+Theory of operation: a client's request crosses to the master as a
+:class:`Forward` (the connection, the request id, the op and the sender's
+kernel credentials, then the client's body as is); what comes back is an
+:class:`Answer` for one connection (a client-ready frame, plus what the
+worker must note: a room joined or left, a GET/TAKE answered) or a
+:class:`Deliver` of client-ready frames to a room's local members or to
+given connections; :class:`Gone` says a connection closed. Each is encoded
+once with :mod:`struct` (big-endian, fixed fields first, then length-prefixed
+strings, then the opaque payload to the end of the record) and decoded once;
+a record that does not parse raises :class:`LinkError`, at the one place
+records come in. The fds a record travels with belong to the channel record,
+not to these values (see :class:`Out`).
+
+:class:`Sender` and :class:`Out` are what the chat hub and the fd store are
+fed and return, so that neither imports the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import Final
+
+from ipcd.link.ops import ChannelOp
+from ipcd.protocol import ErrorCode
+
+
+class LinkError(ValueError):
+    """A record that does not parse: the other process has a bug."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sender:
+    """Who sent a request, as the kernel reported it to the worker."""
+
+    worker: int
+    conn: int  # 0 for a datagram
+    request_id: int
+    uid: int
+    gid: int
+    pid: int
+    dgram: bytes | None = None  # the datagram sender's address, to answer at
+    groups: tuple[int, ...] = ()  # supplementary groups (SO_PEERGROUPS)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Out:
+    """One record for one worker: ``body`` is an encoded record; ``fds`` are
+    given to the channel, which closes them once sent."""
+
+    worker: int
+    op: ChannelOp
+    body: bytes
+    fds: tuple[int, ...] = ()
+
+
+class ServiceError(Exception):
+    """A request a service refuses: the code and message its client gets."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# -- encoding helpers -------------------------------------------------------
+
+_FORWARD: Final = struct.Struct("!QIBIIIHH")  # conn, rid, op, uid, gid, pid, ngroups, dgram length
+_ANSWER: Final = struct.Struct("!QBHHH")  # conn, flags, join, part, dgram lengths
+_DELIVER: Final = struct.Struct("!BI")  # kind, room length or number of connections
+_GONE: Final = struct.Struct("!Q")
+_U32: Final = struct.Struct("!I")
+_U64: Final = struct.Struct("!Q")
+
+_HANDOUT: Final = 0x01  # the answer to a GET or TAKE: frees the fd reservation made for it
+_TO_ROOM, _TO_CONNS = 0, 1
+
+
+def _take(body: bytes, start: int, size: int) -> tuple[bytes, int]:
+    end = start + size
+    if end > len(body):
+        raise LinkError(f"record ends at {len(body)} bytes, a field needs {end}")
+    return body[start:end], end
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        raise LinkError(f"a name in a record is not UTF-8: {exc}") from None
+
+
+def _header(layout: struct.Struct, body: bytes) -> tuple[int, ...]:
+    if len(body) < layout.size:
+        raise LinkError(f"record of {len(body)} bytes, shorter than its {layout.size}-byte header")
+    return layout.unpack_from(body)
+
+
+# -- the records --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Forward:
+    """A client's request, worker -> master (a PUT's fds travel with it)."""
+
+    conn: int
+    request_id: int
+    op: int
+    uid: int
+    gid: int
+    pid: int
+    body: bytes = b""
+    groups: tuple[int, ...] = ()
+    dgram: bytes | None = None
+
+    def encode(self) -> bytes:
+        dgram = self.dgram or b""
+        head = _FORWARD.pack(
+            self.conn, self.request_id, self.op, self.uid, self.gid, self.pid, len(self.groups), len(dgram)
+        )
+        groups = struct.pack(f"!{len(self.groups)}I", *self.groups)
+        return b"".join((head, groups, dgram, self.body))
+
+    @classmethod
+    def decode(cls, body: bytes) -> Forward:
+        conn, rid, op, uid, gid, pid, ngroups, ndgram = _header(_FORWARD, body)
+        raw, pos = _take(body, _FORWARD.size, 4 * ngroups)
+        dgram, pos = _take(body, pos, ndgram)
+        groups = struct.unpack(f"!{ngroups}I", raw)
+        return cls(conn, rid, op, uid, gid, pid, body[pos:], groups, dgram or None)
+
+    def sender(self, worker: int) -> Sender:
+        return Sender(
+            worker, self.conn, self.request_id, self.uid, self.gid, self.pid, self.dgram, self.groups
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Answer:
+    """The client-ready reply to one request, master -> worker."""
+
+    conn: int
+    frame: bytes
+    joined: str | None = None  # the room the worker must now count the connection in
+    parted: str | None = None  # ... and the one it must no longer
+    handout: bool = False  # answers a GET or TAKE (see ipcd.server.flow)
+    dgram: bytes | None = None  # answer this datagram address instead of a connection
+
+    @classmethod
+    def to(cls, sender: Sender, frame: bytes, *, handout: bool = False) -> Answer:
+        return cls(sender.conn, frame, handout=handout, dgram=sender.dgram)
+
+    def encode(self) -> bytes:
+        joined = (self.joined or "").encode()
+        parted = (self.parted or "").encode()
+        dgram = self.dgram or b""
+        flags = _HANDOUT if self.handout else 0
+        head = _ANSWER.pack(self.conn, flags, len(joined), len(parted), len(dgram))
+        return b"".join((head, joined, parted, dgram, self.frame))
+
+    @classmethod
+    def decode(cls, body: bytes) -> Answer:
+        conn, flags, njoined, nparted, ndgram = _header(_ANSWER, body)
+        joined, pos = _take(body, _ANSWER.size, njoined)
+        parted, pos = _take(body, pos, nparted)
+        dgram, pos = _take(body, pos, ndgram)
+        return cls(
+            conn,
+            body[pos:],
+            _text(joined) if njoined else None,
+            _text(parted) if nparted else None,
+            bool(flags & _HANDOUT),
+            dgram or None,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Deliver:
+    """Client-ready frames for a room's local members, or for given
+    connections (private messages, notices, a history replay)."""
+
+    frames: bytes
+    room: str | None = None
+    conns: tuple[int, ...] = ()
+
+    def encode(self) -> bytes:
+        if self.room is not None:
+            name = self.room.encode()
+            return b"".join((_DELIVER.pack(_TO_ROOM, len(name)), name, self.frames))
+        conns = struct.pack(f"!{len(self.conns)}Q", *self.conns)
+        return b"".join((_DELIVER.pack(_TO_CONNS, len(self.conns)), conns, self.frames))
+
+    @classmethod
+    def decode(cls, body: bytes) -> Deliver:
+        kind, count = _header(_DELIVER, body)
+        if kind == _TO_ROOM:
+            name, pos = _take(body, _DELIVER.size, count)
+            return cls(body[pos:], room=_text(name))
+        if kind == _TO_CONNS:
+            raw, pos = _take(body, _DELIVER.size, 8 * count)
+            return cls(body[pos:], conns=struct.unpack(f"!{count}Q", raw))
+        raise LinkError(f"unknown delivery kind {kind}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Gone:
+    """A connection that used the master's services has closed."""
+
+    conn: int
+
+    def encode(self) -> bytes:
+        return _GONE.pack(self.conn)
+
+    @classmethod
+    def decode(cls, body: bytes) -> Gone:
+        if len(body) != _GONE.size:
+            raise LinkError(f"GONE record of {len(body)} bytes, expected {_GONE.size}")
+        return cls(_GONE.unpack(body)[0])
