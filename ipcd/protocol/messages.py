@@ -20,6 +20,11 @@ from ipcd.protocol.errors import RemoteProtocolError
 from ipcd.protocol.ops import ErrorCode
 
 _ERROR_HEAD: Final = struct.Struct("!H")
+# Built once: json.dumps() with options builds an encoder on every call,
+# which cost the chat hub more than the encoding itself.
+_UTF8_JSON: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+_ASCII_JSON: Final = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+_JSON_DECODER: Final = json.JSONDecoder()
 
 
 def encode_error(code: ErrorCode, message: str) -> bytes:
@@ -41,17 +46,17 @@ def encode_json(obj: dict[str, Any]) -> bytes:
     is still JSON and decodes to the same strings. Text a client sends is
     refused at the door when it is not valid Unicode (ipcd.protocol.chat),
     so only the daemon's own descriptions of the system can take that path."""
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    text = _UTF8_JSON.encode(obj)
     try:
         return text.encode()
     except UnicodeEncodeError:
-        return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+        return _ASCII_JSON.encode(obj).encode()
 
 
 def decode_json(body: bytes) -> dict[str, Any]:
     """Parse a JSON-object body; anything else is the peer's protocol error."""
     try:
-        obj = json.loads(body.decode("utf-8")) if body else {}
+        obj = _JSON_DECODER.decode(body.decode("utf-8")) if body else {}
     # ValueError covers UnicodeDecodeError and JSONDecodeError, and also an
     # integer literal over sys.get_int_max_str_digits(); RecursionError is a
     # deeply nested array or object. All are the peer's doing.
