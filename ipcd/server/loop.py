@@ -83,7 +83,10 @@ class EventLoop:
         current = self._interest.get(fd)
         if current is None:
             if events:
-                self._epoll.register(fd, _epoll_events(events))
+                try:
+                    self._epoll.register(fd, _epoll_events(events))
+                except FileExistsError:  # registered behind our back (a dup of a watched fd)
+                    self._epoll.modify(fd, _epoll_events(events))
                 self._interest[fd] = events
                 self._callbacks[fd] = callback
             return
@@ -91,7 +94,12 @@ class EventLoop:
             self._forget(fd)
             return
         if events != current:
-            self._epoll.modify(fd, _epoll_events(events))
+            try:
+                self._epoll.modify(fd, _epoll_events(events))
+            except FileNotFoundError:
+                # The fd was closed without remove() and its number reused:
+                # the kernel had dropped the old registration, so make one.
+                self._epoll.register(fd, _epoll_events(events))
             self._interest[fd] = events
         self._callbacks[fd] = callback
 

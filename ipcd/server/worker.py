@@ -267,7 +267,13 @@ class Worker:
         return False
 
     def _load_timer_fired(self) -> None:
-        self._load_timer = False  # the loop's next pass reports
+        # Report from here: timers run before the loop waits, so leaving it
+        # to the end of the pass could hold the report until the next event.
+        self._load_timer = False
+        if self._exit_code is None and self._load_dirty:
+            self._report_load()
+            if self.channel.has_pending:
+                self._flush_channel()
 
     def _report_due(self) -> bool:
         if self.loop.now - self._last_report < _REPORT_INTERVAL:
