@@ -17,17 +17,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from ipcd import fdpass
+from ipcd.link.framing import FRAGMENT, RECORD_MAX, Reassembler, batch_body, fragment, unbatch
 from ipcd.link.ops import ChannelOp
-from ipcd.protocol import HEADER_SIZE, ErrorCode, Frame, RemoteProtocolError, decode_record, encode_frame
+from ipcd.protocol import ErrorCode, Frame, RemoteProtocolError, decode_record, encode_frame
 
-# A SEQPACKET record must fit the socket's send buffer (about 208 KiB by
-# default), so bodies are cut into fragments of FRAGMENT bytes; the flag MORE
-# says another fragment of the same message follows (fds ride on the first).
-FRAGMENT = 60 * 1024
-RECORD_MAX = 128 * 1024
-MORE = 0x01
-MESSAGE_MAX = 256 << 20  # a reassembled message larger than this is dropped
-
+# How messages become records (fragments, batches) is ipcd.link.framing.
 
 log = logging.getLogger("ipcd")
 
@@ -42,36 +36,6 @@ class _Posted:
         self.fds = fds
 
 
-def _unbatch(body: bytes) -> list[Frame]:
-    frames = []
-    pos = 0
-    while pos < len(body):
-        if len(body) - pos < HEADER_SIZE:
-            raise RemoteProtocolError("truncated frame in a channel batch", ErrorCode.MALFORMED, fatal=False)
-        length = int.from_bytes(body[pos + 12 : pos + 16], "big")
-        end = pos + HEADER_SIZE + length
-        frames.append(decode_record(body[pos:end], (), max_frame_size=MESSAGE_MAX))
-        pos = end
-    return frames
-
-
-class _Partial:
-    """A message whose fragments are still arriving."""
-
-    __slots__ = ("chunks", "fds", "op", "request_id", "size")
-
-    def __init__(self, first: Frame) -> None:
-        self.op = first.op
-        self.request_id = first.request_id
-        self.fds = first.fds
-        self.chunks = [first.body]
-        self.size = len(first.body)
-
-    def add(self, body: bytes) -> None:
-        self.chunks.append(body)
-        self.size += len(body)
-
-
 class ChannelClosed(Exception):
     """The other end of the channel is gone (EOF or a reset)."""
 
@@ -82,7 +46,7 @@ class Channel:
         self._buffer: bytearray | None = None  # allocated on the first recv
         self._backlog: deque[_Posted] | None = None  # records the peer had no room for yet
         self.backlog_bytes = 0
-        self._partial: _Partial | None = None  # fragments of a message being received
+        self._reassembler = Reassembler()  # fragments of a message being received
         self._batch: list[bytes] = []  # posted, not yet flushed
         self._batch_bytes = 0
         self._inbox: deque[Frame] = deque()  # unpacked from a received BATCH
@@ -136,19 +100,14 @@ class Channel:
         """Send the batched messages as one record (fragmented if large)."""
         if not self._batch:
             return
-        body = b"".join(self._batch)
+        body = batch_body(self._batch)
         self._batch.clear()
         self._batch_bytes = 0
         self._send_message(ChannelOp.BATCH, body, 0, ())
 
     def _send_message(self, op: ChannelOp, body: bytes, request_id: int, fds: Sequence[int]) -> None:
-        pieces = [body[i : i + FRAGMENT] for i in range(0, len(body), FRAGMENT)] or [b""]
-        for index, piece in enumerate(pieces):
-            first = index == 0
-            flags = MORE if index < len(pieces) - 1 else 0
-            attached = tuple(fds) if first else ()
-            record = encode_frame(op, request_id, piece, nfds=len(attached), flags=flags)
-            self._post_record(_Posted(record, attached))
+        for index, record in enumerate(fragment(op, request_id, body, len(fds))):
+            self._post_record(_Posted(record, tuple(fds) if index == 0 else ()))
 
     def _post_record(self, pending: _Posted) -> None:
         if self._backlog:
@@ -244,29 +203,20 @@ class Channel:
         frame = self._recv_message()
         if frame.op != ChannelOp.BATCH:
             return frame
-        self._inbox.extend(_unbatch(frame.body))
+        self._inbox.extend(unbatch(frame.body))
         return self._inbox.popleft() if self._inbox else self.recv()
 
     def _recv_message(self) -> Frame:
         while True:
-            frame = self._recv_record()
-            partial = self._partial
-            if frame.flags & MORE:
-                if partial is None:
-                    self._partial = _Partial(frame)
-                else:
-                    fdpass.close_fds(frame.fds)  # fds ride on the first fragment only
-                    partial.add(frame.body)
-                continue
-            if partial is None:
-                return frame
-            self._partial = None
-            fdpass.close_fds(frame.fds)
-            partial.add(frame.body)
-            if partial.size > MESSAGE_MAX:
-                fdpass.close_fds(partial.fds)
-                raise RemoteProtocolError("channel message too large", ErrorCode.TOO_LARGE, fatal=False)
-            return Frame(partial.op, partial.request_id, b"".join(partial.chunks), partial.fds)
+            record = self._recv_record()
+            try:
+                message, stray = self._reassembler.feed(record)
+            except RemoteProtocolError as exc:
+                fdpass.close_fds(exc.fds)
+                raise
+            fdpass.close_fds(stray)  # fds ride on the first fragment only
+            if message is not None:
+                return message
 
     def _recv_record(self) -> Frame:
         if self._buffer is None:
@@ -289,7 +239,5 @@ class Channel:
 
     def close(self) -> None:
         self.drop_backlog()
-        if self._partial is not None:
-            fdpass.close_fds(self._partial.fds)
-            self._partial = None
+        fdpass.close_fds(self._reassembler.take_pending_fds())
         self.sock.close()

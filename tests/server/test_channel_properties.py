@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipcd import fdpass
+from ipcd.link.framing import FRAGMENT
 from ipcd.link.ops import ChannelOp
-from ipcd.server.channel import FRAGMENT, Channel
+from ipcd.server.channel import Channel
 
 
 @dataclass(frozen=True)
