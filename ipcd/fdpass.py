@@ -43,6 +43,17 @@ class Received(NamedTuple):
     address: str | bytes | None
 
 
+# Plain ints: the socket module's flags are IntFlags, and IntFlag arithmetic
+# (``flags & socket.MSG_CTRUNC``) runs in Python on every read.
+_CLOEXEC: Final = int(socket.MSG_CMSG_CLOEXEC)
+_CTRUNC: Final = int(socket.MSG_CTRUNC)
+_TRUNC: Final = int(socket.MSG_TRUNC)
+_ANY_TRUNC: Final = _CTRUNC | _TRUNC
+_SOL_SOCKET: Final = int(socket.SOL_SOCKET)
+_SCM_RIGHTS: Final = int(socket.SCM_RIGHTS)
+_SCM_CREDENTIALS: Final = int(socket.SCM_CREDENTIALS)
+
+
 def cmsg_space_for(nfds: int) -> int:
     """Control buffer size for up to ``nfds`` fds and one credentials block."""
     return socket.CMSG_SPACE(max(nfds, 1) * _INT_SIZE) + CMSG_CREDS
@@ -61,12 +72,12 @@ def _parse_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[list[int], 
     fds: list[int] = []
     creds: Credentials | None = None
     for level, kind, payload in ancdata:
-        if level != socket.SOL_SOCKET:
+        if level != _SOL_SOCKET:
             continue
-        if kind == socket.SCM_RIGHTS:
+        if kind == _SCM_RIGHTS:
             usable = len(payload) - len(payload) % _INT_SIZE
             fds.extend(array.array("i", payload[:usable]))
-        elif kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
+        elif kind == _SCM_CREDENTIALS and len(payload) >= _UCRED.size:
             creds = Credentials(*_UCRED.unpack_from(payload))
     return fds, creds
 
@@ -78,7 +89,7 @@ def _take_ancillary(
     more fds than ``maxfds`` (the rounded-up control buffer can hold more),
     every fd that came is closed: a partial set is never handed out."""
     fds, creds = _parse_ancillary(ancdata)
-    if flags & socket.MSG_CTRUNC or len(fds) > maxfds:
+    if flags & _CTRUNC or len(fds) > maxfds:
         close_fds(fds)
         return (), creds, True
     return tuple(fds), creds, False
@@ -94,7 +105,7 @@ def recv_with_fds(sock: socket.socket, bufsize: int, maxfds: int = MAX_FDS) -> R
     every fd that arrived is closed and ``truncated`` is set; the data is
     returned as usual.
     """
-    data, ancdata, flags, address = sock.recvmsg(bufsize, cmsg_space_for(maxfds), socket.MSG_CMSG_CLOEXEC)
+    data, ancdata, flags, address = sock.recvmsg(bufsize, cmsg_space_for(maxfds), _CLOEXEC)
     fds, creds, truncated = _take_ancillary(ancdata, flags, maxfds)
     return Received(data, fds, truncated, creds, address or None)
 
@@ -117,12 +128,12 @@ def recv_into_with_fds(
     allocation per read on the hot path). ``cmsg_space``, if given, is a
     precomputed ``cmsg_space_for(maxfds)``."""
     nbytes, ancdata, flags, address = sock.recvmsg_into(
-        [buffer], cmsg_space or cmsg_space_for(maxfds), socket.MSG_CMSG_CLOEXEC
+        [buffer], cmsg_space or cmsg_space_for(maxfds), _CLOEXEC
     )
-    if not ancdata and not flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+    if not ancdata and not flags & _ANY_TRUNC:
         return ReceivedInto(nbytes, (), False, None, address or None, False)  # the common case
     fds, creds, truncated = _take_ancillary(ancdata, flags, maxfds)
-    return ReceivedInto(nbytes, fds, truncated, creds, address or None, bool(flags & socket.MSG_TRUNC))
+    return ReceivedInto(nbytes, fds, truncated, creds, address or None, bool(flags & _TRUNC))
 
 
 def send_with_fds(
@@ -136,7 +147,7 @@ def send_with_fds(
     Returns the number of bytes sent (on a stream maybe fewer than offered;
     the fds went with the first byte all the same).
     """
-    ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    ancdata = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
     if address is None:
         return sock.sendmsg(buffers, ancdata)
     return sock.sendmsg(buffers, ancdata, 0, address)

@@ -29,7 +29,9 @@ MESSAGE_MAX: Final = 256 << 20  # a reassembled message larger than this is refu
 def fragment(op: int, request_id: int, body: bytes, nfds: int = 0) -> list[bytes]:
     """The records of one message, in order; the first declares ``nfds``
     (send the fds with it), the others none."""
-    pieces = [body[i : i + FRAGMENT] for i in range(0, len(body), FRAGMENT)] or [b""]
+    if len(body) <= FRAGMENT:  # nearly every message: one record
+        return [encode_frame(op, request_id, body, nfds=nfds)]
+    pieces = [body[i : i + FRAGMENT] for i in range(0, len(body), FRAGMENT)]
     last = len(pieces) - 1
     return [
         encode_frame(op, request_id, piece, nfds=nfds if index == 0 else 0, flags=MORE if index < last else 0)

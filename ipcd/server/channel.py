@@ -24,6 +24,7 @@ from ipcd.protocol import ErrorCode, Frame, RemoteProtocolError, decode_record, 
 # How messages become records (fragments, batches) is ipcd.link.framing.
 
 log = logging.getLogger("ipcd")
+_CMSG_SPACE = fdpass.cmsg_space_for(fdpass.MAX_FDS)
 
 
 class _Posted:
@@ -222,7 +223,7 @@ class Channel:
         if self._buffer is None:
             self._buffer = bytearray(RECORD_MAX)
         try:
-            got = fdpass.recv_into_with_fds(self.sock, self._buffer, maxfds=fdpass.MAX_FDS)
+            got = fdpass.recv_into_with_fds(self.sock, self._buffer, fdpass.MAX_FDS, _CMSG_SPACE)
         except ConnectionResetError as exc:
             raise ChannelClosed(str(exc)) from exc
         if not got.nbytes and not got.fds:

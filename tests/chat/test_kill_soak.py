@@ -101,7 +101,11 @@ class Publisher(threading.Thread):
 
 
 @pytest.mark.parametrize(
-    "duration", [pytest.param(20.0, id="20s"), pytest.param(300.0, id="5min", marks=pytest.mark.soak)]
+    "duration",
+    [
+        pytest.param(20.0, id="20s"),
+        pytest.param(300.0, id="5min", marks=[pytest.mark.soak, pytest.mark.timeout(420)]),
+    ],
 )
 def test_kill_9_of_workers_loses_no_acknowledged_message(short_tmp: Path, duration: float) -> None:
     daemon = Daemon(short_tmp / "s", workers=2).start()
