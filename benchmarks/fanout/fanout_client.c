@@ -132,6 +132,12 @@ struct sub {
     char failed[160];
 };
 
+static int64_t number(const char *p, int width) {
+    int64_t v = 0;
+    for (int i = 0; i < width; i++) v = v * 10 + (p[i] - '0');
+    return v;
+}
+
 static int64_t *latency;
 static size_t latencies, latency_cap;
 
@@ -149,7 +155,7 @@ static void stamp(const char *payload, int64_t now) {
         latency_cap = latency_cap ? 2 * latency_cap : 4096;
         latency = realloc(latency, latency_cap * sizeof *latency);
     }
-    latency[latencies++] = now - strtoll(payload + 11, NULL, 10);
+    latency[latencies++] = now - number(payload + 11, 20);
 }
 
 static void fail(struct sub *s, const char *what, const char *data, size_t n) {
@@ -201,7 +207,7 @@ static size_t parse_redis(struct sub *s, int64_t now, int counting) {
     while (s->len - pos >= size) {
         char *m = s->buf + pos;
         if (memcmp(m, redis_prefix, redis_prefix_len)) { fail(s, "unexpected reply: ", m, 64); return pos; }
-        check(s, strtoll(m + redis_prefix_len, NULL, 10), counting);
+        check(s, number(m + redis_prefix_len, 10), counting);
         stamp(m + redis_prefix_len, now);
         pos += size;
     }
@@ -356,15 +362,40 @@ static size_t answers_len;
 static char reply[32];  /* Redis: PUBLISH's answer, the number of receivers */
 static size_t reply_len;
 
-static size_t encode(char *out, int64_t seq, char marker) {
-    char text[48];
-    snprintf(text, sizeof text, "%010lld %020lld%c", (long long)seq, (long long)now_ns(), marker);
+static char template[512];  /* one whole message; encode() fills in its numbers */
+static size_t template_len, text_at;
+
+static void digits(char *out, int width, uint64_t v) {
+    for (int i = width - 1; i >= 0; i--, v /= 10) out[i] = (char)('0' + v % 10);
+}
+
+static void build_template(void) {
+    char text[PAYLOAD + 1];
+    memset(text, '0', PAYLOAD);
+    text[PAYLOAD] = 0;
     if (redis) {
-        return (size_t)sprintf(out, "*3\r\n$7\r\nPUBLISH\r\n$%zu\r\n%s\r\n$%d\r\n%s\r\n",
-                               strlen(name), name, PAYLOAD, text);
+        template_len = (size_t)sprintf(template, "*3\r\n$7\r\nPUBLISH\r\n$%zu\r\n%s\r\n$%d\r\n%s\r\n",
+                                       strlen(name), name, PAYLOAD, text);
+        text_at = template_len - 2 - PAYLOAD;
+        return;
     }
-    int n = sprintf(out + 16, "{\"room\":\"%s\",\"text\":\"%s\"}", name, text);
-    return ipcd_header(out, OP_SAY, (uint32_t)seq, (uint32_t)n) + (size_t)n;
+    int n = sprintf(template + 16, "{\"room\":\"%s\",\"text\":\"%s\"}", name, text);
+    template_len = ipcd_header(template, OP_SAY, 0, (uint32_t)n) + (size_t)n;
+    text_at = template_len - 2 - PAYLOAD;
+}
+
+static size_t encode(char *out, int64_t seq, char marker) {
+    memcpy(out, template, template_len);
+    char *text = out + text_at;
+    digits(text, 10, (uint64_t)seq);
+    text[10] = ' ';
+    digits(text + 11, 20, (uint64_t)now_ns());
+    text[31] = marker;
+    if (!redis) {
+        uint32_t id = htonl((uint32_t)seq);
+        memcpy(out + 8, &id, 4);
+    }
+    return template_len;
 }
 
 /* Wait for at least one more answer and count the whole ones. */
@@ -409,6 +440,7 @@ static int pub_main(char **argv) {
     int64_t window = atoll(argv[12]), max_lag = atoll(argv[13]), rate = atoll(argv[14]);
     reply_len = (size_t)snprintf(reply, sizeof reply, ":%d\r\n", subscribers);
     pub_fd = connect_to(argv[3]);
+    build_template();
     char *out = malloc((size_t)window * 256);
     sleep_until(start);
     double cpu0 = 0, cpu1 = 0;
