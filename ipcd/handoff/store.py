@@ -87,6 +87,14 @@ class Entry:
     public: bool = False
     created: float = dataclasses.field(default_factory=time.time)
     expires: float | None = None  # monotonic deadline
+    # The JSON body of every GET or TAKE reply: what it describes is fixed
+    # when the entry is made (a replace makes a new entry), so it is encoded once.
+    handout_body: bytes = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.handout_body = encode_json(
+            {"name": self.name, "count": len(self.fds), "names": list(self.fd_names), "owner": self.owner}
+        )
 
     def allows(self, sender: Sender) -> bool:
         if sender.uid in (0, self.owner) or self.public or sender.uid in self.allow_uids:
@@ -218,7 +226,11 @@ class Store:
 
     @classmethod
     def _reply(cls, sender: Sender, op: int, result: dict[str, Any], fds: tuple[int, ...] = ()) -> Out:
-        frame = encode_frame(reply_op(op), sender.request_id, encode_json(result), nfds=len(fds))
+        return cls._encoded_reply(sender, op, encode_json(result), fds)
+
+    @classmethod
+    def _encoded_reply(cls, sender: Sender, op: int, body: bytes, fds: tuple[int, ...] = ()) -> Out:
+        frame = encode_frame(reply_op(op), sender.request_id, body, nfds=len(fds))
         return Out(sender.worker, ChannelOp.ANSWER, cls._answer(sender, op, frame), fds)
 
     @classmethod
@@ -258,16 +270,10 @@ class Store:
             log.info("recovered %d fd entries from systemd's fd store", len(items))
 
     def _hand_out(self, sender: Sender, op: int, entry: Entry) -> Out:
-        result = {
-            "name": entry.name,
-            "count": len(entry.fds),
-            "names": list(entry.fd_names),
-            "owner": entry.owner,
-        }
         if op == Op.TAKE:
             self._remove(entry.name)
-            return self._reply(sender, op, result, entry.fds)
-        return self._reply(sender, op, result, _copies(entry.fds))
+            return self._encoded_reply(sender, op, entry.handout_body, entry.fds)
+        return self._encoded_reply(sender, op, entry.handout_body, _copies(entry.fds))
 
     # -- operations --------------------------------------------------------
 
