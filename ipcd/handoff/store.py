@@ -58,6 +58,11 @@ log = logging.getLogger("ipcd.master")
 NAME_MAX = 128
 OUT_OF_FDS = "the daemon is out of file descriptors; retry"
 _HANDOUT_OPS = frozenset((Op.GET, Op.TAKE))
+# Parsed GET/TAKE bodies, by their bytes: a client asking for the same name
+# again sends the same few bytes, and parsing them was the largest part of
+# a GET's cost in the master. Bounded (emptied when full); handlers only read args.
+_PARSED_MAX = 256
+_PARSED_BODY_MAX = 512
 # No ':': an entry's name is also its fds' default LISTEN_FDNAMES, which ':' separates.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@/-]*")
 Member = tuple[int, int]
@@ -149,6 +154,7 @@ class Store:
         self.charged: Counter[int] = Counter()  # stored fds per owner uid
         self.waiters: dict[str, deque[Waiter]] = {}
         self.persist: SystemdPersistence | None = None  # keeps entries across restarts under systemd
+        self._parsed: dict[bytes, Args] = {}  # see _PARSED_MAX
 
     # -- entry points ------------------------------------------------------
 
@@ -157,10 +163,7 @@ class Store:
         keeps them or closes them, whatever the outcome."""
         out: list[Out] = []
         try:
-            try:
-                args = decode_json(body)
-            except RemoteProtocolError as exc:
-                raise StoreError(exc.code, exc.message) from None
+            args = self._parse(op, body)
             if op == Op.PUT:
                 taken, fds = fds, ()
                 self._put(sender, args, taken, out)
@@ -175,6 +178,21 @@ class Store:
         finally:
             fdpass.close_fds(fds)
         return out
+
+    def _parse(self, op: int, body: bytes) -> Args:
+        if op in _HANDOUT_OPS:
+            args = self._parsed.get(body)
+            if args is not None:
+                return args
+        try:
+            args = decode_json(body)
+        except RemoteProtocolError as exc:
+            raise StoreError(exc.code, exc.message) from None
+        if op in _HANDOUT_OPS and len(body) <= _PARSED_BODY_MAX:
+            if len(self._parsed) >= _PARSED_MAX:
+                self._parsed.clear()
+            self._parsed[body] = args
+        return args
 
     def tick(self, now: float) -> list[Out]:
         """Expire entries past their TTL and waiters past their deadline."""
