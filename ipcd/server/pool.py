@@ -220,10 +220,10 @@ class WorkerPool:
     def can_take(self) -> bool:
         """Whether :meth:`choose` would find a worker (asked once per loop
         pass, so it skips the load comparison)."""
-        return any(
-            handle.state is WorkerState.RUNNING and handle.channel_open and not handle.channel.has_backlog
-            for handle in self.workers.values()
-        )
+        for handle in self.workers.values():
+            if handle.state is WorkerState.RUNNING and handle.channel_open and not handle.channel.has_backlog:
+                return True
+        return False
 
     def pass_connection(self, fd: int, handle: WorkerHandle | None = None) -> WorkerHandle | None:
         """Hand ``fd`` to ``handle``, or the worker :meth:`choose` picks, or
