@@ -48,6 +48,7 @@ from ipcd.protocol import (
 
 DEFAULT_TIMEOUT = 10.0
 _RECV_SIZE = 256 * 1024
+_CMSG_SPACE = fdpass.cmsg_space_for(fdpass.MAX_FDS)
 
 
 class ClientError(Exception):
@@ -141,6 +142,7 @@ class Client(_Closing):
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._decoder = FrameDecoder(max_frame_size=1 << 30)
+        self._buffer: bytearray | None = None  # for reads, made on the first
         self._early: dict[int, Frame] = {}  # replies read while waiting for another
         self.events: deque[Frame] = deque()  # daemon-initiated frames (chat deliveries), in order
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -245,17 +247,19 @@ class Client(_Closing):
                 raise ConnectionLost(f"the daemon sent an invalid frame: {exc.message}") from None
             if event is not NEED_DATA:
                 return event
+            if self._buffer is None:  # one buffer for every read (the decoder copies what it is fed)
+                self._buffer = bytearray(_RECV_SIZE)
             try:
-                got = fdpass.recv_with_fds(self.sock, _RECV_SIZE)
+                got = fdpass.recv_into_with_fds(self.sock, self._buffer, fdpass.MAX_FDS, _CMSG_SPACE)
             except TimeoutError:
                 raise RequestTimeout(
                     f"no answer from {self.path} within {self.timeout:g}s; try a larger --timeout"
                 ) from None
             except OSError as exc:
                 raise ConnectionLost(f"connection to {self.path} lost: {exc.strerror}") from None
-            if not got.data and not got.fds:
+            if not got.nbytes and not got.fds:
                 raise ConnectionLost(f"the daemon closed the connection ({self.path})")
-            self._decoder.receive_data(got.data, got.fds, got.truncated)
+            self._decoder.receive_data(memoryview(self._buffer)[: got.nbytes], got.fds, got.truncated)
 
     def wait_reply(self, request_id: int) -> Frame:
         """The reply to ``request_id``; raises :class:`ServerError` for an ERROR."""
@@ -417,12 +421,14 @@ class Client(_Closing):
     def _receive_fds(self, op: Op, name: str, wait: float) -> Handoff:
         body = encode_json({"name": name, "wait": wait} if wait else {"name": name})
         previous = self.sock.gettimeout()
-        if wait and previous is not None:
+        if wait and previous is not None:  # settimeout is a syscall: only when it changes
             self.sock.settimeout(previous + wait)
-        try:
+            try:
+                reply = self.request(op, body)
+            finally:
+                self.sock.settimeout(previous)
+        else:
             reply = self.request(op, body)
-        finally:
-            self.sock.settimeout(previous)
         try:
             meta = decode_json(reply.body)
             return Handoff(str(meta["name"]), reply.fds, tuple(meta["names"]), int(meta["owner"]))

@@ -58,6 +58,11 @@ log = logging.getLogger("ipcd.master")
 NAME_MAX = 128
 OUT_OF_FDS = "the daemon is out of file descriptors; retry"
 _HANDOUT_OPS = frozenset((Op.GET, Op.TAKE))
+# Parsed GET/TAKE bodies, by their bytes: a client asking for the same name
+# again sends the same few bytes, and parsing them was the largest part of
+# a GET's cost in the master. Bounded (emptied when full); handlers only read args.
+_PARSED_MAX = 256
+_PARSED_BODY_MAX = 512
 # No ':': an entry's name is also its fds' default LISTEN_FDNAMES, which ':' separates.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@/-]*")
 Member = tuple[int, int]
@@ -87,6 +92,14 @@ class Entry:
     public: bool = False
     created: float = dataclasses.field(default_factory=time.time)
     expires: float | None = None  # monotonic deadline
+    # The JSON body of every GET or TAKE reply: what it describes is fixed
+    # when the entry is made (a replace makes a new entry), so it is encoded once.
+    handout_body: bytes = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.handout_body = encode_json(
+            {"name": self.name, "count": len(self.fds), "names": list(self.fd_names), "owner": self.owner}
+        )
 
     def allows(self, sender: Sender) -> bool:
         if sender.uid in (0, self.owner) or self.public or sender.uid in self.allow_uids:
@@ -141,6 +154,7 @@ class Store:
         self.charged: Counter[int] = Counter()  # stored fds per owner uid
         self.waiters: dict[str, deque[Waiter]] = {}
         self.persist: SystemdPersistence | None = None  # keeps entries across restarts under systemd
+        self._parsed: dict[bytes, Args] = {}  # see _PARSED_MAX
 
     # -- entry points ------------------------------------------------------
 
@@ -149,10 +163,7 @@ class Store:
         keeps them or closes them, whatever the outcome."""
         out: list[Out] = []
         try:
-            try:
-                args = decode_json(body)
-            except RemoteProtocolError as exc:
-                raise StoreError(exc.code, exc.message) from None
+            args = self._parse(op, body)
             if op == Op.PUT:
                 taken, fds = fds, ()
                 self._put(sender, args, taken, out)
@@ -167,6 +178,21 @@ class Store:
         finally:
             fdpass.close_fds(fds)
         return out
+
+    def _parse(self, op: int, body: bytes) -> Args:
+        if op in _HANDOUT_OPS:
+            args = self._parsed.get(body)
+            if args is not None:
+                return args
+        try:
+            args = decode_json(body)
+        except RemoteProtocolError as exc:
+            raise StoreError(exc.code, exc.message) from None
+        if op in _HANDOUT_OPS and len(body) <= _PARSED_BODY_MAX:
+            if len(self._parsed) >= _PARSED_MAX:
+                self._parsed.clear()
+            self._parsed[body] = args
+        return args
 
     def tick(self, now: float) -> list[Out]:
         """Expire entries past their TTL and waiters past their deadline."""
@@ -218,7 +244,11 @@ class Store:
 
     @classmethod
     def _reply(cls, sender: Sender, op: int, result: dict[str, Any], fds: tuple[int, ...] = ()) -> Out:
-        frame = encode_frame(reply_op(op), sender.request_id, encode_json(result), nfds=len(fds))
+        return cls._encoded_reply(sender, op, encode_json(result), fds)
+
+    @classmethod
+    def _encoded_reply(cls, sender: Sender, op: int, body: bytes, fds: tuple[int, ...] = ()) -> Out:
+        frame = encode_frame(reply_op(op), sender.request_id, body, nfds=len(fds))
         return Out(sender.worker, ChannelOp.ANSWER, cls._answer(sender, op, frame), fds)
 
     @classmethod
@@ -258,16 +288,10 @@ class Store:
             log.info("recovered %d fd entries from systemd's fd store", len(items))
 
     def _hand_out(self, sender: Sender, op: int, entry: Entry) -> Out:
-        result = {
-            "name": entry.name,
-            "count": len(entry.fds),
-            "names": list(entry.fd_names),
-            "owner": entry.owner,
-        }
         if op == Op.TAKE:
             self._remove(entry.name)
-            return self._reply(sender, op, result, entry.fds)
-        return self._reply(sender, op, result, _copies(entry.fds))
+            return self._encoded_reply(sender, op, entry.handout_body, entry.fds)
+        return self._encoded_reply(sender, op, entry.handout_body, _copies(entry.fds))
 
     # -- operations --------------------------------------------------------
 

@@ -22,6 +22,7 @@ fed and return, so that neither imports the server.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Final, NamedTuple
 
@@ -78,6 +79,21 @@ _HANDOUT: Final = 0x01  # the answer to a GET or TAKE: frees the fd reservation 
 _TO_ROOM, _TO_CONNS = 0, 1
 
 
+@functools.lru_cache(maxsize=256)
+def _array(code: str, count: int) -> struct.Struct:
+    """The layout of ``count`` big-endian integers: built once per count,
+    not parsed from a format string on every record."""
+    return struct.Struct(f"!{count}{code}")
+
+
+def _pack(code: str, values: tuple[int, ...]) -> bytes:
+    return _array(code, len(values)).pack(*values) if values else b""
+
+
+def _unpack(code: str, count: int, raw: bytes) -> tuple[int, ...]:
+    return _array(code, count).unpack(raw) if count else ()
+
+
 def _take(body: bytes, start: int, size: int) -> tuple[bytes, int]:
     end = start + size
     if end > len(body):
@@ -119,7 +135,7 @@ class Forward(NamedTuple):
         head = _FORWARD.pack(
             self.conn, self.request_id, self.op, self.uid, self.gid, self.pid, len(self.groups), len(dgram)
         )
-        groups = struct.pack(f"!{len(self.groups)}I", *self.groups)
+        groups = _pack("I", self.groups)
         return b"".join((head, groups, dgram, self.body))
 
     @classmethod
@@ -127,7 +143,7 @@ class Forward(NamedTuple):
         conn, rid, op, uid, gid, pid, ngroups, ndgram = _header(_FORWARD, body)
         raw, pos = _take(body, _FORWARD.size, 4 * ngroups)
         dgram, pos = _take(body, pos, ndgram)
-        groups = struct.unpack(f"!{ngroups}I", raw)
+        groups = _unpack("I", ngroups, raw)
         return cls(conn, rid, op, uid, gid, pid, body[pos:], groups, dgram or None)
 
     def sender(self, worker: int) -> Sender:
@@ -151,6 +167,8 @@ class Answer(NamedTuple):
         return cls(sender.conn, frame, handout=handout, dgram=sender.dgram)
 
     def encode(self) -> bytes:
+        if self.joined is None and self.parted is None and not self.dgram:  # most answers
+            return _ANSWER.pack(self.conn, _HANDOUT if self.handout else 0, 0, 0, 0) + self.frame
         joined = (self.joined or "").encode()
         parted = (self.parted or "").encode()
         dgram = self.dgram or b""
@@ -186,7 +204,7 @@ class Deliver(NamedTuple):
         if self.room is not None:
             name = self.room.encode()
             return b"".join((_DELIVER.pack(_TO_ROOM, len(name)), name, self.frames))
-        conns = struct.pack(f"!{len(self.conns)}Q", *self.conns)
+        conns = _pack("Q", self.conns)
         return b"".join((_DELIVER.pack(_TO_CONNS, len(self.conns)), conns, self.frames))
 
     @classmethod
@@ -197,7 +215,7 @@ class Deliver(NamedTuple):
             return cls(body[pos:], room=_text(name))
         if kind == _TO_CONNS:
             raw, pos = _take(body, _DELIVER.size, 8 * count)
-            return cls(body[pos:], conns=struct.unpack(f"!{count}Q", raw))
+            return cls(body[pos:], conns=_unpack("Q", count, raw))
         raise LinkError(f"unknown delivery kind {kind}")
 
 

@@ -293,7 +293,7 @@ class FrameDecoder:
 
 
 def decode_record(
-    data: bytes, fds: Sequence[int] = (), max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    data: bytes | memoryview, fds: Sequence[int] = (), max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
 ) -> Frame:
     """Decode a datagram or SOCK_SEQPACKET record, which holds exactly one frame.
 

@@ -98,11 +98,20 @@ class Channel:
         return bool(self._batch) or bool(self._backlog)
 
     def flush(self) -> None:
-        """Send the batched messages as one record (fragmented if large)."""
-        if not self._batch:
+        """Send the batched messages as one record (fragmented if large).
+        A batch of one small message goes as that message's own record (it
+        is one already): no BATCH wrapped around it, none to unpack."""
+        batch = self._batch
+        if not batch:
             return
-        body = batch_body(self._batch)
-        self._batch.clear()
+        if len(batch) == 1 and self._batch_bytes <= FRAGMENT:
+            record = batch[0]
+            batch.clear()
+            self._batch_bytes = 0
+            self._post_record(_Posted(record, ()))
+            return
+        body = batch_body(batch)
+        batch.clear()
         self._batch_bytes = 0
         self._send_message(ChannelOp.BATCH, body, 0, ())
 
@@ -233,7 +242,8 @@ class Channel:
                 raise RemoteProtocolError(
                     "channel record larger than its buffer", ErrorCode.TOO_LARGE, fatal=True, fds=got.fds
                 )
-            return decode_record(bytes(self._buffer[: got.nbytes]), got.fds, max_frame_size=RECORD_MAX)
+            # A view, not a copy: decode_record copies the body out once.
+            return decode_record(memoryview(self._buffer)[: got.nbytes], got.fds, max_frame_size=RECORD_MAX)
         except RemoteProtocolError as exc:
             fdpass.close_fds(exc.fds)
             raise

@@ -81,6 +81,7 @@ class Connection:
     __slots__ = (
         "_creds",
         "_events",
+        "_groups",
         "_head_started",
         "_held",
         "_out",
@@ -107,6 +108,7 @@ class Connection:
         self.out_bytes = 0
         self.out_fds = 0  # fds in the outbound queue, not yet taken by the kernel
         self._creds: fdpass.Credentials | None = None
+        self._groups: tuple[int, ...] | None = None
         self.chat: ChatState | None = None  # created on the first chat operation
         self._events = _READ
         self._held: tuple[Frame, Retry] | None = None  # a frame a service could not take yet
@@ -123,6 +125,15 @@ class Connection:
         if self._creds is None:
             self._creds = fdpass.peer_credentials(self.sock)
         return self._creds
+
+    @property
+    def groups(self) -> tuple[int, ...]:
+        """The peer's supplementary groups (SO_PEERGROUPS), fetched on first
+        use: like SO_PEERCRED, the kernel records them at connect time, so
+        one getsockopt serves every request of the connection."""
+        if self._groups is None:
+            self._groups = fdpass.peer_groups(self.sock)
+        return self._groups
 
     def log_fields(self, operation: str) -> dict[str, object]:
         """Journal fields for a log line about this client (``extra=``)."""

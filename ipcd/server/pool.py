@@ -218,7 +218,12 @@ class WorkerPool:
         return best
 
     def can_take(self) -> bool:
-        return self.choose() is not None
+        """Whether :meth:`choose` would find a worker (asked once per loop
+        pass, so it skips the load comparison)."""
+        for handle in self.workers.values():
+            if handle.state is WorkerState.RUNNING and handle.channel_open and not handle.channel.has_backlog:
+                return True
+        return False
 
     def pass_connection(self, fd: int, handle: WorkerHandle | None = None) -> WorkerHandle | None:
         """Hand ``fd`` to ``handle``, or the worker :meth:`choose` picks, or

@@ -120,7 +120,7 @@ class ChatRouter:
                     conn.hold(frame, self.forward)
                     self._schedule(share)
                     return
-        groups = tuple(fdpass.peer_groups(conn.sock)) if with_groups else ()
+        groups = conn.groups if with_groups else ()
         forward = Forward(
             conn.id, frame.request_id, frame.op, creds.uid, creds.gid, creds.pid, frame.body, groups
         )
