@@ -79,6 +79,7 @@ def test_watchdog_pings_at_a_flat_rate_of_twice_per_interval(short_tmp: Path) ->
         assert 6 <= first <= 10, pings
         assert 6 <= last <= 10, pings
         assert 18 <= len(pings) <= 27, pings
+        assert "not pinging the watchdog" not in daemon.log()  # healthy workers, every ping sent
     finally:
         listener.close()
         assert daemon.stop() == 0

@@ -186,8 +186,12 @@ class Master:
         interval = self.manager.watchdog_interval
         assert interval is not None
         now = time.monotonic()
+        # An idle worker is heard from once per heartbeat round: under a short
+        # WatchdogSec= three ping intervals are less than that, and a healthy
+        # worker would look stale between two heartbeats.
+        patience = max(3 * interval, 2.5 * _HEARTBEAT_INTERVAL)
         stale = [
-            w for w in self.pool.workers.values() if w.channel_open and now - w.last_heartbeat > 3 * interval
+            w for w in self.pool.workers.values() if w.channel_open and now - w.last_heartbeat > patience
         ]
         if stale:
             log.warning("not pinging the watchdog: %d workers are not answering", len(stale))
