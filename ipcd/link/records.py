@@ -72,8 +72,6 @@ _FORWARD: Final = struct.Struct("!QIBIIIHH")  # conn, rid, op, uid, gid, pid, ng
 _ANSWER: Final = struct.Struct("!QBHHH")  # conn, flags, join, part, dgram lengths
 _DELIVER: Final = struct.Struct("!BI")  # kind, room length or number of connections
 _GONE: Final = struct.Struct("!Q")
-_U32: Final = struct.Struct("!I")
-_U64: Final = struct.Struct("!Q")
 
 _HANDOUT: Final = 0x01  # the answer to a GET or TAKE: frees the fd reservation made for it
 _TO_ROOM, _TO_CONNS = 0, 1

@@ -84,8 +84,7 @@ class Channel:
         an fd number its poster might close and reuse. Raises
         :class:`ChannelClosed`."""
         if fds:
-            self.flush()
-            self._send_message(op, body, request_id, fds)
+            self.send(op, body, fds, request_id)
             return
         record = encode_frame(op, request_id, body)
         self._batch.append(record)
@@ -104,16 +103,14 @@ class Channel:
         batch = self._batch
         if not batch:
             return
-        if len(batch) == 1 and self._batch_bytes <= FRAGMENT:
-            record = batch[0]
-            batch.clear()
-            self._batch_bytes = 0
-            self._post_record(_Posted(record, ()))
-            return
-        body = batch_body(batch)
+        alone = len(batch) == 1 and self._batch_bytes <= FRAGMENT
+        body = batch[0] if alone else batch_body(batch)
         batch.clear()
         self._batch_bytes = 0
-        self._send_message(ChannelOp.BATCH, body, 0, ())
+        if alone:
+            self._post_record(_Posted(body, ()))
+        else:
+            self._send_message(ChannelOp.BATCH, body, 0, ())
 
     def _send_message(self, op: ChannelOp, body: bytes, request_id: int, fds: Sequence[int]) -> None:
         for index, record in enumerate(fragment(op, request_id, body, len(fds))):
