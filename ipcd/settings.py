@@ -203,6 +203,13 @@ class Settings:
         return self.socket_dir / LOCK_FILE
 
     @property
+    def reply_budget(self) -> int:
+        """Bytes of history one reply or JOIN replay may hold: a quarter of
+        the output buffer, so a page always fits (and a reader that reads
+        never meets the slow-consumer bound through its own requests)."""
+        return max(self.max_outbuf // 4, 1)
+
+    @property
     def pause_threshold(self) -> int:
         """Queued reply bytes at which a worker stops reading a connection."""
         return max(self.max_outbuf // 4, 64 * 1024)

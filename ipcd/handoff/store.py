@@ -41,7 +41,7 @@ from ipcd import fdpass
 from ipcd.handoff.fdinfo import describe
 from ipcd.handoff.persist import SystemdPersistence
 from ipcd.link.ops import ChannelOp
-from ipcd.link.records import Answer, Out, Sender, ServiceError
+from ipcd.link.records import HANDOUT_OPS, Answer, Out, Sender, ServiceError
 from ipcd.protocol import (
     ErrorCode,
     Op,
@@ -57,7 +57,6 @@ log = logging.getLogger("ipcd.master")
 
 NAME_MAX = 128
 OUT_OF_FDS = "the daemon is out of file descriptors; retry"
-_HANDOUT_OPS = frozenset((Op.GET, Op.TAKE))
 # Parsed GET/TAKE bodies, by their bytes: a client asking for the same name
 # again sends the same few bytes, and parsing them was the largest part of
 # a GET's cost in the master. Bounded (emptied when full); handlers only read args.
@@ -180,7 +179,7 @@ class Store:
         return out
 
     def _parse(self, op: int, body: bytes) -> Args:
-        if op in _HANDOUT_OPS:
+        if op in HANDOUT_OPS:
             args = self._parsed.get(body)
             if args is not None:
                 return args
@@ -188,7 +187,7 @@ class Store:
             args = decode_json(body)
         except RemoteProtocolError as exc:
             raise StoreError(exc.code, exc.message) from None
-        if op in _HANDOUT_OPS and len(body) <= _PARSED_BODY_MAX:
+        if op in HANDOUT_OPS and len(body) <= _PARSED_BODY_MAX:
             if len(self._parsed) >= _PARSED_MAX:
                 self._parsed.clear()
             self._parsed[body] = args
@@ -240,7 +239,7 @@ class Store:
 
     @staticmethod
     def _answer(sender: Sender, op: int, frame: bytes) -> bytes:
-        return Answer.to(sender, frame, handout=op in _HANDOUT_OPS).encode()
+        return Answer.to(sender, frame, handout=op in HANDOUT_OPS).encode()
 
     @classmethod
     def _reply(cls, sender: Sender, op: int, result: dict[str, Any], fds: tuple[int, ...] = ()) -> Out:

@@ -27,7 +27,7 @@ import struct
 from typing import Final, NamedTuple
 
 from ipcd.link.ops import ChannelOp
-from ipcd.protocol import ErrorCode
+from ipcd.protocol import ErrorCode, Op
 
 
 class LinkError(ValueError):
@@ -74,6 +74,9 @@ _DELIVER: Final = struct.Struct("!BI")  # kind, room length or number of connect
 _GONE: Final = struct.Struct("!Q")
 
 _HANDOUT: Final = 0x01  # the answer to a GET or TAKE: frees the fd reservation made for it
+# The ops answered with fds: the worker reserves fds for each in flight, the
+# master marks every answer to one (Answer.handout), so the two must agree.
+HANDOUT_OPS: Final = frozenset((Op.GET, Op.TAKE))
 _TO_ROOM, _TO_CONNS = 0, 1
 
 

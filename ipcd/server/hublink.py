@@ -23,7 +23,7 @@ from ipcd import fdpass
 from ipcd.chat.hub import Hub
 from ipcd.handoff.store import Store
 from ipcd.link.ops import ChannelOp
-from ipcd.link.records import Answer, Forward, Gone, LinkError, Out
+from ipcd.link.records import HANDOUT_OPS, Answer, Forward, Gone, LinkError, Out
 from ipcd.protocol import ErrorCode, Op, encode_error, encode_frame
 from ipcd.server.channel import ChannelClosed
 from ipcd.server.flow import MAX_CHANNEL_BACKLOG, ChannelBudget
@@ -83,7 +83,7 @@ class HubLink:
             log.exception("internal error serving op 0x%02x for uid %d", op, sender.uid)
             frame = encode_frame(Op.ERROR, sender.request_id, encode_error(ErrorCode.INTERNAL, _INTERNAL))
             # handout frees the worker's fd reservation for a GET or TAKE
-            answer = Answer.to(sender, frame, handout=op in (Op.GET, Op.TAKE))
+            answer = Answer.to(sender, frame, handout=op in HANDOUT_OPS)
             outs = [Out(handle.pid, ChannelOp.ANSWER, answer.encode())]
         self.route(outs)
 

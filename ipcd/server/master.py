@@ -57,7 +57,7 @@ def _chat_limits(settings: Settings) -> Limits:
         history=settings.history_size,
         max_text=settings.max_message,
         rooms_per_connection=settings.rooms_per_connection,
-        reply_budget=max(settings.max_outbuf // 4, 1),  # one page of history always fits the buffer
+        reply_budget=settings.reply_budget,
     )
 
 

@@ -42,7 +42,7 @@ from ipcd import fdpass
 from ipcd.chat.fairshare import FairShares, Share
 from ipcd.fdpass import Credentials
 from ipcd.link.ops import ChannelOp
-from ipcd.link.records import Answer, Deliver, Forward, Gone
+from ipcd.link.records import HANDOUT_OPS, Answer, Deliver, Forward, Gone
 from ipcd.protocol import ErrorCode, Frame, Op, encode_error, encode_frame
 from ipcd.server.channel import ChannelClosed
 from ipcd.server.flow import FdBudget
@@ -56,7 +56,6 @@ log = logging.getLogger("ipcd.worker")
 
 CHAT_OPS = (Op.NICK, Op.JOIN, Op.PART, Op.SAY, Op.MSG, Op.ROOMS, Op.WHO, Op.TOPIC, Op.HISTORY)
 RATED_OPS = (Op.SAY, Op.MSG)
-FD_OPS = (Op.GET, Op.TAKE)  # answered with up to max_fds fds each
 MAX_IN_FLIGHT = 256  # a connection's forwarded requests not yet answered, before it is held
 RESUME_IN_FLIGHT = MAX_IN_FLIGHT // 2  # ... and read again once this few remain
 BURST_FACTOR = 2.0  # a full share is this many seconds of posts
@@ -94,15 +93,16 @@ class ChatRouter:
         state = conn.chat
         if state is None:
             state = conn.chat = ChatState()
+        retry = self._retry_grouped if with_groups else self.forward
         if state.in_flight >= MAX_IN_FLIGHT:
             state.fd_wait = False
-            conn.hold(frame, self._retry_grouped if with_groups else self.forward)
+            conn.hold(frame, retry)
             return  # on_reply releases it
-        fd_op = frame.op in FD_OPS
+        fd_op = frame.op in HANDOUT_OPS  # answered with up to max_fds fds each
         if fd_op:
             state.fd_wait = not self.fd_budget.admits(conn.out_fds, state.fd_requests)
             if state.fd_wait:
-                conn.hold(frame, self._retry_grouped if with_groups else self.forward)
+                conn.hold(frame, retry)
                 return  # on_reply or fds_sent releases it
         try:
             creds = conn.creds
@@ -168,14 +168,14 @@ class ChatRouter:
             return  # SO_PASSCRED is set on the socket: the kernel always attaches them
         addr = os.fsencode(address) if address else None
         if not self.shares.get(creds.uid, self.worker.now).take(self.worker.now):
-            if address:
+            if addr:
                 limit = self.worker.settings.rate_limit
                 error = encode_frame(
                     Op.ERROR,
                     frame.request_id,
                     encode_error(ErrorCode.RATE_LIMITED, f"more than {limit:g} posts/s from uid {creds.uid}"),
                 )
-                self.worker.reply_datagram(os.fsencode(address), error)
+                self.worker.reply_datagram(addr, error)
             return
         forward = Forward(
             0, frame.request_id, frame.op, creds.uid, creds.gid, creds.pid, frame.body, dgram=addr
