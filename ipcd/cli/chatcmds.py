@@ -118,9 +118,10 @@ def send(opts: Options, room: str | None, to: str | None, dgram: bool, text: tup
                     raise
     except (ConnectionLost, RequestTimeout) as exc:
         where = f"answered up to line {answered}" if answered else "no line answered"
-        raise type(exc)(f"{exc} ({where}; later lines may or may not have been posted)") from None
-    except KeyboardInterrupt:
-        sys.exit(130)
+        said = f"{exc} ({where}; later lines may or may not have been posted)"
+        if isinstance(exc, ConnectionLost):
+            raise ConnectionLost(said, exc.code) from None  # keep the daemon's reason code
+        raise RequestTimeout(said) from None
     if refused:
         sys.exit(1)
 

@@ -499,9 +499,6 @@ def chat(opts: Options, room: str, nick: str | None, history: int) -> None:
     with subscription:
         session = ChatSession(subscription, _print_line, history)
         session.start(room)
-        try:
-            with quiet_terminal(sys.stdin.fileno()):
-                code = asyncio.run(run_terminal(session))
-        except KeyboardInterrupt:  # Ctrl-C while a request was on its way
-            code = EXIT_INTERRUPTED
+        with quiet_terminal(sys.stdin.fileno()):  # Ctrl-C on a request's way: handles_errors, 130
+            code = asyncio.run(run_terminal(session))
     sys.exit(code)

@@ -25,7 +25,7 @@ from ipcd.cli.common import (
 from ipcd.cli.lazygroup import LazyGroup
 from ipcd.cli.pingstats import PingStats
 from ipcd.client import RequestTimeout
-from ipcd.paths import DEFAULT_SOCKET_DIR
+from ipcd.paths import DEFAULT_SOCKET_DIR, SOCKET_DIR_ENV
 
 # Commands in other modules, imported only when run (start-up time: see LazyGroup).
 LAZY_COMMANDS = {
@@ -53,7 +53,7 @@ LAZY_COMMANDS = {
     "--socket-dir",
     type=click.Path(file_okay=False, path_type=Path),
     metavar="DIR",
-    envvar="IPCD_SOCKET_DIR",
+    envvar=SOCKET_DIR_ENV,
     show_envvar=True,
     default=DEFAULT_SOCKET_DIR,
     show_default=True,

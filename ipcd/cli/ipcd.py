@@ -17,7 +17,7 @@ import click
 
 from ipcd import __version__
 from ipcd.log import setup_logging
-from ipcd.paths import default_socket_dir
+from ipcd.paths import DEFAULT_SOCKET_DIR, SOCKET_DIR_ENV, default_socket_dir
 from ipcd.settings import OPTIONS, Settings, SettingsError, load_settings
 from ipcd.units import install_units
 
@@ -163,9 +163,9 @@ _SOCKET_DIR = click.option(
     type=click.Path(file_okay=False, path_type=Path),
     metavar="DIR",
     default=None,
-    envvar="IPCD_SOCKET_DIR",
+    envvar=SOCKET_DIR_ENV,
     show_envvar=True,
-    help="The daemon's socket dir, where the default pidfile is (default /tmp/ipcd).",
+    help=f"The daemon's socket dir, where the default pidfile is (default {DEFAULT_SOCKET_DIR}).",
 )
 
 # LSB init-script status codes: 0 running, 1 dead but the pidfile remains,
@@ -232,6 +232,7 @@ def status(pidfile: Path | None, socket_dir: Path | None) -> None:
         f"ipcd is running: master pid {doc['pid']}, {len(doc['workers'])} workers, "
         f"{doc['totals']['connections']} connections, up {doc['uptime']:.0f}s, on {directory}"
     )
+    sys.exit(STATUS_RUNNING)
 
 
 cli.add_command(install_units)

@@ -270,3 +270,32 @@ def test_a_line_over_the_frame_limit_is_named_when_the_daemon_closes(start_daemo
     assert refused.endswith("exceeds the limit of 1024 (TOO_LARGE)")
     assert "closed the connection" in lost
     assert "later lines may or may not have been posted" in lost
+
+
+def test_a_send_cut_off_by_a_stopping_daemon_says_why_in_json(short_tmp: Path) -> None:
+    """The daemon's reason (SHUTTING_DOWN) reaches the JSON error of a send
+    whose connection it closed, not a generic CONNECTION_LOST."""
+    daemon = Daemon(short_tmp / "s", workers=1).start()
+    with daemon.client() as listener:
+        listener.join("stopping")
+        sender = subprocess.Popen(
+            [*IPCCTL, "--socket-dir", str(daemon.socket_dir), "--json", "send", "--room", "stopping"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert sender.stdin is not None
+            sender.stdin.write("before the stop\n")
+            sender.stdin.flush()
+            assert listener.next_event(timeout=15).data["text"] == "before the stop"
+            assert daemon.stop() == 0
+            _, err = sender.communicate(timeout=15)
+        finally:
+            if sender.poll() is None:
+                sender.kill()
+                sender.communicate()
+    assert sender.returncode == 69, err
+    error = json.loads(err.splitlines()[-1])["error"]
+    assert error["code"] == "SHUTTING_DOWN", error
