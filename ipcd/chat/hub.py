@@ -5,8 +5,10 @@ Theory of operation
 The hub lives in the master, which outlives every worker, so a worker crash
 loses only that worker's connections: the hub drops their memberships
 (telling the rooms) and everyone else carries on with the same sequence.
-It does no I/O: it is fed a worker's forwarded request and returns the
-records to send (:class:`Out`), which keeps every rule testable in-process.
+It does no I/O: it is fed a worker's forwarded request and writes the
+records to send into an :class:`~ipcd.link.outbox.Outbox`, which keeps every
+rule testable in-process (and lets a pass's messages to one room travel as
+one delivery per worker).
 
 A room message is sequenced (``seq`` per room, from 1, no gaps), encoded
 *once* as a client-ready MESSAGE frame, kept in the room's bounded history,
@@ -39,8 +41,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ipcd.link.ops import ChannelOp
-from ipcd.link.records import Answer, Deliver, Out, Sender, ServiceError
+from ipcd.link.outbox import Deliveries, Outbox, Staged
+from ipcd.link.records import Answer, Out, Sender, ServiceError
 from ipcd.protocol import (
     ErrorCode,
     Op,
@@ -63,7 +65,7 @@ from ipcd.protocol.chat import (
     sanitize_text,
 )
 
-__all__ = ["ChatError", "Hub", "Limits", "Out", "Sender"]
+__all__ = ["ChatError", "Hub", "Limits", "Out", "Outbox", "Sender"]
 
 _CHUNK = 128 * 1024  # replayed history per channel record, well under RECORD_MAX
 Member = tuple[int, int]  # (worker pid, connection id)
@@ -175,45 +177,46 @@ class Hub:
         self.nicks: dict[str, Session] = {}
         self.private_seq = 0
         self.messages = 0
-        self._reply_at = 0
 
     # -- entry points ------------------------------------------------------
 
-    def handle(self, sender: Sender, op: int, body: bytes) -> list[Out]:
-        """One forwarded request; returns the reply and any deliveries."""
-        out: list[Out] = []
-        self._reply_at = 0  # a handler may move its reply after records it emits first
+    def handle(self, sender: Sender, op: int, body: bytes, out: Outbox) -> None:
+        """One forwarded request: its reply, then any deliveries, into ``out``."""
+        if op == Op.SAY:
+            self._say(sender, body, out)
+            return
+        later = Staged()  # what the request causes goes after its reply
         try:
             args = parse_body(body)
             handler = _HANDLERS.get(op)
             if handler is None:
                 raise ChatError(ErrorCode.UNKNOWN_OP, f"operation 0x{op:02x} is not a chat operation")
-            if not sender.conn and op != Op.SAY:
+            if not sender.conn:
                 raise ChatError(ErrorCode.BAD_REQUEST, "datagrams can only post to rooms (SAY)")
-            meta, result = handler(self, sender, args, out)
+            meta, result = handler(self, sender, args, out, later)
             frame = encode_frame(reply_op(op), sender.request_id, encode_json(result))
         except (ChatError, RemoteProtocolError) as exc:
             meta = {}
             frame = encode_frame(Op.ERROR, sender.request_id, encode_error(exc.code, exc.message))
         answer = Answer(sender.conn, frame, meta.get("join"), meta.get("part"), dgram=sender.dgram)
-        out.insert(self._reply_at, Out(sender.worker, ChannelOp.ANSWER, answer.encode()))
-        return out
+        out.answer(sender.worker, answer)
+        later.into(out)
 
-    def connection_gone(self, member: Member) -> list[Out]:
+    def connection_gone(self, member: Member, out: Deliveries) -> None:
         session = self.sessions.pop(member, None)
         if session is None:
-            return []
+            return
         del self.nicks[session.nick]
-        out: list[Out] = []
         for name in sorted(session.rooms):
             self._leave(self.rooms[name], session, "quit", out)
-        return out
 
-    def worker_gone(self, worker: int) -> list[Out]:
-        out: list[Out] = []
+    def worker_gone(self, worker: int, out: Deliveries) -> None:
+        """Its connections quit, with notices to everyone else (none to the
+        dead worker itself: it has no channel any more)."""
+        for room in self.rooms.values():
+            room.workers.pop(worker, None)
         for member in [m for m in self.sessions if m[0] == worker]:
-            out += [o for o in self.connection_gone(member) if o.worker != worker]
-        return out
+            self.connection_gone(member, out)
 
     def stats(self) -> dict[str, int]:
         return {"rooms": len(self.rooms), "chatters": len(self.sessions), "messages": self.messages}
@@ -262,26 +265,21 @@ class Hub:
 
     # -- fan-out -----------------------------------------------------------
 
-    def _to_room(self, room: Room, frame: bytes, out: list[Out]) -> None:
-        record = Deliver(frame, room=room.name).encode()  # once, the same bytes for every worker
-        for worker in room.workers:
-            out.append(Out(worker, ChannelOp.DELIVER, record))
-
     @staticmethod
-    def _deliver_to(worker: int, conn: int, frames: list[bytes], out: list[Out]) -> None:
+    def _deliver_to(worker: int, conn: int, frames: list[bytes], out: Deliveries) -> None:
         """Frames for one connection, in records of at most ``_CHUNK`` bytes."""
         batch: list[bytes] = []
         size = 0
         for frame in frames:
             if batch and size + len(frame) > _CHUNK:
-                out.append(Out(worker, ChannelOp.DELIVER, Deliver(b"".join(batch), conns=(conn,)).encode()))
+                out.to_conns(worker, (conn,), b"".join(batch))
                 batch, size = [], 0
             batch.append(frame)
             size += len(frame)
         if batch:
-            out.append(Out(worker, ChannelOp.DELIVER, Deliver(b"".join(batch), conns=(conn,)).encode()))
+            out.to_conns(worker, (conn,), b"".join(batch))
 
-    def _notice(self, room: Room, event: str, session: Session, out: list[Out], **extra: Any) -> None:
+    def _notice(self, room: Room, event: str, session: Session, out: Deliveries, **extra: Any) -> None:
         notice = {
             "room": room.name,
             "event": event,
@@ -291,9 +289,9 @@ class Hub:
             "ts": time.time(),
             **extra,
         }
-        self._to_room(room, encode_frame(Op.NOTICE, 0, encode_json(notice)), out)
+        out.to_room(room.name, room.workers, encode_frame(Op.NOTICE, 0, encode_json(notice)))
 
-    def _leave(self, room: Room, session: Session, event: str, out: list[Out]) -> None:
+    def _leave(self, room: Room, session: Session, event: str, out: Deliveries) -> None:
         member = session.member
         if room.members.pop(member, None) is None:
             return
@@ -307,7 +305,7 @@ class Hub:
 
     # -- operations --------------------------------------------------------
 
-    def _nick(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+    def _nick(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
         wanted = check_nick(args.get("nick"))
         session = self._session(sender)
         if wanted != session.nick:
@@ -321,10 +319,10 @@ class Hub:
             session.nick = wanted
             self.nicks[wanted] = session
             for name in sorted(session.rooms):
-                self._notice(self.rooms[name], "nick", session, out, old=old)
+                self._notice(self.rooms[name], "nick", session, later, old=old)
         return {}, {"nick": session.nick}
 
-    def _join(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+    def _join(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
         name = check_room(args.get("room", DEFAULT_ROOM))
         want_history = check_count(args.get("history"), self.limits.history, "history")
         session = self._session(sender)
@@ -340,10 +338,11 @@ class Hub:
             room.members[session.member] = session
             room.workers[sender.worker] += 1
             session.rooms.add(name)
-        self._reply_at = len(out)  # the joiner's worker indexes it only from the reply on
         replay, more = self._page(room, want_history, None)
-        # After the reply record, on the same ordered channel: before any new message.
-        self._deliver_to(sender.worker, sender.conn, [frame for _, frame in replay], out)
+        # The notice went before the reply (the joiner's worker indexes it only
+        # from the reply on); the replay goes after it on the same ordered
+        # channel, before any new message.
+        self._deliver_to(sender.worker, sender.conn, [frame for _, frame in replay], later)
         result = {
             "room": name,
             "nick": session.nick,
@@ -357,19 +356,26 @@ class Hub:
             result["before"] = replay[0][0]["seq"]  # HISTORY pages on from here
         return {"join": name}, result
 
-    def _part(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+    def _part(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
         name = check_room(args.get("room"))
         session = self.sessions.get((sender.worker, sender.conn))
         if session is None or name not in session.rooms:
             raise ChatError(ErrorCode.NOT_FOUND, f"you are not in room {name!r}")
-        self._leave(self.rooms[name], session, "part", out)
+        self._leave(self.rooms[name], session, "part", later)
         return {"part": name}, {"room": name}
 
-    def _say(self, sender: Sender, args: Args, out: list[Out]) -> Result:
-        name = check_room(args.get("room", DEFAULT_ROOM))
-        text = _text(args.get("text"), self.limits.max_text)
+    def _say(self, sender: Sender, body: bytes, out: Outbox) -> None:
+        """The hot path: no staging, and the reply floats (ipcd.link.outbox)."""
+        try:
+            args = parse_body(body)
+            name = check_room(args.get("room", DEFAULT_ROOM))
+            text = _text(args.get("text"), self.limits.max_text)
+            room = self._room(name, create=True)
+        except (ChatError, RemoteProtocolError) as exc:
+            error = encode_frame(Op.ERROR, sender.request_id, encode_error(exc.code, exc.message))
+            self._reply(sender, error, out)
+            return
         session = self.sessions.get((sender.worker, sender.conn)) if sender.conn else None
-        room = self._room(name, create=True)
         room.last_used = time.monotonic()
         room.seq += 1
         message = {
@@ -383,10 +389,18 @@ class Hub:
         frame = encode_frame(Op.MESSAGE, 0, encode_json(message))
         room.history.append((message, frame))
         self.messages += 1
-        self._to_room(room, frame, out)
-        return {}, {"room": name, "seq": room.seq, "ts": message["ts"]}
+        out.to_room(name, room.workers, frame)
+        reply = {"room": name, "seq": room.seq, "ts": message["ts"]}
+        self._reply(sender, encode_frame(Op.SAY_REPLY, sender.request_id, encode_json(reply)), out)
 
-    def _msg(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+    @staticmethod
+    def _reply(sender: Sender, frame: bytes, out: Outbox) -> None:
+        if sender.conn:
+            out.reply(sender.worker, sender.conn, frame)
+        else:
+            out.answer(sender.worker, Answer(0, frame, dgram=sender.dgram))
+
+    def _msg(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
         target_nick = check_nick(args.get("to"))
         text = _text(args.get("text"), self.limits.max_text)
         session = self._session(sender)
@@ -404,18 +418,18 @@ class Hub:
         }
         frame = encode_frame(Op.PRIVATE, 0, encode_json(message))
         worker, conn = target.member
-        out.append(Out(worker, ChannelOp.DELIVER, Deliver(frame, conns=(conn,)).encode()))
+        later.to_conns(worker, (conn,), frame)
         self.messages += 1
         return {}, {"to": target.nick, "seq": self.private_seq, "ts": message["ts"]}
 
-    def _rooms(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+    def _rooms(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
         rooms = [
             {"room": r.name, "members": len(r.members), "topic": r.topic, "seq": r.seq}
             for r in sorted(self.rooms.values(), key=lambda r: r.name)
         ]
         return {}, {"rooms": rooms}
 
-    def _who(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+    def _who(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
         room_name = args.get("room")
         if room_name is None:
             sessions = list(self.sessions.values())
@@ -427,7 +441,7 @@ class Hub:
         ]
         return {}, {"room": room_name, "members": members}
 
-    def _topic(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+    def _topic(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
         room = self._room(check_room(args.get("room", DEFAULT_ROOM)), create=False)
         topic = args.get("topic")
         if topic is not None:
@@ -439,10 +453,10 @@ class Hub:
             if room.name not in session.rooms:
                 raise ChatError(ErrorCode.PERMISSION_DENIED, f"join {room.name!r} to set its topic")
             room.topic = sanitize_text(topic).replace("\n", " ")
-            self._notice(room, "topic", session, out, topic=room.topic)
+            self._notice(room, "topic", session, later, topic=room.topic)
         return {}, {"room": room.name, "topic": room.topic}
 
-    def _history(self, sender: Sender, args: Args, out: list[Out]) -> Result:
+    def _history(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
         room = self._room(check_room(args.get("room", DEFAULT_ROOM)), create=False)
         count = check_count(args.get("count", self.limits.history), self.limits.history, "count")
         page, more = self._page(room, count, check_cursor(args.get("before"), "before"))
@@ -464,11 +478,10 @@ class Hub:
         return wanted[len(wanted) - fit :], fit < len(wanted)
 
 
-_HANDLERS: dict[int, Callable[[Hub, Sender, Args, list[Out]], Result]] = {
+_HANDLERS: dict[int, Callable[[Hub, Sender, Args, Outbox, Staged], Result]] = {
     Op.NICK: Hub._nick,
     Op.JOIN: Hub._join,
     Op.PART: Hub._part,
-    Op.SAY: Hub._say,
     Op.MSG: Hub._msg,
     Op.ROOMS: Hub._rooms,
     Op.WHO: Hub._who,

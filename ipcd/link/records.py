@@ -69,7 +69,7 @@ class ServiceError(Exception):
 # -- encoding helpers -------------------------------------------------------
 
 _FORWARD: Final = struct.Struct("!QIBIIIHH")  # conn, rid, op, uid, gid, pid, ngroups, dgram length
-_ANSWER: Final = struct.Struct("!QBHHH")  # conn, flags, join, part, dgram lengths
+_ANSWER: Final = struct.Struct("!QBIHHH")  # conn, flags, replies, join, part, dgram lengths
 _DELIVER: Final = struct.Struct("!BI")  # kind, room length or number of connections
 _GONE: Final = struct.Struct("!Q")
 
@@ -162,6 +162,7 @@ class Answer(NamedTuple):
     parted: str | None = None  # ... and the one it must no longer
     handout: bool = False  # answers a GET or TAKE (see ipcd.server.flow)
     dgram: bytes | None = None  # answer this datagram address instead of a connection
+    replies: int = 1  # replies joined in ``frame``, one per request (ipcd.link.outbox)
 
     @classmethod
     def to(cls, sender: Sender, frame: bytes, *, handout: bool = False) -> Answer:
@@ -169,17 +170,19 @@ class Answer(NamedTuple):
 
     def encode(self) -> bytes:
         if self.joined is None and self.parted is None and not self.dgram:  # most answers
-            return _ANSWER.pack(self.conn, _HANDOUT if self.handout else 0, 0, 0, 0) + self.frame
+            return (
+                _ANSWER.pack(self.conn, _HANDOUT if self.handout else 0, self.replies, 0, 0, 0) + self.frame
+            )
         joined = (self.joined or "").encode()
         parted = (self.parted or "").encode()
         dgram = self.dgram or b""
         flags = _HANDOUT if self.handout else 0
-        head = _ANSWER.pack(self.conn, flags, len(joined), len(parted), len(dgram))
+        head = _ANSWER.pack(self.conn, flags, self.replies, len(joined), len(parted), len(dgram))
         return b"".join((head, joined, parted, dgram, self.frame))
 
     @classmethod
     def decode(cls, body: bytes) -> Answer:
-        conn, flags, njoined, nparted, ndgram = _header(_ANSWER, body)
+        conn, flags, replies, njoined, nparted, ndgram = _header(_ANSWER, body)
         joined, pos = _take(body, _ANSWER.size, njoined)
         parted, pos = _take(body, pos, nparted)
         dgram, pos = _take(body, pos, ndgram)
@@ -190,6 +193,7 @@ class Answer(NamedTuple):
             _text(parted) if nparted else None,
             bool(flags & _HANDOUT),
             dgram or None,
+            replies,
         )
 
 

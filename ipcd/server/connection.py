@@ -301,6 +301,12 @@ class Connection:
         self.out_bytes += len(data)
         self.out_fds += len(fds)
         if self.out_bytes > self.worker.settings.max_outbuf:
+            # The bound is on what the daemon holds once the kernel took what it
+            # can: a pass that brings more than the bound for a reader that
+            # reads (joined deliveries) must not cut it off.
+            self.flush()
+            if self.closed or self.out_bytes <= self.worker.settings.max_outbuf:
+                return
             self.cut_off(
                 ErrorCode.SLOW_CONSUMER,
                 f"outbound buffer passed {self.worker.settings.max_outbuf} bytes: the client is not reading",

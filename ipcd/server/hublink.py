@@ -22,7 +22,7 @@ from collections.abc import Callable
 from ipcd import fdpass
 from ipcd.chat.hub import Hub
 from ipcd.handoff.store import Store
-from ipcd.link.ops import ChannelOp
+from ipcd.link.outbox import FLUSH_BYTES, Outbox
 from ipcd.link.records import HANDOUT_OPS, Answer, Forward, Gone, LinkError, Out
 from ipcd.protocol import ErrorCode, Op, encode_error, encode_frame
 from ipcd.server.channel import ChannelClosed
@@ -50,6 +50,7 @@ class HubLink:
         self.loop = loop
         self.budget = budget
         self.pool: WorkerPool | None = None
+        self.outbox = Outbox()  # what the services said this pass, routed by flush_all()
         self._watch = watch  # set the channel's interest from admits() and has_backlog
 
     def admits(self, handle: WorkerHandle) -> bool:
@@ -73,19 +74,22 @@ class HubLink:
         op, payload = forward.op, forward.body
         try:
             if op in STORE_OPS:
-                outs = self.store.handle(sender, op, payload, fds)
+                for out in self.store.handle(sender, op, payload, fds):
+                    self.outbox.add(out)
             else:
                 fdpass.close_fds(fds)
-                outs = self.hub.handle(sender, op, payload)
+                self.hub.handle(sender, op, payload, self.outbox)
         except Exception:
             # A bug must cost one request, never the master (and with it every
             # room and stored fd). The request's fds were the service's to close.
             log.exception("internal error serving op 0x%02x for uid %d", op, sender.uid)
             frame = encode_frame(Op.ERROR, sender.request_id, encode_error(ErrorCode.INTERNAL, _INTERNAL))
             # handout frees the worker's fd reservation for a GET or TAKE
-            answer = Answer.to(sender, frame, handout=op in HANDOUT_OPS)
-            outs = [Out(handle.pid, ChannelOp.ANSWER, answer.encode())]
-        self.route(outs)
+            self.outbox.answer(handle.pid, Answer.to(sender, frame, handout=op in HANDOUT_OPS))
+        if self.outbox.fds or self.outbox.size > FLUSH_BYTES:
+            # Sent now, so that admits() sees the channel's backlog (bytes and
+            # dup'd fds) before the next request is read.
+            self.route(self.outbox.take())
 
     def connection_gone(self, handle: WorkerHandle, body: bytes) -> None:
         try:
@@ -94,14 +98,15 @@ class HubLink:
             log.error("malformed GONE from worker %d: %s", handle.pid, exc)
             return
         self.store.connection_gone((handle.pid, conn))
-        self.route(self.hub.connection_gone((handle.pid, conn)))
+        self.hub.connection_gone((handle.pid, conn), self.outbox)
 
     def worker_gone(self, handle: WorkerHandle) -> None:
         self.store.worker_gone(handle.pid)
-        self.route(self.hub.worker_gone(handle.pid))
+        self.hub.worker_gone(handle.pid, self.outbox)
 
     def tick(self, now: float) -> None:
-        self.route(self.store.tick(now))
+        for out in self.store.tick(now):
+            self.outbox.add(out)
 
     def route(self, outs: list[Out]) -> None:
         assert self.pool is not None
@@ -118,8 +123,10 @@ class HubLink:
             self._check_backlog(handle)
 
     def flush_all(self) -> None:
-        """Send what this loop iteration posted: one batch per worker."""
+        """Send what this loop iteration gathered: one batch per worker."""
         assert self.pool is not None
+        if self.outbox:
+            self.route(self.outbox.take())
         for handle in list(self.pool.workers.values()):
             if not handle.channel_open or not handle.channel.has_pending:
                 continue

@@ -213,7 +213,7 @@ class ChatRouter:
         conn.send_frame(frame, fds)  # the connection closes the fds once they are sent
         state = conn.chat
         if state is not None and state.in_flight:
-            state.in_flight -= 1
+            state.in_flight = max(0, state.in_flight - answer.replies)  # SAY replies come joined
             if answer.handout and state.fd_requests:
                 state.fd_requests -= 1
             if conn.held and not state.waiting and self._may_resume(conn, state):

@@ -329,6 +329,25 @@ def test_a_member_that_stops_reading_is_cut_off_while_twenty_others_get_everythi
 # -- 4. ipcctl send --dgram as a real user, ipcctl listen --json --------------------
 
 
+def test_a_burst_larger_than_the_output_bound_reaches_a_member_the_kernel_can_hold_it_for(
+    start_daemon: StartDaemon,
+) -> None:
+    """The bound is on what the daemon holds, not on what one loop pass
+    brings: 150 KiB of messages in one pipelined burst (joined into a few
+    deliveries) against --max-outbuf 64K all fit in the member's socket
+    buffer, so a member that reads them afterwards gets every one."""
+    daemon = start_daemon("--max-outbuf", "64K", "--rate-limit", "1000000")
+    member = daemon.client()
+    member.join("burst")
+    publisher = daemon.client()
+    assert post(publisher, "burst", ["y" * 1000] * 150) == list(range(1, 151))
+    got = [e["seq"] for e in messages(read_until(member, "burst", 150), "burst")]
+    assert got == list(range(1, 151))
+    assert "cut off" not in daemon.log()
+    publisher.close()
+    member.close()
+
+
 def test_a_datagram_post_by_a_real_user_reaches_listen_json_with_their_uid(
     daemon: Daemon, actors: Spawn, chat_users: list[ChatUser]
 ) -> None:

@@ -37,6 +37,7 @@ ANSWERS = st.builds(
     parted=st.none() | NAME,
     handout=st.booleans(),
     dgram=st.none() | ADDRESS,
+    replies=st.integers(1, 2**32 - 1),
 )
 DELIVERIES = st.one_of(
     st.builds(Deliver, frames=st.binary(max_size=512), room=NAME, conns=st.just(())),
