@@ -39,10 +39,11 @@ import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from json.encoder import encode_basestring
+from typing import Any, Final
 
 from ipcd.link.outbox import Deliveries, Outbox, Staged
-from ipcd.link.records import Answer, Out, Sender, ServiceError
+from ipcd.link.records import Answer, Out, Post, Sender, ServiceError
 from ipcd.protocol import (
     ErrorCode,
     Op,
@@ -64,14 +65,30 @@ from ipcd.protocol.chat import (
     parse_body,
     sanitize_text,
 )
+from ipcd.protocol.frames import HEADER, MAGIC, VERSION
 
 __all__ = ["ChatError", "Hub", "Limits", "Out", "Outbox", "Sender"]
 
 _CHUNK = 128 * 1024  # replayed history per channel record, well under RECORD_MAX
 Member = tuple[int, int]  # (worker pid, connection id)
 Args = dict[str, Any]  # a request body
-Result = tuple[dict[str, Any], dict[str, Any]]  # (meta for the worker, reply body)
-Kept = tuple[dict[str, Any], bytes]  # a message in a room's history: its body and its MESSAGE frame
+# (meta for the worker, reply body: to encode, or encoded already)
+Result = tuple[dict[str, Any], dict[str, Any] | bytes]
+Kept = tuple[int, bytes]  # a message in a room's history: its seq and its MESSAGE frame
+
+# A MESSAGE body and a SAY reply, made of parts encoded once (keys sorted, as
+# encode_json writes them): sender, room, seq, text, ts, uid.
+_MESSAGE: Final = b'{"from":%b,"room":%b,"seq":%d,"text":%b,"ts":%b,"uid":%d}'
+_SAY_REPLY: Final = b'{"room":%b,"seq":%d,"ts":%b}'
+_TS_STEP: Final = 0.001  # ts is read from the clock for every message, formatted once a millisecond
+
+
+def _json_string(text: str) -> bytes:
+    return encode_basestring(text).encode()
+
+
+def _head(op: int, request_id: int, length: int) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, op, 0, 0, 0, request_id, length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +107,14 @@ class Session:
     uid: int
     pid: int
     rooms: set[str] = dataclasses.field(default_factory=set)
+    nick_json: bytes = b""  # the nick as JSON, for every message it sends
+
+    def __post_init__(self) -> None:
+        self.rename(self.nick)
+
+    def rename(self, nick: str) -> None:
+        self.nick = nick
+        self.nick_json = _json_string(nick)
 
 
 @dataclasses.dataclass(eq=False)
@@ -100,7 +125,11 @@ class Room:
     members: dict[Member, Session] = dataclasses.field(default_factory=dict)
     workers: Counter[int] = dataclasses.field(default_factory=Counter)
     history: deque[Kept] = dataclasses.field(default_factory=deque)
-    last_used: float = dataclasses.field(default_factory=time.monotonic)
+    last_used: float = dataclasses.field(default_factory=time.time)  # for eviction: order only
+    name_json: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.name_json = _json_string(self.name)
 
 
 def newest_that_fit(sizes: Sequence[int], budget: int) -> int:
@@ -120,7 +149,19 @@ class ChatError(ServiceError):
 
 
 _NAMES: dict[int, tuple[float, str]] = {}  # uid -> (looked up at, name)
+_NAME_JSON: dict[str, bytes] = {}
 _NAME_TTL = 60.0
+
+
+def user_name_json(uid: int) -> bytes:
+    """:func:`user_name` as JSON: an unjoined poster's ``from``."""
+    name = user_name(uid)
+    encoded = _NAME_JSON.get(name)
+    if encoded is None:
+        if len(_NAME_JSON) > 4096:
+            _NAME_JSON.clear()
+        encoded = _NAME_JSON[name] = _json_string(name)
+    return encoded
 
 
 def user_name(uid: int) -> str:
@@ -177,6 +218,7 @@ class Hub:
         self.nicks: dict[str, Session] = {}
         self.private_seq = 0
         self.messages = 0
+        self._ts = (0.0, b"0.0")  # the last ts and its JSON (_clock)
 
     # -- entry points ------------------------------------------------------
 
@@ -194,7 +236,8 @@ class Hub:
             if not sender.conn:
                 raise ChatError(ErrorCode.BAD_REQUEST, "datagrams can only post to rooms (SAY)")
             meta, result = handler(self, sender, args, out, later)
-            frame = encode_frame(reply_op(op), sender.request_id, encode_json(result))
+            reply = result if isinstance(result, bytes) else encode_json(result)
+            frame = encode_frame(reply_op(op), sender.request_id, reply)
         except (ChatError, RemoteProtocolError) as exc:
             meta = {}
             frame = encode_frame(Op.ERROR, sender.request_id, encode_error(exc.code, exc.message))
@@ -316,7 +359,7 @@ class Hub:
                 )
             old = session.nick
             del self.nicks[old]
-            session.nick = wanted
+            session.rename(wanted)
             self.nicks[wanted] = session
             for name in sorted(session.rooms):
                 self._notice(self.rooms[name], "nick", session, later, old=old)
@@ -353,7 +396,7 @@ class Hub:
             "more": more,
         }
         if more:
-            result["before"] = replay[0][0]["seq"]  # HISTORY pages on from here
+            result["before"] = replay[0][0]  # HISTORY pages on from here
         return {"join": name}, result
 
     def _part(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
@@ -365,33 +408,36 @@ class Hub:
         return {"part": name}, {"room": name}
 
     def _say(self, sender: Sender, body: bytes, out: Outbox) -> None:
-        """The hot path: no staging, and the reply floats (ipcd.link.outbox)."""
+        """The hot path. The worker checked the body (a :class:`Post`), so
+        a message is made of bytes already encoded: no JSON here, no
+        staging, and the reply floats (ipcd.link.outbox)."""
         try:
-            args = parse_body(body)
-            name = check_room(args.get("room", DEFAULT_ROOM))
-            text = _text(args.get("text"), self.limits.max_text)
-            room = self._room(name, create=True)
-        except (ChatError, RemoteProtocolError) as exc:
+            post = Post.decode(body)
+            room = self.rooms.get(post.room) or self._room(post.room, create=True)
+        except ChatError as exc:
             error = encode_frame(Op.ERROR, sender.request_id, encode_error(exc.code, exc.message))
             self._reply(sender, error, out)
             return
         session = self.sessions.get((sender.worker, sender.conn)) if sender.conn else None
-        room.last_used = time.monotonic()
-        room.seq += 1
-        message = {
-            "room": name,
-            "from": session.nick if session else user_name(sender.uid),
-            "uid": sender.uid,
-            "seq": room.seq,
-            "ts": time.time(),
-            "text": text,
-        }
-        frame = encode_frame(Op.MESSAGE, 0, encode_json(message))
-        room.history.append((message, frame))
+        ts, ts_json = self._clock()
+        room.last_used = ts
+        seq = room.seq = room.seq + 1
+        sender_json = session.nick_json if session is not None else user_name_json(sender.uid)
+        message = _MESSAGE % (sender_json, room.name_json, seq, post.text_json, ts_json, sender.uid)
+        frame = _head(Op.MESSAGE, 0, len(message)) + message
+        room.history.append((seq, frame))
         self.messages += 1
-        out.to_room(name, room.workers, frame)
-        reply = {"room": name, "seq": room.seq, "ts": message["ts"]}
-        self._reply(sender, encode_frame(Op.SAY_REPLY, sender.request_id, encode_json(reply)), out)
+        out.to_room(room.name, room.workers, frame)
+        reply = _SAY_REPLY % (room.name_json, seq, ts_json)
+        self._reply(sender, _head(Op.SAY_REPLY, sender.request_id, len(reply)) + reply, out)
+
+    def _clock(self) -> tuple[float, bytes]:
+        """The wall clock for ``ts``, and its JSON, made once a millisecond:
+        formatting a float is a good part of a message's cost."""
+        now = time.time()
+        if now - self._ts[0] >= _TS_STEP or now < self._ts[0]:
+            self._ts = (now, repr(now).encode())
+        return self._ts
 
     @staticmethod
     def _reply(sender: Sender, frame: bytes, out: Outbox) -> None:
@@ -460,11 +506,12 @@ class Hub:
         room = self._room(check_room(args.get("room", DEFAULT_ROOM)), create=False)
         count = check_count(args.get("count", self.limits.history), self.limits.history, "count")
         page, more = self._page(room, count, check_cursor(args.get("before"), "before"))
-        messages = [message for message, _ in page]
-        result: dict[str, Any] = {"room": room.name, "messages": messages, "more": more}
+        head: dict[str, Any] = {"room": room.name, "more": more}
         if more:
-            result["before"] = page[0][0]["seq"]
-        return {}, result
+            head["before"] = page[0][0]
+        # The kept MESSAGE bodies as they are, not parsed and encoded again.
+        messages = b",".join(frame[HEADER.size :] for _, frame in page)
+        return {}, encode_json(head)[:-1] + b',"messages":[' + messages + b"]}"
 
     def _page(self, room: Room, count: int, before: int | None) -> tuple[list[Kept], bool]:
         """The last ``count`` messages with a seq below ``before`` (of all,
@@ -472,7 +519,7 @@ class Hub:
         budget; and whether the budget left any of them out."""
         if not count:
             return [], False
-        kept = list(room.history) if before is None else [k for k in room.history if k[0]["seq"] < before]
+        kept = list(room.history) if before is None else [k for k in room.history if k[0] < before]
         wanted = kept[-count:]
         fit = newest_that_fit([len(frame) for _, frame in wanted], self.limits.reply_budget)
         return wanted[len(wanted) - fit :], fit < len(wanted)

@@ -72,6 +72,7 @@ _FORWARD: Final = struct.Struct("!QIBIIIHH")  # conn, rid, op, uid, gid, pid, ng
 _ANSWER: Final = struct.Struct("!QBIHHH")  # conn, flags, replies, join, part, dgram lengths
 _DELIVER: Final = struct.Struct("!BI")  # kind, room length or number of connections
 _GONE: Final = struct.Struct("!Q")
+_POST: Final = struct.Struct("!H")  # room length
 
 _HANDOUT: Final = 0x01  # the answer to a GET or TAKE: frees the fd reservation made for it
 # The ops answered with fds: the worker reserves fds for each in flight, the
@@ -222,6 +223,25 @@ class Deliver(NamedTuple):
             raw, pos = _take(body, _DELIVER.size, 8 * count)
             return cls(body[pos:], conns=_unpack("Q", count, raw))
         raise LinkError(f"unknown delivery kind {kind}")
+
+
+class Post(NamedTuple):
+    """The body of a forwarded SAY, checked by the worker
+    (:func:`ipcd.protocol.chat.prepare_say`): the room, and the text as the
+    JSON string literal every MESSAGE made of it holds."""
+
+    room: str
+    text_json: bytes
+
+    def encode(self) -> bytes:
+        name = self.room.encode()
+        return b"".join((_POST.pack(len(name)), name, self.text_json))
+
+    @classmethod
+    def decode(cls, body: bytes) -> Post:
+        (size,) = _header(_POST, body)
+        name, pos = _take(body, _POST.size, size)
+        return cls(_text(name), body[pos:])
 
 
 class Gone(NamedTuple):

@@ -10,7 +10,8 @@ never taken from a body: the sender's uid comes from the kernel.
 from __future__ import annotations
 
 import re
-from typing import Any, Final
+from json.encoder import encode_basestring
+from typing import Any, Final, NamedTuple
 
 from ipcd.protocol.errors import RemoteProtocolError
 from ipcd.protocol.messages import decode_json
@@ -87,3 +88,23 @@ def sanitize_text(text: str) -> str:
     C1 range with its 8-bit CSI) but keep tabs and newlines: a message must
     not be able to drive the reader's terminal."""
     return text.translate(_CONTROLS)
+
+
+class Say(NamedTuple):
+    """A checked SAY body: the room, and the text as a JSON string literal
+    (sanitized, UTF-8), ready to go into every MESSAGE made of it."""
+
+    room: str
+    text_json: bytes
+
+
+def prepare_say(body: bytes, max_text: int) -> Say:
+    """Check a SAY body once, where it comes in (the worker), so the hub
+    only sequences it: no JSON is parsed or text escaped in the master."""
+    args = parse_body(body)
+    room = check_room(args.get("room", DEFAULT_ROOM))
+    try:
+        text = sanitize_text(check_text(args.get("text"), max_text))  # check_text encodes it once
+    except UnicodeEncodeError:
+        raise _bad("text holds a lone surrogate: send valid Unicode") from None
+    return Say(room, encode_basestring(text).encode())

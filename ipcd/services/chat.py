@@ -42,8 +42,9 @@ from ipcd import fdpass
 from ipcd.chat.fairshare import FairShares, Share
 from ipcd.fdpass import Credentials
 from ipcd.link.ops import ChannelOp
-from ipcd.link.records import HANDOUT_OPS, Answer, Deliver, Forward, Gone
-from ipcd.protocol import ErrorCode, Frame, Op, encode_error, encode_frame
+from ipcd.link.records import HANDOUT_OPS, Answer, Deliver, Forward, Gone, Post
+from ipcd.protocol import ErrorCode, Frame, Op, RemoteProtocolError, encode_error, encode_frame
+from ipcd.protocol.chat import prepare_say
 from ipcd.server.channel import ChannelClosed
 from ipcd.server.flow import FdBudget
 
@@ -109,6 +110,13 @@ class ChatRouter:
         except OSError:
             fdpass.close_fds(frame.fds)
             return  # the peer is already gone
+        body = frame.body
+        if frame.op == Op.SAY:
+            try:
+                body = self._checked_say(body)
+            except RemoteProtocolError as exc:
+                conn.send_error(frame.request_id, exc.code, exc.message)
+                return
         if frame.op in RATED_OPS:
             if state.granted:
                 state.granted = False
@@ -121,13 +129,17 @@ class ChatRouter:
                     self._schedule(share)
                     return
         groups = conn.groups if with_groups else ()
-        forward = Forward(
-            conn.id, frame.request_id, frame.op, creds.uid, creds.gid, creds.pid, frame.body, groups
-        )
+        forward = Forward(conn.id, frame.request_id, frame.op, creds.uid, creds.gid, creds.pid, body, groups)
         if self._post(ChannelOp.FORWARD, forward.encode(), conn, frame.request_id, frame.fds):
             state.in_flight += 1
             if fd_op:
                 state.fd_requests += 1
+
+    def _checked_say(self, body: bytes) -> bytes:
+        """A SAY body checked here, where workers share the work, and sent on
+        as a :class:`Post` the hub only sequences. Raises RemoteProtocolError."""
+        say = prepare_say(body, self.worker.settings.max_message)
+        return Post(say.room, say.text_json).encode()
 
     def _retry_grouped(self, conn: Connection, frame: Frame) -> None:
         self.forward(conn, frame, with_groups=True)
@@ -167,6 +179,13 @@ class ChatRouter:
         if creds is None:
             return  # SO_PASSCRED is set on the socket: the kernel always attaches them
         addr = os.fsencode(address) if address else None
+        try:
+            body = self._checked_say(frame.body)
+        except RemoteProtocolError as exc:
+            if addr:
+                error = encode_frame(Op.ERROR, frame.request_id, encode_error(exc.code, exc.message))
+                self.worker.reply_datagram(addr, error)
+            return
         if not self.shares.get(creds.uid, self.worker.now).take(self.worker.now):
             if addr:
                 limit = self.worker.settings.rate_limit
@@ -177,9 +196,7 @@ class ChatRouter:
                 )
                 self.worker.reply_datagram(addr, error)
             return
-        forward = Forward(
-            0, frame.request_id, frame.op, creds.uid, creds.gid, creds.pid, frame.body, dgram=addr
-        )
+        forward = Forward(0, frame.request_id, frame.op, creds.uid, creds.gid, creds.pid, body, dgram=addr)
         self._post(ChannelOp.FORWARD, forward.encode(), None, frame.request_id)
 
     def _post(

@@ -21,19 +21,21 @@ from hypothesis import strategies as st
 
 from ipcd.chat.hub import Hub, Limits, Out, Outbox, Sender, newest_that_fit
 from ipcd.link.ops import ChannelOp
-from ipcd.link.records import Answer, Deliver
+from ipcd.link.records import Answer, Deliver, Post
 from ipcd.protocol import (
     NEED_DATA,
     ErrorCode,
     Frame,
     FrameDecoder,
     Op,
+    RemoteProtocolError,
     decode_error,
     decode_json,
+    encode_error,
     encode_json,
     reply_op,
 )
-from ipcd.protocol.chat import DEFAULT_ROOM, NAME_MAX
+from ipcd.protocol.chat import DEFAULT_ROOM, NAME_MAX, prepare_say
 
 W1, W2 = 1001, 1002  # worker pids
 ROOT = pwd.getpwuid(0).pw_name
@@ -94,7 +96,10 @@ class Conn:
             gid=self.uid,
             pid=4000 + self.conn,
         )
-        self.sim.hub.handle(sender, op, body, self.sim.out)
+        refused = self.sim.worker_check(op, rid, body)
+        if refused is not None:
+            return refused
+        self.sim.hub.handle(sender, op, self.sim.as_forwarded(op, body), self.sim.out)
         self.sim.route(self.sim.out.take())
         replies = [f for f in self.log if f.request_id == rid]
         assert len(replies) == 1, f"expected one reply to request {rid}, got {replies}"
@@ -141,6 +146,23 @@ class Sim:
         self.dead: set[int] = set()
         self.records: list[Out] = []  # every record the hub returned, in order
         self.out = Outbox()
+
+    def worker_check(self, op: int, rid: int, body: bytes) -> Frame | None:
+        """The error a worker answers itself: a SAY body it refuses."""
+        if op != Op.SAY:
+            return None
+        try:
+            prepare_say(body, self.hub.limits.max_text)
+        except RemoteProtocolError as exc:
+            return Frame(Op.ERROR, rid, encode_error(exc.code, exc.message))
+        return None
+
+    def as_forwarded(self, op: int, body: bytes) -> bytes:
+        """What a worker forwards: a SAY as the checked Post, the rest as is."""
+        if op != Op.SAY:
+            return body
+        say = prepare_say(body, self.hub.limits.max_text)
+        return Post(say.room, say.text_json).encode()
 
     def connect(self, worker: int, uid: int = 70000) -> Conn:
         conn = Conn(self, worker, next(self._conn_ids), uid)
@@ -194,7 +216,10 @@ class Sim:
     def datagram(self, op: int, body: bytes, uid: int = 70000, address: bytes = b"\0abc") -> Frame:
         rid = next(self.ids)
         sender = Sender(worker=W1, conn=0, request_id=rid, uid=uid, gid=uid, pid=77, dgram=address)
-        self.hub.handle(sender, op, body, self.out)
+        refused = self.worker_check(op, rid, body)
+        if refused is not None:
+            return refused
+        self.hub.handle(sender, op, self.as_forwarded(op, body), self.out)
         self.route(self.out.take())
         replies = [f for f in self.datagrams.get(address, []) if f.request_id == rid]
         assert len(replies) == 1
