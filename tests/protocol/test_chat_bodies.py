@@ -1,0 +1,49 @@
+"""Chat bodies checked at the door: what prepare_say lets through and how."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ipcd.protocol import ErrorCode, RemoteProtocolError, encode_json
+from ipcd.protocol.chat import prepare_say, sanitize_text
+
+CONTROLS = {chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]} - {"\t", "\n"}
+
+
+@given(st.text())
+def test_sanitize_drops_exactly_the_terminal_controls(text: str) -> None:
+    assert sanitize_text(text) == "".join(c for c in text if c not in CONTROLS)
+
+
+@given(st.text(st.characters(blacklist_categories=["Cs"]), max_size=200))
+def test_a_say_text_comes_out_as_the_json_of_its_sanitized_self(text: str) -> None:
+    say = prepare_say(encode_json({"room": "r", "text": text}), 16 * 1024)
+    assert say.room == "r"
+    assert json.loads(say.text_json) == sanitize_text(text)
+    say.text_json.decode()  # UTF-8, not \\u escapes of every non-ASCII character
+    assert len(say.text_json) <= len(json.dumps(text).encode())
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "says"),
+    [
+        (b"not json", ErrorCode.BAD_REQUEST, "not UTF-8 JSON"),
+        (b'{"room": "r"}', ErrorCode.BAD_REQUEST, "text must be a string"),
+        (b'{"room": "-x", "text": "t"}', ErrorCode.BAD_REQUEST, "bad room name"),
+        (b'{"room": "r", "text": "\\ud800"}', ErrorCode.BAD_REQUEST, "lone surrogate"),
+        (encode_json({"room": "r", "text": "é" * 600}), ErrorCode.LIMIT_EXCEEDED, "over the limit of 1000"),
+    ],
+)
+def test_a_bad_say_body_is_refused_with_its_reason(body: bytes, code: ErrorCode, says: str) -> None:
+    with pytest.raises(RemoteProtocolError) as caught:
+        prepare_say(body, 1000)
+    assert caught.value.code == code
+    assert says in caught.value.message
+
+
+def test_the_room_defaults_to_the_lobby() -> None:
+    assert prepare_say(b'{"text": "hi"}', 100).room == "lobby"
