@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ipcd.protocol import ErrorCode, RemoteProtocolError, encode_json
-from ipcd.protocol.chat import prepare_say, sanitize_text
+from ipcd.protocol.chat import parse_say, prepare_say, sanitize_text
 
 CONTROLS = {chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]} - {"\t", "\n"}
 
@@ -47,3 +47,29 @@ def test_a_bad_say_body_is_refused_with_its_reason(body: bytes, code: ErrorCode,
 
 def test_the_room_defaults_to_the_lobby() -> None:
     assert prepare_say(b'{"text": "hi"}', 100).room == "lobby"
+
+
+SAY_TEXT = st.text(
+    st.sampled_from(["a", "é", '"', "\\", "\t", "\x1b", "\x7f", "\x85", "\u2028", "\ud800", "😀"])
+)
+
+
+def outcome(fn: object, body: bytes, limit: int) -> object:
+    try:
+        return fn(body, limit)  # type: ignore[operator]
+    except RemoteProtocolError as exc:
+        return (exc.code, exc.message)
+
+
+@given(st.sampled_from(["r", "a.b-c_1", "-bad", "x" * 64, "x" * 65]), SAY_TEXT, st.integers(0, 40))
+def test_the_plain_body_shortcut_gives_what_parsing_gives(room: str, text: str, limit: int) -> None:
+    """Compact bodies with the room first take a shortcut that skips the
+    JSON parser: for any room and text, the outcome is the parser's."""
+    body = (
+        b'{"room":'
+        + json.dumps(room).encode()
+        + b',"text":'
+        + json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        + b"}"
+    )
+    assert outcome(prepare_say, body, limit) == outcome(parse_say, body, limit)
