@@ -80,15 +80,14 @@ Kept = tuple[int, bytes]  # a message in a room's history: its seq and its MESSA
 # encode_json writes them): sender, room, seq, text, ts, uid.
 _MESSAGE: Final = b'{"from":%b,"room":%b,"seq":%d,"text":%b,"ts":%b,"uid":%d}'
 _SAY_REPLY: Final = b'{"room":%b,"seq":%d,"ts":%b}'
-_TS_STEP: Final = 0.001  # ts is read from the clock for every message, formatted once a millisecond
+_TS_STEP: Final = 0.001  # ts is read for every message, formatted once a millisecond
 
 
 def _json_string(text: str) -> bytes:
     return encode_basestring(text).encode()
 
 
-def _head(op: int, request_id: int, length: int) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, op, 0, 0, 0, request_id, length)
+_PACK_HEAD: Final = HEADER.pack  # (MAGIC, VERSION, op, flags, nfds, 0, request id, body length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,18 +148,20 @@ class ChatError(ServiceError):
 
 
 _NAMES: dict[int, tuple[float, str]] = {}  # uid -> (looked up at, name)
-_NAME_JSON: dict[str, bytes] = {}
+_NAME_JSON: dict[int, tuple[float, bytes]] = {}  # uid -> (looked up at, name as JSON)
 _NAME_TTL = 60.0
 
 
-def user_name_json(uid: int) -> bytes:
-    """:func:`user_name` as JSON: an unjoined poster's ``from``."""
-    name = user_name(uid)
-    encoded = _NAME_JSON.get(name)
-    if encoded is None:
-        if len(_NAME_JSON) > 4096:
-            _NAME_JSON.clear()
-        encoded = _NAME_JSON[name] = _json_string(name)
+def user_name_json(uid: int, now: float) -> bytes:
+    """:func:`user_name` as JSON, an unjoined poster's ``from`` on every
+    message: cached as long (``now`` from any clock that only moves on)."""
+    cached = _NAME_JSON.get(uid)
+    if cached is not None and 0 <= now - cached[0] < _NAME_TTL:
+        return cached[1]
+    if len(_NAME_JSON) > 4096:
+        _NAME_JSON.clear()
+    encoded = _json_string(user_name(uid))
+    _NAME_JSON[uid] = (now, encoded)
     return encoded
 
 
@@ -218,7 +219,7 @@ class Hub:
         self.nicks: dict[str, Session] = {}
         self.private_seq = 0
         self.messages = 0
-        self._ts = (0.0, b"0.0")  # the last ts and its JSON (_clock)
+        self._ts = (0.0, b"0.0")  # the last ts and its JSON (see _say)
 
     # -- entry points ------------------------------------------------------
 
@@ -418,26 +419,26 @@ class Hub:
             error = encode_frame(Op.ERROR, sender.request_id, encode_error(exc.code, exc.message))
             self._reply(sender, error, out)
             return
-        session = self.sessions.get((sender.worker, sender.conn)) if sender.conn else None
-        ts, ts_json = self._clock()
+        worker, conn, request_id, uid = sender.worker, sender.conn, sender.request_id, sender.uid
+        session = self.sessions.get((worker, conn)) if conn else None
+        now = time.time()
+        ts, ts_json = self._ts
+        if now - ts >= _TS_STEP or now < ts:  # formatting a float is a good part of the cost
+            ts, ts_json = self._ts = (now, repr(now).encode())
         room.last_used = ts
         seq = room.seq = room.seq + 1
-        sender_json = session.nick_json if session is not None else user_name_json(sender.uid)
-        message = _MESSAGE % (sender_json, room.name_json, seq, post.text_json, ts_json, sender.uid)
-        frame = _head(Op.MESSAGE, 0, len(message)) + message
+        sender_json = session.nick_json if session is not None else user_name_json(uid, now)
+        message = _MESSAGE % (sender_json, room.name_json, seq, post.text_json, ts_json, uid)
+        frame = _PACK_HEAD(MAGIC, VERSION, Op.MESSAGE, 0, 0, 0, 0, len(message)) + message
         room.history.append((seq, frame))
         self.messages += 1
         out.to_room(room.name, room.workers, frame)
         reply = _SAY_REPLY % (room.name_json, seq, ts_json)
-        self._reply(sender, _head(Op.SAY_REPLY, sender.request_id, len(reply)) + reply, out)
-
-    def _clock(self) -> tuple[float, bytes]:
-        """The wall clock for ``ts``, and its JSON, made once a millisecond:
-        formatting a float is a good part of a message's cost."""
-        now = time.time()
-        if now - self._ts[0] >= _TS_STEP or now < self._ts[0]:
-            self._ts = (now, repr(now).encode())
-        return self._ts
+        reply = _PACK_HEAD(MAGIC, VERSION, Op.SAY_REPLY, 0, 0, 0, request_id, len(reply)) + reply
+        if conn:
+            out.reply(worker, conn, reply)
+        else:
+            out.answer(worker, Answer(0, reply, dgram=sender.dgram))
 
     @staticmethod
     def _reply(sender: Sender, frame: bytes, out: Outbox) -> None:

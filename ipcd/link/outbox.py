@@ -82,8 +82,9 @@ class Outbox:
 
     def to_room(self, room: str, workers: Iterable[int], frame: bytes) -> None:
         """``frame`` for every local member of ``room`` on each of ``workers``."""
+        lanes = self._lanes
         for worker in workers:
-            lane = self._lane(worker)
+            lane = lanes.get(worker) or self._lane(worker)
             if lane.room != room or lane.size + len(frame) > GROUP_BYTES:
                 self._settle(lane)
                 lane.room = room
@@ -99,7 +100,7 @@ class Outbox:
         """A floating reply for a stream connection: one that changes nothing
         the worker indexes (a SAY reply). Consecutive ones to the same
         connection travel as one answer."""
-        lane = self._lane(worker)
+        lane = self._lanes.get(worker) or self._lane(worker)
         joined = lane.floating.get(conn)
         if joined is None:
             lane.floating[conn] = [frame]

@@ -143,6 +143,8 @@ class Forward(NamedTuple):
     @classmethod
     def decode(cls, body: bytes) -> Forward:
         conn, rid, op, uid, gid, pid, ngroups, ndgram = _header(_FORWARD, body)
+        if not ngroups and not ndgram:  # nearly every request
+            return cls(conn, rid, op, uid, gid, pid, body[_FORWARD.size :])
         raw, pos = _take(body, _FORWARD.size, 4 * ngroups)
         dgram, pos = _take(body, pos, ndgram)
         groups = _unpack("I", ngroups, raw)
@@ -239,9 +241,10 @@ class Post(NamedTuple):
 
     @classmethod
     def decode(cls, body: bytes) -> Post:
-        (size,) = _header(_POST, body)
-        name, pos = _take(body, _POST.size, size)
-        return cls(_text(name), body[pos:])
+        end = _POST.size + (int.from_bytes(body[:2], "big") if len(body) >= _POST.size else 1 << 20)
+        if end > len(body):
+            raise LinkError(f"POST of {len(body)} bytes, its room needs {end}")
+        return cls(_text(body[_POST.size : end]), body[end:])
 
 
 class Gone(NamedTuple):
