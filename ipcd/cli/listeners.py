@@ -244,13 +244,19 @@ def _remove_stale(address: ListenAddress) -> None:
             f"cannot listen on {path}: it exists and is not a socket; remove it or pick another path"
         )
     with socket.socket(socket.AF_UNIX, address.kind) as probe:
+        # A server that is alive but not accepting (a full backlog) would make
+        # a blocking connect wait for ever: a second's wait means live.
+        probe.settimeout(1.0)
         try:
             probe.connect(path)
         except ConnectionRefusedError:
             os.unlink(path)
             return
+        except TimeoutError:
+            pass
         except OSError as exc:
-            if exc.errno != errno.EPROTOTYPE:  # EPROTOTYPE: a live socket of the other type
+            # EPROTOTYPE: a live socket of the other type; EAGAIN: a full backlog.
+            if exc.errno not in (errno.EPROTOTYPE, errno.EAGAIN):
                 raise ListenError(f"cannot listen on {path}: {exc.strerror}") from None
     raise ListenError(
         f"cannot listen on {path}: a server is listening there (see who: ss -lxp src {path}); "

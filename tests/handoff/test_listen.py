@@ -185,6 +185,36 @@ def test_socket_mode_and_a_stale_socket_file(start_daemon: StartDaemon, short_tm
     ledger.expect(0)
 
 
+def test_a_live_server_with_a_full_backlog_is_refused_not_waited_on(
+    start_daemon: StartDaemon, short_tmp: Path
+) -> None:
+    """A server that is alive but not accepting (its backlog is full) makes
+    a blocking connect wait forever: the probe gives up after a second and
+    counts it as live."""
+    daemon = start_daemon()
+    path = short_tmp / "busy.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as busy:
+        busy.bind(str(path))
+        busy.listen(0)
+        queued = []
+        while True:  # fill the backlog: the next connect would block
+            peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            peer.setblocking(False)
+            try:
+                peer.connect(str(path))
+            except BlockingIOError:
+                peer.close()
+                break
+            queued.append(peer)
+        refusal(
+            run(daemon, "put", "busy", "--listen", str(path)),
+            f"cannot listen on {path}: a server is listening",
+        )
+        for peer in queued:
+            peer.close()
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)  # left alone
+
+
 def test_a_refused_put_leaves_nothing_bound(start_daemon: StartDaemon, short_tmp: Path) -> None:
     daemon = start_daemon()
     ledger = FdLedger(daemon)
