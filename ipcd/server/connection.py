@@ -233,6 +233,7 @@ class Connection:
             if sent == len(reply):
                 self.last_progress = worker.now
                 return sent
+            self._head_started = sent > 0  # the queue starts mid-frame: a cut-off keeps it whole
             self.send_frame(bytes(reply[sent:]))
         else:
             self.send_frame(reply)
@@ -311,6 +312,27 @@ class Connection:
                 ErrorCode.SLOW_CONSUMER,
                 f"outbound buffer passed {self.worker.settings.max_outbuf} bytes: the client is not reading",
             )
+
+    def deliver(self, data: bytes) -> None:
+        """Frames for a member (a room delivery): written at once when
+        nothing is queued, as the echo fast path does. A delivery is the
+        same bytes for every member of the room, so what a member costs is
+        one send, not a queue entry and a flush at the end of the pass."""
+        if self._out is not None or self.closed:
+            self.send_frame(data)
+            return
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.close(f"write failed: {exc.strerror}")
+            return
+        if sent:
+            self.last_progress = self.worker.now
+        if sent < len(data):
+            self._head_started = sent > 0  # the queue starts mid-frame: a cut-off keeps it whole
+            self.send_frame(data[sent:] if sent else data)
 
     def send_error(self, request_id: int, code: ErrorCode, message: str) -> None:
         self.send_frame(encode_frame(Op.ERROR, request_id, encode_error(code, message)))
