@@ -72,7 +72,7 @@ _FORWARD: Final = struct.Struct("!QIBIIIHH")  # conn, rid, op, uid, gid, pid, ng
 _ANSWER: Final = struct.Struct("!QBIHHH")  # conn, flags, replies, join, part, dgram lengths
 _DELIVER: Final = struct.Struct("!BI")  # kind, room length or number of connections
 _GONE: Final = struct.Struct("!Q")
-_POST: Final = struct.Struct("!H")  # room length
+_POST: Final = struct.Struct("!IHI")  # request id, room and text lengths
 
 _HANDOUT: Final = 0x01  # the answer to a GET or TAKE: frees the fd reservation made for it
 # The ops answered with fds: the worker reserves fds for each in flight, the
@@ -228,23 +228,33 @@ class Deliver(NamedTuple):
 
 
 class Post(NamedTuple):
-    """The body of a forwarded SAY, checked by the worker
-    (:func:`ipcd.protocol.chat.prepare_say`): the room, and the text as the
-    JSON string literal every MESSAGE made of it holds."""
+    """One SAY checked by the worker (:func:`ipcd.protocol.chat.prepare_say`):
+    its request id, the room, and the text as the JSON string literal every
+    MESSAGE made of it holds. A forwarded SAY's body is a run of these (all
+    of one connection, in order): a pipelined burst is one record."""
 
+    request_id: int
     room: str
     text_json: bytes
 
     def encode(self) -> bytes:
         name = self.room.encode()
-        return b"".join((_POST.pack(len(name)), name, self.text_json))
+        return b"".join((_POST.pack(self.request_id, len(name), len(self.text_json)), name, self.text_json))
 
-    @classmethod
-    def decode(cls, body: bytes) -> Post:
-        end = _POST.size + (int.from_bytes(body[:2], "big") if len(body) >= _POST.size else 1 << 20)
-        if end > len(body):
-            raise LinkError(f"POST of {len(body)} bytes, its room needs {end}")
-        return cls(_text(body[_POST.size : end]), body[end:])
+    @staticmethod
+    def decode_run(body: bytes) -> list[Post]:
+        posts = []
+        pos, size, head = 0, len(body), _POST.size
+        while pos < size:
+            if size - pos < head:
+                raise LinkError(f"a post of {size - pos} bytes, shorter than its {head}-byte header")
+            request_id, nroom, ntext = _POST.unpack_from(body, pos)
+            room_end = pos + head + nroom
+            pos = room_end + ntext
+            if pos > size:
+                raise LinkError(f"a run of posts ends at {size} bytes, a post needs {pos}")
+            posts.append(Post(request_id, _text(body[room_end - nroom : room_end]), body[room_end:pos]))
+        return posts
 
 
 class Gone(NamedTuple):

@@ -23,7 +23,7 @@ from ipcd import fdpass
 from ipcd.chat.hub import Hub
 from ipcd.handoff.store import Store
 from ipcd.link.outbox import FLUSH_BYTES, Outbox
-from ipcd.link.records import HANDOUT_OPS, Answer, Forward, Gone, LinkError, Out
+from ipcd.link.records import HANDOUT_OPS, Answer, Forward, Gone, LinkError, Out, Post
 from ipcd.protocol import ErrorCode, Op, encode_error, encode_frame
 from ipcd.server.channel import ChannelClosed
 from ipcd.server.flow import MAX_CHANNEL_BACKLOG, ChannelBudget
@@ -83,13 +83,24 @@ class HubLink:
             # A bug must cost one request, never the master (and with it every
             # room and stored fd). The request's fds were the service's to close.
             log.exception("internal error serving op 0x%02x for uid %d", op, sender.uid)
-            frame = encode_frame(Op.ERROR, sender.request_id, encode_error(ErrorCode.INTERNAL, _INTERNAL))
-            # handout frees the worker's fd reservation for a GET or TAKE
-            self.outbox.answer(handle.pid, Answer.to(sender, frame, handout=op in HANDOUT_OPS))
+            for request_id in self._request_ids(op, payload, sender.request_id):
+                frame = encode_frame(Op.ERROR, request_id, encode_error(ErrorCode.INTERNAL, _INTERNAL))
+                # handout frees the worker's fd reservation for a GET or TAKE
+                self.outbox.answer(handle.pid, Answer.to(sender, frame, handout=op in HANDOUT_OPS))
         if self.outbox.fds or self.outbox.size > FLUSH_BYTES:
             # Sent now, so that admits() sees the channel's backlog (bytes and
             # dup'd fds) before the next request is read.
             self.route(self.outbox.take())
+
+    @staticmethod
+    def _request_ids(op: int, payload: bytes, request_id: int) -> list[int]:
+        """The requests one forwarded record holds: a SAY's is a run of posts."""
+        if op != Op.SAY:
+            return [request_id]
+        try:
+            return [post.request_id for post in Post.decode_run(payload)]
+        except LinkError:
+            return [request_id]
 
     def connection_gone(self, handle: WorkerHandle, body: bytes) -> None:
         try:

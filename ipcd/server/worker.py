@@ -126,9 +126,11 @@ class Worker:
                 self._flush_all()
             if self._exit_code is None and self._load_due():
                 self._report_load()
+            self.chat.close_run()  # the pass's SAYs of one connection, as one record
             if self.channel.has_pending:
                 self._flush_channel()
         try:
+            self.chat.close_run()
             self.channel.flush()  # last words: GONE for the connections closed on the way out
         except (ChannelClosed, OSError):
             pass

@@ -60,6 +60,8 @@ RATED_OPS = (Op.SAY, Op.MSG)
 MAX_IN_FLIGHT = 256  # a connection's forwarded requests not yet answered, before it is held
 RESUME_IN_FLIGHT = MAX_IN_FLIGHT // 2  # ... and read again once this few remain
 BURST_FACTOR = 2.0  # a full share is this many seconds of posts
+RUN_MAX = 256  # SAYs in one forwarded run (MAX_IN_FLIGHT bounds it anyway)
+RUN_BYTES = 48 * 1024  # ... and their bytes: a run stays within one channel fragment
 MIN_HOLD = 0.01  # a held uid waits at least this long: tokens come back in batches, not one wake-up each
 
 
@@ -77,6 +79,18 @@ class ChatState:
         self.granted = False  # the uid's queue gave the held post its token already
 
 
+class _Run:
+    """Consecutive SAYs of one connection, forwarded as one record."""
+
+    __slots__ = ("conn", "creds", "posts", "size")
+
+    def __init__(self, conn: Connection, creds: Credentials) -> None:
+        self.conn = conn
+        self.creds = creds
+        self.posts: list[bytes] = []
+        self.size = 0
+
+
 class ChatRouter:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -84,6 +98,7 @@ class ChatRouter:
         rate = worker.settings.rate_limit
         self.shares: FairShares[Connection] = FairShares(rate, rate * BURST_FACTOR)
         self.fd_budget = FdBudget.from_settings(worker.settings)
+        self._run: _Run | None = None  # SAYs of one connection not yet forwarded
 
     # -- requests ----------------------------------------------------------
 
@@ -110,10 +125,10 @@ class ChatRouter:
         except OSError:
             fdpass.close_fds(frame.fds)
             return  # the peer is already gone
-        body = frame.body
+        post = None
         if frame.op == Op.SAY:
             try:
-                body = self._checked_say(body)
+                post = self._checked_say(frame.request_id, frame.body)
             except RemoteProtocolError as exc:
                 conn.send_error(frame.request_id, exc.code, exc.message)
                 return
@@ -128,18 +143,56 @@ class ChatRouter:
                     conn.hold(frame, self.forward)
                     self._schedule(share)
                     return
+        if post is not None:
+            self._add_to_run(conn, creds, post)
+            state.in_flight += 1
+            return
         groups = conn.groups if with_groups else ()
-        forward = Forward(conn.id, frame.request_id, frame.op, creds.uid, creds.gid, creds.pid, body, groups)
+        forward = Forward(
+            conn.id, frame.request_id, frame.op, creds.uid, creds.gid, creds.pid, frame.body, groups
+        )
         if self._post(ChannelOp.FORWARD, forward.encode(), conn, frame.request_id, frame.fds):
             state.in_flight += 1
             if fd_op:
                 state.fd_requests += 1
 
-    def _checked_say(self, body: bytes) -> bytes:
+    def _checked_say(self, request_id: int, body: bytes) -> bytes:
         """A SAY body checked here, where workers share the work, and sent on
         as a :class:`Post` the hub only sequences. Raises RemoteProtocolError."""
         say = prepare_say(body, self.worker.settings.max_message)
-        return Post(say.room, say.text_json).encode()
+        return Post(request_id, say.room, say.text_json).encode()
+
+    def _add_to_run(self, conn: Connection, creds: Credentials, post: bytes) -> None:
+        """Consecutive SAYs of one connection travel as one FORWARD (a run
+        of posts), closed by anything else this router sends, by a full
+        run, or at the end of the worker's loop pass (:meth:`close_run`)."""
+        run = self._run
+        if run is not None and run.conn is not conn:
+            self.close_run()
+            run = None
+        if run is None:
+            run = self._run = _Run(conn, creds)
+        run.posts.append(post)
+        run.size += len(post)
+        if len(run.posts) >= RUN_MAX or run.size >= RUN_BYTES:
+            self.close_run()
+
+    def close_run(self) -> None:
+        run, self._run = self._run, None
+        if run is None:
+            return
+        creds = run.creds
+        forward = Forward(run.conn.id, 0, Op.SAY, creds.uid, creds.gid, creds.pid, b"".join(run.posts))
+        try:
+            self.worker.channel.post(ChannelOp.FORWARD, forward.encode())
+        except ChannelClosed:
+            state = run.conn.chat
+            for post in Post.decode_run(forward.body):
+                run.conn.send_error(
+                    post.request_id, ErrorCode.UNAVAILABLE, "this worker is being replaced; retry"
+                )
+                if state is not None and state.in_flight:
+                    state.in_flight -= 1
 
     def _retry_grouped(self, conn: Connection, frame: Frame) -> None:
         self.forward(conn, frame, with_groups=True)
@@ -180,7 +233,7 @@ class ChatRouter:
             return  # SO_PASSCRED is set on the socket: the kernel always attaches them
         addr = os.fsencode(address) if address else None
         try:
-            body = self._checked_say(frame.body)
+            body = self._checked_say(frame.request_id, frame.body)
         except RemoteProtocolError as exc:
             if addr:
                 error = encode_frame(Op.ERROR, frame.request_id, encode_error(exc.code, exc.message))
@@ -202,6 +255,7 @@ class ChatRouter:
     def _post(
         self, op: ChannelOp, body: bytes, conn: Connection | None, request_id: int, fds: tuple[int, ...] = ()
     ) -> bool:
+        self.close_run()  # what came before goes first
         try:
             self.worker.channel.post(op, body, fds=fds)  # ours are closed once sent
         except ChannelClosed:
@@ -284,6 +338,7 @@ class ChatRouter:
                 members.discard(conn)
                 if not members:
                     del self.rooms[room]
+        self.close_run()  # its last SAYs go before it is gone
         try:
             self.worker.channel.post(ChannelOp.GONE, Gone(conn.id).encode())
         except ChannelClosed:

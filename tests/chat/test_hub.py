@@ -99,7 +99,7 @@ class Conn:
         refused = self.sim.worker_check(op, rid, body)
         if refused is not None:
             return refused
-        self.sim.hub.handle(sender, op, self.sim.as_forwarded(op, body), self.sim.out)
+        self.sim.hub.handle(sender, op, self.sim.as_forwarded(op, rid, body), self.sim.out)
         self.sim.route(self.sim.out.take())
         replies = [f for f in self.log if f.request_id == rid]
         assert len(replies) == 1, f"expected one reply to request {rid}, got {replies}"
@@ -157,12 +157,12 @@ class Sim:
             return Frame(Op.ERROR, rid, encode_error(exc.code, exc.message))
         return None
 
-    def as_forwarded(self, op: int, body: bytes) -> bytes:
+    def as_forwarded(self, op: int, rid: int, body: bytes) -> bytes:
         """What a worker forwards: a SAY as the checked Post, the rest as is."""
         if op != Op.SAY:
             return body
         say = prepare_say(body, self.hub.limits.max_text)
-        return Post(say.room, say.text_json).encode()
+        return Post(rid, say.room, say.text_json).encode()
 
     def connect(self, worker: int, uid: int = 70000) -> Conn:
         conn = Conn(self, worker, next(self._conn_ids), uid)
@@ -219,7 +219,7 @@ class Sim:
         refused = self.worker_check(op, rid, body)
         if refused is not None:
             return refused
-        self.hub.handle(sender, op, self.as_forwarded(op, body), self.out)
+        self.hub.handle(sender, op, self.as_forwarded(op, rid, body), self.out)
         self.route(self.out.take())
         replies = [f for f in self.datagrams.get(address, []) if f.request_id == rid]
         assert len(replies) == 1
@@ -823,3 +823,24 @@ def test_any_request_sequence_is_answered_and_keeps_the_rules(
     for room in hub.rooms.values():
         assert all(room.name in s.rooms for s in room.members.values())
         assert sum(room.workers.values()) == len(room.members)
+
+
+def test_a_run_of_says_in_one_record_is_sequenced_in_order_and_each_answered(sim: Sim) -> None:
+    """A worker forwards a connection's pipelined SAYs as one record: each is
+    a message of its own, in order, with its own reply, and a refused one
+    (a room the daemon cannot create) costs only itself."""
+    member = sim.connect(W2)
+    member.join("run")
+    poster = sim.connect(W1, uid=70001)
+    posts = [Post(100 + i, "run", json.dumps(f"m{i}").encode()) for i in range(5)]
+    posts.insert(2, Post(99, "fresh", b'"to a room the daemon has no room left for"'))
+    sim.hub.limits = Limits(max_rooms=len(sim.hub.rooms))  # no new room: the odd one is refused
+    sender = Sender(worker=W1, conn=poster.conn, request_id=0, uid=70001, gid=70001, pid=1)
+    sim.hub.handle(sender, Op.SAY, b"".join(p.encode() for p in posts), sim.out)
+    sim.route(sim.out.take())
+    replies = {f.request_id: f for f in poster.log}
+    assert sorted(replies) == [99, 100, 101, 102, 103, 104]
+    assert replies[99].op == Op.ERROR
+    assert decode_error(replies[99].body)[0] == ErrorCode.LIMIT_EXCEEDED
+    assert [decode_json(replies[100 + i].body)["seq"] for i in range(5)] == [1, 2, 3, 4, 5]
+    assert [(m["seq"], m["text"]) for m in member.messages("run")] == [(i + 1, f"m{i}") for i in range(5)]

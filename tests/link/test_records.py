@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ipcd.link.records import Answer, Deliver, Forward, Gone, LinkError
+from ipcd.link.records import Answer, Deliver, Forward, Gone, LinkError, Post
 
 U32 = st.integers(0, 2**32 - 1)
 CONN = st.integers(0, 2**63)
@@ -98,3 +98,24 @@ def test_corpus_of_known_forms() -> None:
         Answer.decode(Answer(1, b"", joined="x").encode().replace(b"x", b"\xff"))
     with pytest.raises(LinkError, match="expected 8"):
         Gone.decode(b"\x00")
+
+
+POSTS = st.lists(
+    st.builds(Post, request_id=U32, room=NAME, text_json=st.binary(max_size=64)), min_size=1, max_size=8
+)
+
+
+@given(POSTS)
+def test_a_run_of_posts_comes_back_unchanged(posts: list[Post]) -> None:
+    assert Post.decode_run(b"".join(p.encode() for p in posts)) == posts
+
+
+@given(POSTS, st.data())
+def test_a_cut_run_of_posts_is_refused_or_keeps_whole_posts(posts: list[Post], data: st.DataObject) -> None:
+    body = b"".join(p.encode() for p in posts)
+    cut = body[: data.draw(st.integers(0, len(body) - 1))]
+    try:
+        got = Post.decode_run(cut)
+    except LinkError:
+        return
+    assert got == posts[: len(got)]  # cut where a post ended
