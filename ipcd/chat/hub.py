@@ -411,18 +411,29 @@ class Hub:
     def _say(self, sender: Sender, body: bytes, out: Outbox) -> None:
         """The hot path: a run of SAYs of one connection (a :class:`Post`
         each), checked by the worker, so a message is made of bytes already
-        encoded: no JSON here, no staging, and the replies float
-        (ipcd.link.outbox)."""
+        encoded: no JSON here, no staging. A run's messages to one room go to
+        the outbox together, and its replies (which float) after them."""
         worker, conn, uid = sender.worker, sender.conn, sender.uid
         session = self.sessions.get((worker, conn)) if conn else None
         rooms = self.rooms
+        replies: list[bytes] = []
+        replies_size = 0
+        room: Room | None = None
+        frames: list[bytes] = []  # for ``room``, not yet in the outbox
+        frames_size = 0
         for request_id, name, text_json in Post.decode_run(body):
-            try:
-                room = rooms.get(name) or self._room(name, create=True)
-            except ChatError as exc:
-                error = encode_frame(Op.ERROR, request_id, encode_error(exc.code, exc.message))
-                self._reply(sender, error, out)
-                continue
+            if room is None or name != room.name:
+                if frames:
+                    out.to_room_many(room.name, room.workers, frames, frames_size)  # type: ignore[union-attr]
+                    frames, frames_size = [], 0
+                try:
+                    room = rooms.get(name) or self._room(name, create=True)
+                except ChatError as exc:
+                    room = None
+                    error = encode_frame(Op.ERROR, request_id, encode_error(exc.code, exc.message))
+                    replies.append(error)
+                    replies_size += len(error)
+                    continue
             now = time.time()
             ts, ts_json = self._ts
             if now - ts >= _TS_STEP or now < ts:  # formatting a float is a good part of the cost
@@ -434,12 +445,18 @@ class Hub:
             frame = _PACK_HEAD(MAGIC, VERSION, Op.MESSAGE, 0, 0, 0, 0, len(message)) + message
             room.history.append((seq, frame))
             self.messages += 1
-            out.to_room(name, room.workers, frame)
+            frames.append(frame)
+            frames_size += len(frame)
             reply = _SAY_REPLY % (room.name_json, seq, ts_json)
             reply = _PACK_HEAD(MAGIC, VERSION, Op.SAY_REPLY, 0, 0, 0, request_id, len(reply)) + reply
-            if conn:
-                out.reply(worker, conn, reply)
-            else:
+            replies.append(reply)
+            replies_size += len(reply)
+        if frames and room is not None:
+            out.to_room_many(room.name, room.workers, frames, frames_size)
+        if conn:
+            out.reply_many(worker, conn, replies, replies_size)
+        else:
+            for reply in replies:
                 out.answer(worker, Answer(0, reply, dgram=sender.dgram))
 
     @staticmethod

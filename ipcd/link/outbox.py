@@ -92,6 +92,19 @@ class Outbox:
             lane.size += len(frame)
             self.size += len(frame)
 
+    def to_room_many(self, room: str, workers: Iterable[int], frames: list[bytes], size: int) -> None:
+        """:meth:`to_room` for several frames in order (``size`` bytes together)."""
+        lanes = self._lanes
+        for worker in workers:
+            lane = lanes.get(worker) or self._lane(worker)
+            if lane.room == room and lane.size + size <= GROUP_BYTES:
+                lane.frames += frames
+                lane.size += size
+                self.size += size
+            else:
+                for frame in frames:
+                    self.to_room(room, (worker,), frame)
+
     def to_conns(self, worker: int, conns: tuple[int, ...], frames: bytes) -> None:
         """Frames for given connections of one worker (a barrier)."""
         self.add(Out(worker, ChannelOp.DELIVER, Deliver(frames, conns=conns).encode()))
@@ -107,6 +120,18 @@ class Outbox:
         else:
             joined.append(frame)
         self.size += len(frame)
+
+    def reply_many(self, worker: int, conn: int, frames: list[bytes], size: int) -> None:
+        """:meth:`reply` for several frames in order (``size`` bytes together)."""
+        if not frames:
+            return
+        lane = self._lanes.get(worker) or self._lane(worker)
+        joined = lane.floating.get(conn)
+        if joined is None:
+            lane.floating[conn] = frames
+        else:
+            joined += frames
+        self.size += size
 
     def answer(self, worker: int, answer: Answer, fds: tuple[int, ...] = ()) -> None:
         """Any other reply (a barrier); ``fds`` go with it."""

@@ -201,3 +201,29 @@ def test_every_connection_sees_what_unjoined_records_show_with_replies_no_later(
                     return sum(1 for f in log[: log.index(frame)] if f not in floating)
 
                 assert before(got) <= before(want)
+
+
+@given(
+    st.lists(st.integers(1, 30_000), max_size=12),
+    st.sets(st.sampled_from((W1, W2)), min_size=1),
+    st.booleans(),
+)
+def test_many_frames_at_once_are_what_one_at_a_time_gives(
+    sizes: list[int], workers: set[int], open_group: bool
+) -> None:
+    """to_room_many and reply_many (the hub's path for a run of SAYs) make
+    the records that a call per frame makes, 60 KiB groups included."""
+    frames = [message(n, size) for n, size in enumerate(sizes)]
+    replies = [say_reply(n) for n in range(len(sizes))]
+    one, many = Outbox(), Outbox()
+    for out in (one, many):
+        if open_group:
+            out.to_room("r", sorted(workers), message(99, 20_000))
+    for frame in frames:
+        one.to_room("r", sorted(workers), frame)
+    for reply in replies:
+        one.reply(W1, 3, reply)
+    many.to_room_many("r", sorted(workers), frames, sum(map(len, frames)))
+    many.reply_many(W1, 3, list(replies), sum(map(len, replies)))
+    assert one.size == many.size
+    assert one.take() == many.take()
