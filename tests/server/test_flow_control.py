@@ -307,6 +307,7 @@ def test_master_stops_reading_a_worker_whose_channel_holds_its_fd_budget(short_t
     settings = Settings(socket_dir=short_tmp / "s", max_fds=4)
     budget = ChannelBudget(max_bytes=8 << 20, max_fds=32)
     link = MasterUnderTest(settings, budget)
+    gets = 1500
     try:
         with Pipes(4) as pipes:
             link.forward(Op.PUT, 1, {"name": "e"}, tuple(os.dup(fd) for fd in pipes.write_ends))
@@ -314,7 +315,9 @@ def test_master_stops_reading_a_worker_whose_channel_holds_its_fd_budget(short_t
             link.turns()
             ((_, put_reply),) = link.answers()
             assert put_reply.op == reply_op(Op.PUT)
-            for rid in range(2, 302):
+            # Enough that the kernel's buffer fills even with answers batched
+            # 4 to a record (the master batches up to MASTER_BATCH_FDS fds).
+            for rid in range(2, 2 + gets):
                 link.forward(Op.GET, rid, {"name": "e"})
             link.turns()
             assert not link.reading, "the master reads on with its channel over budget"
@@ -330,7 +333,7 @@ def test_master_stops_reading_a_worker_whose_channel_holds_its_fd_budget(short_t
                     os.close(fd)
                 served.append(frame.request_id)
             deadline = time.monotonic() + 10
-            while len(served) < 300 and time.monotonic() < deadline:
+            while len(served) < gets and time.monotonic() < deadline:
                 for answer, frame in link.answers():
                     assert (frame.op, len(frame.fds), answer.handout) == (reply_op(Op.GET), 4, True)
                     for fd in frame.fds:
@@ -338,9 +341,9 @@ def test_master_stops_reading_a_worker_whose_channel_holds_its_fd_budget(short_t
                     served.append(frame.request_id)
                 link.turns(5)
                 assert link.channel.backlog_fds <= budget.max_fds + 4
-            assert served == list(range(2, 302))
+            assert served == list(range(2, 2 + gets))
             assert link.reading
-            link.forward(Op.RM, 400, {"name": "e"})
+            link.forward(Op.RM, 2 + gets, {"name": "e"})
             link.turns()
             assert [frame.op for _, frame in link.answers()] == [reply_op(Op.RM)]
             pipes.assert_closed_elsewhere()
