@@ -14,7 +14,7 @@ from ipcd.server.channel import MASTER_BATCH_FDS, Channel
 
 def _records(sock: socket.socket) -> list[tuple[int, int]]:
     """(bytes, fds) of every record queued on ``sock``; their fds closed."""
-    got = []
+    got: list[tuple[int, int]] = []
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(sock, 1 << 17, 64, socket.MSG_DONTWAIT)
