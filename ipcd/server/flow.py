@@ -75,6 +75,14 @@ class FdBudget:
         unanswered?"""
         return queued + (reserved + 1) * self.per_request <= self.budget
 
+    def resumes(self, queued: int, reserved: int) -> bool:
+        """May a connection held by :meth:`admits` be read again? Once half
+        the budget is free, not at the first free slot: a pipelining client
+        then sends GETs on in runs, not one hold and release (two epoll
+        changes) per answer. Always true once nothing is queued or reserved
+        (the budget holds at least four requests' worth)."""
+        return queued + (reserved + 1) * self.per_request <= max(self.budget // 2, self.per_request)
+
 
 def largest_reply(settings: Settings) -> int:
     """Bytes of the largest single reply the master builds: a HISTORY of a

@@ -398,6 +398,18 @@ def test_fd_budget_admits_a_get_while_its_fds_fit() -> None:
     assert FdBudget.from_settings(Settings(max_fds=253)).admits(queued=0, reserved=0)
 
 
+def test_a_held_connection_resumes_once_half_its_fd_budget_is_free() -> None:
+    budget = FdBudget(budget=64, per_request=16)
+    assert not budget.admits(queued=0, reserved=4)  # held at four GETs in flight
+    assert not budget.resumes(queued=0, reserved=3)  # one answer back: not yet
+    assert not budget.resumes(queued=0, reserved=2)
+    assert budget.resumes(queued=0, reserved=1)  # half free: read on, a run of GETs goes
+    assert not budget.resumes(queued=17, reserved=0)  # fds the client has not read count too
+    # Whatever the settings, a connection with nothing pending always resumes.
+    for max_fds in (1, 16, 253):
+        assert FdBudget.from_settings(Settings(max_fds=max_fds)).resumes(queued=0, reserved=0)
+
+
 def test_channel_budget_counts_bytes_and_fds() -> None:
     budget = ChannelBudget(max_bytes=1000, max_fds=10)
     assert budget.admits(999, 9)
