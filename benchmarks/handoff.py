@@ -171,8 +171,9 @@ def handoff(ipcd: Server, raw: Server, s: Settings, problems: list[str]) -> Tabl
     )
     fd_budget = FdBudget.from_settings(DaemonSettings())
     table.notes.append(
-        "server CPU: master and workers (ipcd) or the holder (raw), from /proc; by default ipcd has "
-        f"at most {fd_budget.budget // fd_budget.per_request} GETs of one connection in the master "
-        "at a time (its fd budget), the rest wait in the kernel's buffer"
+        "server CPU: master and workers (ipcd) or the holder (raw), from /proc; a worker answers a GET "
+        "from its copy of the entry (the first GET of it goes through the master); by default a "
+        f"connection has at most {fd_budget.budget // fd_budget.per_request} GETs' fds on their way to it "
+        "(its fd budget), the rest wait in the kernel's buffer"
     )
     return table

@@ -97,10 +97,12 @@ def master_fd_bound(settings: Settings, workers: int, stored: int, baseline: int
     return baseline + stored + workers * (settings.channel_fd_budget + settings.max_fds)
 
 
-def worker_fd_bound(settings: Settings, connections: int, baseline: int) -> int:
-    """A worker's fds at worst: its own, and per connection the socket, the
-    fd budget and one frame's fds still in its decoder (a PUT's)."""
-    return baseline + connections * (1 + settings.connection_fd_budget + settings.max_fds)
+def worker_fd_bound(settings: Settings, connections: int, baseline: int, stored: int = 0) -> int:
+    """A worker's fds at worst: its own, a copy of each stored fd (of the
+    entries it answers GETs of, ipcd.handoff.replica), and per connection
+    the socket, the fd budget and one frame's fds still in its decoder (a
+    PUT's)."""
+    return baseline + stored + connections * (1 + settings.connection_fd_budget + settings.max_fds)
 
 
 def channel_memory_bound(settings: Settings) -> int:

@@ -148,7 +148,7 @@ def test_pipelined_gets_never_read_keep_the_master_within_its_fd_bound(
     assert limits["connection_fd_budget"] == settings.connection_fd_budget
     bound = master_fd_bound(settings, workers=1, stored=ENTRY_FDS, baseline=ledger.master)
     # Connections at once: the flood, the bystander's, a status query, the owner's.
-    worker_bound = worker_fd_bound(settings, connections=4, baseline=ledger.worker)
+    worker_bound = worker_fd_bound(settings, connections=4, baseline=ledger.worker, stored=ENTRY_FDS)
     with Pipes(ENTRY_FDS) as pipes:
         with daemon.client() as owner:
             owner.put("flood", pipes.write_ends, public=True)
@@ -278,13 +278,21 @@ class MasterUnderTest:
             self.master.hublink.flush_all()
 
     def answers(self) -> list[tuple[Answer, Frame]]:
-        """Every answer the master has sent so far (their fds stay open)."""
+        """Every answer the master has sent so far (their fds stay open).
+        Copies of entries for GETs (ipcd.handoff.replica) are closed, and an
+        UNREPLICA answered, as a worker does."""
         got: list[tuple[Answer, Frame]] = []
         while True:
             try:
                 record = self.worker_end.recv()
             except BlockingIOError:
                 return got
+            if record.op == ChannelOp.REPLICA:
+                fdpass.close_fds(record.fds)
+                continue
+            if record.op == ChannelOp.UNREPLICA:
+                self.worker_end.post(ChannelOp.UNREPLICATED, record.body)
+                continue
             assert record.op == ChannelOp.ANSWER
             answer = Answer.decode(record.body)
             got.append((answer, decode_record(answer.frame, record.fds)))
@@ -345,7 +353,10 @@ def test_master_stops_reading_a_worker_whose_channel_holds_its_fd_budget(short_t
             assert link.reading
             link.forward(Op.RM, 2 + gets, {"name": "e"})
             link.turns()
-            assert [frame.op for _, frame in link.answers()] == [reply_op(Op.RM)]
+            removed = link.answers()  # the RM waits for the worker to close its copy ...
+            link.turns()
+            removed += link.answers()  # ... which it has now said
+            assert [frame.op for _, frame in removed] == [reply_op(Op.RM)]
             pipes.assert_closed_elsewhere()
     finally:
         link.close()
@@ -425,4 +436,5 @@ def test_budgets_follow_the_settings() -> None:
     assert Settings(max_outbuf=16 << 20).channel_byte_budget == 32 << 20
     assert master_fd_bound(default, workers=2, stored=16, baseline=11) == 11 + 16 + 2 * (256 + 16)
     assert worker_fd_bound(default, connections=3, baseline=8) == 8 + 3 * (1 + 64 + 16)
+    assert worker_fd_bound(default, connections=3, baseline=8, stored=5) == 8 + 5 + 3 * (1 + 64 + 16)
     assert largest_reply(default) == 100 * (16 * 1024 * 6 + 256)
