@@ -51,6 +51,7 @@ log = logging.getLogger("ipcd.master")
 
 _PARSED_MAX = 256  # GET bodies remembered by a worker (emptied when full)
 _PARSED_BODY_MAX = 512
+_GET = int(Op.GET)
 
 
 @dataclasses.dataclass
@@ -83,7 +84,7 @@ class ReplicatedStore(Store):
 
     def _hand_out(self, sender: Sender, op: int, entry: Entry) -> Out:
         out = super()._hand_out(sender, op, entry)
-        if op == Op.GET and entry.name not in self.replicas.get(sender.worker, ()):
+        if op == _GET and entry.name not in self.replicas.get(sender.worker, ()):
             self._wanted.append((sender.worker, entry))
         return out
 
@@ -97,6 +98,8 @@ class ReplicatedStore(Store):
 
     def handle(self, sender: Sender, op: int, body: bytes, fds: tuple[int, ...]) -> list[Out]:
         outs = super().handle(sender, op, body, fds)
+        if not self._dropped and not self._wanted:  # most calls: no copy made or dropped
+            return self._in_line(outs) if self._lines else outs
         fenced = set(self._dropped)
         token = next(self._tokens) if fenced else 0
         changes = self._changes(token)
@@ -109,6 +112,8 @@ class ReplicatedStore(Store):
 
     def tick(self, now: float) -> list[Out]:
         outs = super().tick(now)
+        if not self._dropped and not self._lines:
+            return outs
         return self._changes(0) + self._in_line(outs)  # an expiry answers nobody: nothing to hold
 
     def unreplicated(self, worker: int, token: int) -> list[Out]:
