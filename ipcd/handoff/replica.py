@@ -195,14 +195,8 @@ class ReplicatedStore(Store):
     def _copy(self, worker: int, entry: Entry) -> Out | None:
         if not self.may_replicate(worker):
             return None
-        copies: list[int] = []
-        try:
-            for fd in entry.fds:
-                copies.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3))
-        except OSError as exc:
-            fdpass.close_fds(copies)
-            if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                raise
+        copies = duplicates(entry.fds)
+        if copies is None:
             return None  # that worker forwards its GETs of this entry instead
         self.replicas.setdefault(worker, set()).add(entry.name)
         record = Replica(
@@ -213,7 +207,7 @@ class ReplicatedStore(Store):
             tuple(entry.allow_gids),
             entry.handout_body,
         )
-        return Out(worker, ChannelOp.REPLICA, record.encode(), tuple(copies))
+        return Out(worker, ChannelOp.REPLICA, record.encode(), copies)
 
 
 class WorkerReplica:
@@ -263,6 +257,21 @@ class WorkerReplica:
             gid,
             groups() if record.allow_gids else (),
         )
+
+
+def duplicates(fds: tuple[int, ...]) -> tuple[int, ...] | None:
+    """A copy of each of ``fds``, or None (and none left open) when the
+    process is out of fds: the caller then lets the master answer."""
+    copies: list[int] = []
+    try:
+        for fd in fds:
+            copies.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3))
+    except OSError as exc:
+        fdpass.close_fds(copies)
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        return None
+    return tuple(copies)
 
 
 def _name_of(body: bytes) -> str | None:

@@ -12,10 +12,9 @@ master's to answer.
 
 from __future__ import annotations
 
-import fcntl
 from typing import TYPE_CHECKING
 
-from ipcd import fdpass
+from ipcd.handoff.replica import duplicates
 from ipcd.protocol import Frame, Op, encode_frame
 
 if TYPE_CHECKING:
@@ -46,20 +45,15 @@ def _get_here(worker: Worker, conn: Connection, frame: Frame) -> bool:
     record, stored = found
     try:
         creds = conn.creds
-        if not worker.replica.allows(record, creds.uid, creds.gid, lambda: conn.groups):
-            return False  # refused: the master says so, in its words
-        copies: list[int] = []
-        try:
-            for fd in stored:
-                copies.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3))
-        except OSError:
-            fdpass.close_fds(copies)
-            return False  # out of fds here: the master may fare better
+        allowed = worker.replica.allows(record, creds.uid, creds.gid, lambda: conn.groups)
     except OSError:
         return False  # the peer is gone: the forward path finds out
-    conn.send_frame(
-        encode_frame(Op.GET_REPLY, frame.request_id, record.body, nfds=len(copies)), tuple(copies)
-    )
+    if not allowed:
+        return False  # refused: the master says so, in its words
+    copies = duplicates(stored)
+    if copies is None:
+        return False  # out of fds here: the master may fare better
+    conn.send_frame(encode_frame(Op.GET_REPLY, frame.request_id, record.body, nfds=len(copies)), copies)
     return True
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 
 from ipcd import fdpass
-from ipcd.handoff.replica import ReplicatedStore, WorkerReplica
+from ipcd.handoff.replica import ReplicatedStore, WorkerReplica, duplicates
 from ipcd.link.ops import ChannelOp
 from ipcd.link.records import Answer, Out, Replica, Sender, Unreplica
 from ipcd.protocol import Op, decode_record, reply_op
@@ -180,3 +181,25 @@ def test_a_connections_answers_wait_in_order_behind_its_fenced_one() -> None:
             (1, 6),
         ]
         assert store.handle(_sender(W1, rid=8), Op.GET, _body(), ()) != []  # the line is gone
+
+
+def test_copies_the_kernel_cannot_make_are_none_and_leave_nothing_open() -> None:
+    """Out of fds in the middle of the dups for a copy: the ones made are
+    closed again and the caller is told None (it lets the master answer)."""
+    with Pipes(8) as pipes:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+        fillers = []  # every free fd number up to the highest: the dups can only go above it
+        while (fd := os.open(os.devnull, os.O_RDONLY)) < highest:
+            fillers.append(fd)
+        os.close(fd)
+        open_fds = len(os.listdir("/proc/self/fd")) - 1  # listdir's own fd is closed again
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1 + 3, hard))  # room for 3 of 8
+        try:
+            copies = duplicates(tuple(pipes.write_ends))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        left = len(os.listdir("/proc/self/fd")) - 1
+        fdpass.close_fds(fillers)
+        assert copies is None
+        assert left == open_fds
