@@ -165,15 +165,16 @@ def handoff(ipcd: Server, raw: Server, s: Settings, problems: list[str]) -> Tabl
         table.add(label, "ops/s", rates["ipcd"], rates["raw"], "higher")
         what = "pair" if mode == "pairs" else "GET"
         table.add(f"  server CPU per {what}", "us", cpus["ipcd"], cpus["raw"], "lower")
-    table.notes.append(
-        "baseline: a forked Python holder on a socketpair with 1-byte commands and send_fds/recv_fds; "
-        "ipcd goes client -> worker -> master store and back, with access checks and quotas"
-    )
     fd_budget = FdBudget.from_settings(DaemonSettings())
     table.notes.append(
-        "server CPU: master and workers (ipcd) or the holder (raw), from /proc; a worker answers a GET "
-        "from its copy of the entry (the first GET of it goes through the master); by default a "
-        f"connection has at most {fd_budget.budget // fd_budget.per_request} GETs' fds on their way to it "
-        "(its fd budget), the rest wait in the kernel's buffer"
+        "baseline: a forked Python holder on a socketpair with 1-byte commands and send_fds/recv_fds; "
+        "ipcd's PUT and TAKE go client -> worker -> master store and back, with access checks and "
+        "quotas; a GET is answered by the worker from its copy of the entry (its first GET of it "
+        "through the master)"
+    )
+    table.notes.append(
+        "server CPU: master and workers (ipcd) or the holder (raw), from /proc; by default a connection "
+        f"has at most {fd_budget.budget // fd_budget.per_request} GETs' fds on their way to it (its fd "
+        "budget), the rest wait in the kernel's buffer"
     )
     return table
