@@ -23,7 +23,7 @@ from collections.abc import Callable
 from ipcd import fdpass
 from ipcd.handoff.replica import WorkerReplica
 from ipcd.link.ops import ChannelOp
-from ipcd.link.records import Replica, Unreplica
+from ipcd.link.records import LinkError, Replica, Unreplica
 from ipcd.protocol import (
     ErrorCode,
     Frame,
@@ -237,7 +237,13 @@ class Worker:
         elif op == ChannelOp.ANSWER:
             self.chat.on_reply(record.body, record.fds)
         elif op == ChannelOp.REPLICA:
-            self.replica.install(Replica.decode(record.body), record.fds)
+            try:
+                copy = Replica.decode(record.body)
+            except LinkError as exc:
+                fdpass.close_fds(record.fds)
+                log.error("worker %d: bad REPLICA from master: %s", os.getpid(), exc)
+                return
+            self.replica.install(copy, record.fds)
         elif op == ChannelOp.UNREPLICA:
             self.replica.drop(Unreplica.decode(record.body).name)
             self._send_to_master(ChannelOp.UNREPLICATED, record.body)  # closed: the master may answer
