@@ -1,27 +1,50 @@
 """fd hand-off rate: ipcd's store against raw fd passing over a socketpair.
 
+Theory of operation
+-------------------
 Both sides do the same job: a client hands an open fd (one end of a pipe)
 to a holder and gets it back. ``put+take`` is one round trip each way per
 operation (the fd goes to the holder, then comes back and the holder forgets
-it); ``get`` asks for a duplicate of a held fd (the holder keeps its copy).
-The baseline holder is a forked process with a blocking loop on a
+it); ``get`` asks for a duplicate of a held fd (the holder keeps its copy),
+one at a time, and ``get, pipelined`` writes ``PIPELINE`` GETs before it reads
+their answers (a client fetching fds for a pool of workers would). The
+baseline holder is a forked Python process with a blocking loop on a
 ``socketpair`` speaking one-byte commands with ``socket.send_fds`` /
 ``recv_fds``: no framing, no JSON, no access checks, no worker in between.
 ipcd's path is client -> worker -> master (the store) and back, with
 credentials checked and quotas charged; the ratio says what that costs.
+
+The client is C (``handoff_client.c``, built here with gcc) for both sides,
+so that neither figure is the client's speed: a Python client spent more CPU
+per GET than the raw holder. Rounds alternate between ipcd and the holder;
+the table gives medians of the rounds, and server CPU per operation from
+/proc (master and workers; the holder process).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
-import time
-from collections.abc import Callable
+import statistics
+import subprocess
+from pathlib import Path
 
 from benchmarks.echo import Settings, progress
+from benchmarks.load import BenchError
 from benchmarks.report import Table
 from benchmarks.servers import Server
-from ipcd.client import Client
+from ipcd.server.flow import FdBudget
+from ipcd.settings import Settings as DaemonSettings
+
+SOURCE = Path(__file__).with_name("handoff_client.c")
+ROUNDS = 5
+PIPELINE = 16
+_TICK = os.sysconf("SC_CLK_TCK")
+# (row label, client mode, requests written before reading)
+_CASES = (("put+take pairs/s", "pairs", 1), ("get (dup received)/s", "gets", 1))
+_PIPELINED = ("get, {depth} pipelined/s", "gets", PIPELINE)
 
 
 def _raw_holder(sock: socket.socket) -> None:
@@ -47,88 +70,111 @@ def _raw_holder(sock: socket.socket) -> None:
             sock.send(b"e")
 
 
-def _timed(duration: float, op: Callable[[], None]) -> float:
-    """Operations per second of ``op`` over ``duration`` seconds."""
-    count = 0
-    deadline = time.perf_counter() + duration
-    start = time.perf_counter()
-    while time.perf_counter() < deadline:
-        for _ in range(50):
-            op()
-        count += 50
-    return count / (time.perf_counter() - start)
+def _compile(work: Path) -> Path:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise BenchError("handoff: needs gcc for its C client")
+    binary = work / "handoff_client"
+    result = subprocess.run(
+        [gcc, "-O2", "-Wall", "-o", str(binary), str(SOURCE)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise BenchError(f"handoff: gcc failed on {SOURCE.name}: {result.stderr.strip()}")
+    return binary
 
 
-def _measure_raw(duration: float) -> tuple[float, float]:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:  # the holder
-        ours.close()
-        try:
-            _raw_holder(theirs)
-        finally:
-            os._exit(0)
-    theirs.close()
-    reader, writer = os.pipe()
-    try:
-
-        def put_take() -> None:
-            socket.send_fds(ours, [b"P"], [writer])
-            ours.recv(1)
-            ours.send(b"T")
-            _, fds, _, _ = socket.recv_fds(ours, 1, 1)
-            os.close(fds[0])
-
-        def get() -> None:
-            ours.send(b"G")
-            _, fds, _, _ = socket.recv_fds(ours, 1, 1)
-            os.close(fds[0])
-
-        pairs = _timed(duration, put_take)
-        socket.send_fds(ours, [b"P"], [writer])
-        ours.recv(1)
-        gets = _timed(duration, get)
-    finally:
-        ours.close()
-        os.waitpid(pid, 0)
-        os.close(reader)
-        os.close(writer)
-    return pairs, gets
+def _process_cpu(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime stime
 
 
-def _measure_ipcd(server: Server, duration: float) -> tuple[float, float]:
-    reader, writer = os.pipe()
-    try:
-        with Client(server.socket_dir) as client:
+class _RawHolder:
+    """The forked baseline holder and our end of its socketpair."""
 
-            def put_take() -> None:
-                client.put("bench", [writer])
-                os.close(client.take("bench").fds[0])
+    def __init__(self) -> None:
+        self.ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.pid = os.fork()
+        if self.pid == 0:
+            self.ours.close()
+            try:
+                _raw_holder(theirs)
+            finally:
+                os._exit(0)
+        theirs.close()
 
-            def get() -> None:
-                os.close(client.get("bench").fds[0])
+    def cpu_seconds(self) -> float:
+        return _process_cpu(self.pid)
 
-            pairs = _timed(duration, put_take)
-            client.put("bench", [writer])
-            gets = _timed(duration, get)
-            client.rm("bench")
-    finally:
-        os.close(reader)
-        os.close(writer)
-    return pairs, gets
+    def close(self) -> None:
+        self.ours.close()  # EOF: the holder returns
+        os.waitpid(self.pid, 0)
+
+
+def _round(
+    binary: Path, target: Server | _RawHolder, mode: str, depth: int, seconds: float
+) -> tuple[float, float]:
+    """(operations/s, server CPU seconds per operation) of one client run."""
+    pass_fds: tuple[int, ...] = ()
+    if isinstance(target, Server):
+        argv = [str(binary), "ipcd", target.stream_path]
+    else:
+        argv, pass_fds = [str(binary), "raw", str(target.ours.fileno())], (target.ours.fileno(),)
+    before = target.cpu_seconds()
+    proc = subprocess.run(
+        [*argv, mode, f"{seconds:g}", str(depth)],
+        pass_fds=pass_fds,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=False,
+    )
+    cpu = target.cpu_seconds() - before
+    if proc.returncode != 0:
+        raise BenchError(f"handoff: the client exited {proc.returncode}: {proc.stderr.strip()}")
+    result = json.loads(proc.stdout)
+    ops = int(result["ops"])
+    if ops <= 0 or int(result["fds"]) < ops:
+        raise BenchError(f"handoff: {ops} operations brought {result['fds']} fds")
+    return ops / float(result["seconds"]), cpu / ops
 
 
 def handoff(ipcd: Server, raw: Server, s: Settings, problems: list[str]) -> Table:
-    duration = s.duration
-    table = Table("handoff", f"fd hand-off, one client, one fd per operation, {duration:g} s each")
-    progress("handoff: ipcd")
-    ipcd_pairs, ipcd_gets = _measure_ipcd(ipcd, duration)
-    progress("handoff: raw send_fds/recv_fds")
-    raw_pairs, raw_gets = _measure_raw(duration)
-    table.add("put+take pairs/s", "ops/s", ipcd_pairs, raw_pairs, "higher")
-    table.add("get (dup received)/s", "ops/s", ipcd_gets, raw_gets, "higher")
+    seconds = max(s.duration / 3, 0.3)
+    binary = _compile(Path(ipcd.socket_dir).parent)
+    holder = _RawHolder()
+    label, mode, depth = _PIPELINED
+    cases = [*_CASES, (label.format(depth=depth), mode, depth)]
+    results: dict[str, dict[str, list[tuple[float, float]]]] = {c[0]: {"ipcd": [], "raw": []} for c in cases}
+    try:
+        progress(f"handoff: {ROUNDS} rounds of {len(cases)} cases, {seconds:g} s each, ipcd and raw in turn")
+        for target in (ipcd, holder):
+            _round(binary, target, "gets", 1, 0.2)  # warm up both
+        for _ in range(ROUNDS):
+            for label, mode, depth in cases:
+                for name, target in (("ipcd", ipcd), ("raw", holder)):
+                    results[label][name].append(_round(binary, target, mode, depth, seconds))
+    finally:
+        holder.close()
+    table = Table("handoff", f"fd hand-off, one C client, one fd per operation, median of {ROUNDS} rounds")
+    for label, mode, _ in cases:
+        rates = {name: statistics.median(r[0] for r in rounds) for name, rounds in results[label].items()}
+        cpus = {
+            name: statistics.median(r[1] for r in rounds) * 1e6 for name, rounds in results[label].items()
+        }
+        table.add(label, "ops/s", rates["ipcd"], rates["raw"], "higher")
+        what = "pair" if mode == "pairs" else "GET"
+        table.add(f"  server CPU per {what}", "us", cpus["ipcd"], cpus["raw"], "lower")
+    fd_budget = FdBudget.from_settings(DaemonSettings())
     table.notes.append(
-        "baseline: a forked holder on a socketpair with 1-byte commands and send_fds/recv_fds; "
-        "ipcd goes client -> worker -> master store and back, with access checks and quotas"
+        "baseline: a forked Python holder on a socketpair with 1-byte commands and send_fds/recv_fds; "
+        "ipcd's PUT and TAKE go client -> worker -> master store and back, with access checks and "
+        "quotas; a GET is answered by the worker from its copy of the entry (its first GET of it "
+        "through the master)"
+    )
+    table.notes.append(
+        "server CPU: master and workers (ipcd) or the holder (raw), from /proc; by default a connection "
+        f"has at most {fd_budget.budget // fd_budget.per_request} GETs' fds on their way to it (its fd "
+        "budget), the rest wait in the kernel's buffer"
     )
     return table

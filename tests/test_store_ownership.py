@@ -54,6 +54,7 @@ def test_a_channel_closes_posted_fds_once_sent_even_from_its_backlog() -> None:
                 break
         given = os.dup(writer)
         master_end.post(ChannelOp.ANSWER, b"with an fd", fds=(given,))
+        master_end.flush()  # the end of the loop pass: the batch goes (here: to the backlog)
         assert master_end.has_backlog
         while master_end.has_backlog:  # the peer reads, room appears, the backlog goes out
             worker_end.recv()

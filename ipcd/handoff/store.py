@@ -34,7 +34,7 @@ import logging
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from ipcd import fdpass
@@ -101,9 +101,9 @@ class Entry:
         )
 
     def allows(self, sender: Sender) -> bool:
-        if sender.uid in (0, self.owner) or self.public or sender.uid in self.allow_uids:
-            return True
-        return bool(self.allow_gids & {sender.gid, *sender.groups})
+        return may_use(
+            self.owner, self.public, self.allow_uids, self.allow_gids, sender.uid, sender.gid, sender.groups
+        )
 
     def listing(self, now: float) -> dict[str, Any]:
         return {
@@ -128,14 +128,34 @@ class Waiter:
     deadline: float
 
 
+def may_use(
+    owner: int,
+    public: bool,
+    allow_uids: Collection[int],
+    allow_gids: Collection[int],
+    uid: int,
+    gid: int,
+    groups: Iterable[int],
+) -> bool:
+    """May this requester get or take an entry? The one access rule, also
+    applied by a worker that answers a GET from its replica."""
+    if uid in (0, owner) or public or uid in allow_uids:
+        return True
+    return any(g in allow_gids for g in (gid, *groups)) if allow_gids else False
+
+
+def is_valid_name(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= NAME_MAX and _NAME_RE.fullmatch(value) is not None
+
+
 def _check_name(value: Any) -> str:
-    if not isinstance(value, str) or not value or len(value) > NAME_MAX or not _NAME_RE.fullmatch(value):
+    if not is_valid_name(value):
         raise StoreError(
             ErrorCode.BAD_REQUEST,
             f"bad name {str(value)[:80]!r}: up to {NAME_MAX} letters, digits and _ . @ / -, "
             "starting with a letter or digit",
         )
-    return value
+    return str(value)
 
 
 def _id_set(value: Any, what: str) -> frozenset[int]:
@@ -262,7 +282,12 @@ class Store:
             del self.charged[entry.owner]
         if self.persist is not None:
             self.persist.removed(entry, list(self.entries.values()))
+        self._removed(entry)
         return entry
+
+    def _removed(self, entry: Entry) -> None:
+        """An entry left the store (a replicating store hooks in here:
+        ipcd.handoff.replica)."""
 
     def restore(self, items: list[dict[str, Any]]) -> None:
         """Entries recovered after a restart (see ipcd.handoff.persist)."""

@@ -6,10 +6,12 @@ send buffer (about 208 KiB by default), so a message whose body is larger
 than :data:`FRAGMENT` is cut into fragments of that size: every fragment but
 the last carries the flag :data:`MORE`, and the message's fds ride on the
 first (the kernel ties fds to the record they were sent with). Messages
-without fds posted in one loop pass travel together as one ``BATCH``
-message whose body is their encoded frames back to back. The receiving side
-feeds each record to a :class:`Reassembler`, which hands out whole messages;
-:func:`unbatch` splits a batch. Nothing here touches a socket or closes an
+posted in one loop pass travel together as one ``BATCH`` message whose body
+is their encoded frames back to back; the batch's fds are theirs in the same
+order, and each frame's header says how many are its own (so pipelined GETs
+cost one record each way, not one per answer). The receiving side feeds
+each record to a :class:`Reassembler`, which hands out whole messages;
+:func:`unbatch` splits a batch and hands each message its fds. Nothing here touches a socket or closes an
 fd: fds that must be dropped are handed back to the caller, which owns them.
 """
 
@@ -39,19 +41,39 @@ def fragment(op: int, request_id: int, body: bytes, nfds: int = 0) -> list[bytes
     ]
 
 
-def unbatch(body: bytes) -> list[Frame]:
-    """The messages of a BATCH body, in order (they carry no fds)."""
+def unbatch(body: bytes, fds: tuple[int, ...] = ()) -> list[Frame]:
+    """The messages of a BATCH body, in order, each with as many of ``fds``
+    (the batch's, in order) as its header declares. Raises
+    RemoteProtocolError whose ``fds`` are all of ``fds``, for the caller to
+    close: nothing is handed out of a batch that does not add up."""
     frames = []
-    pos = 0
-    while pos < len(body):
-        if len(body) - pos < HEADER_SIZE:
-            raise RemoteProtocolError("truncated frame in a channel batch", ErrorCode.MALFORMED, fatal=False)
-        length = int.from_bytes(body[pos + 12 : pos + 16], "big")
-        end = pos + HEADER_SIZE + length
-        if end > len(body):
-            raise RemoteProtocolError("truncated frame in a channel batch", ErrorCode.MALFORMED, fatal=False)
-        frames.append(decode_record(body[pos:end], (), max_frame_size=MESSAGE_MAX))
-        pos = end
+    pos = used = 0
+    try:
+        while pos < len(body):
+            if len(body) - pos < HEADER_SIZE:
+                raise RemoteProtocolError(
+                    "truncated frame in a channel batch", ErrorCode.MALFORMED, fatal=False
+                )
+            nfds = body[pos + 5]
+            length = int.from_bytes(body[pos + 12 : pos + 16], "big")
+            end = pos + HEADER_SIZE + length
+            if end > len(body):
+                raise RemoteProtocolError(
+                    "truncated frame in a channel batch", ErrorCode.MALFORMED, fatal=False
+                )
+            own = fds[used : used + nfds] if nfds else ()
+            used += nfds
+            frames.append(decode_record(body[pos:end], own, max_frame_size=MESSAGE_MAX))
+            pos = end
+        if used != len(fds):
+            raise RemoteProtocolError(
+                f"a channel batch came with {len(fds)} fds, its messages declare {used}",
+                ErrorCode.FD_MISMATCH,
+                fatal=False,
+            )
+    except RemoteProtocolError as exc:
+        exc.fds = fds
+        raise
     return frames
 
 

@@ -15,6 +15,8 @@ class ChannelOp(enum.IntEnum):
     BATCH = 0x27  # several fd-less messages gathered in one loop iteration (either way)
     ANSWER = 0x25  # an Answer record (+ the fds of a GET or TAKE reply)
     DELIVER = 0x26  # a Deliver record: client-ready frames to copy to a room or to connections
+    REPLICA = 0x28  # a Replica record: a stored entry for the worker to serve GETs from (+ its fds)
+    UNREPLICA = 0x29  # an Unreplica record: close the copies of a name, then say UNREPLICATED
     # worker -> master
     READY = 0x30  # booted; may be sent connections
     LOAD = 0x31  # JSON counters: connections, received, ...
@@ -22,3 +24,4 @@ class ChannelOp(enum.IntEnum):
     STATUS_QUERY = 0x33  # request id = token to answer with
     FORWARD = 0x34  # a Forward record (+ a PUT's fds)
     GONE = 0x35  # a Gone record: a connection that used the master's services closed
+    UNREPLICATED = 0x36  # an Unreplica record sent back: the worker closed its copies of the name

@@ -73,6 +73,8 @@ _ANSWER: Final = struct.Struct("!QBIHHH")  # conn, flags, replies, join, part, d
 _DELIVER: Final = struct.Struct("!BI")  # kind, room length or number of connections
 _GONE: Final = struct.Struct("!Q")
 _POST: Final = struct.Struct("!IHI")  # request id, room and text lengths
+_REPLICA: Final = struct.Struct("!IBHHH")  # owner, public, name length, allow_uids, allow_gids counts
+_UNREPLICA: Final = struct.Struct("!I")  # token
 
 _HANDOUT: Final = 0x01  # the answer to a GET or TAKE: frees the fd reservation made for it
 # The ops answered with fds: the worker reserves fds for each in flight, the
@@ -270,3 +272,50 @@ class Gone(NamedTuple):
         if len(body) != _GONE.size:
             raise LinkError(f"GONE record of {len(body)} bytes, expected {_GONE.size}")
         return cls(_GONE.unpack(body)[0])
+
+
+class Replica(NamedTuple):
+    """A stored entry, master -> worker, so the worker can answer a GET of
+    it without the master: who may have it and the reply body to send
+    (its fds travel with the record, one copy per worker)."""
+
+    name: str
+    owner: int
+    public: bool
+    allow_uids: tuple[int, ...]
+    allow_gids: tuple[int, ...]
+    body: bytes  # the JSON body of a GET reply for this entry
+
+    def encode(self) -> bytes:
+        name = self.name.encode()
+        head = _REPLICA.pack(
+            self.owner, int(self.public), len(name), len(self.allow_uids), len(self.allow_gids)
+        )
+        return b"".join((head, _pack("I", self.allow_uids), _pack("I", self.allow_gids), name, self.body))
+
+    @classmethod
+    def decode(cls, body: bytes) -> Replica:
+        owner, public, nname, nuids, ngids = _header(_REPLICA, body)
+        uids, pos = _take(body, _REPLICA.size, 4 * nuids)
+        gids, pos = _take(body, pos, 4 * ngids)
+        name, pos = _take(body, pos, nname)
+        return cls(
+            _text(name), owner, bool(public), _unpack("I", nuids, uids), _unpack("I", ngids, gids), body[pos:]
+        )
+
+
+class Unreplica(NamedTuple):
+    """Master -> worker: close the copies of ``name`` (an RM, TAKE, replace
+    or expiry); the worker sends the same record back as UNREPLICATED once
+    it has, and the master answers the request that removed it only then."""
+
+    token: int
+    name: str
+
+    def encode(self) -> bytes:
+        return _UNREPLICA.pack(self.token) + self.name.encode()
+
+    @classmethod
+    def decode(cls, body: bytes) -> Unreplica:
+        (token,) = _header(_UNREPLICA, body)
+        return cls(token, _text(body[_UNREPLICA.size :]))

@@ -25,6 +25,7 @@ from ipcd.protocol import ErrorCode, Frame, RemoteProtocolError, decode_record, 
 
 log = logging.getLogger("ipcd")
 _CMSG_SPACE = fdpass.cmsg_space_for(fdpass.MAX_FDS)
+MASTER_BATCH_FDS = 16  # fds one batch from the master may carry (see Channel.batch_fds)
 
 
 class _Posted:
@@ -42,14 +43,21 @@ class ChannelClosed(Exception):
 
 
 class Channel:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, batch_fds: int = 0) -> None:
         self.sock = sock
+        # fds that may wait in one batch (0: a message with fds goes at once).
+        # The master's end batches answers with fds: they cost one record per
+        # loop pass, like any others. The cap is below every channel fd budget
+        # (ipcd.server.flow), and while a backlog exists nothing waits here,
+        # so the budget still sees every fd the master holds for the worker.
+        self.batch_fds = min(batch_fds, fdpass.MAX_FDS)
         self._buffer: bytearray | None = None  # allocated on the first recv
         self._backlog: deque[_Posted] | None = None  # records the peer had no room for yet
         self.backlog_bytes = 0
         self._reassembler = Reassembler()  # fragments of a message being received
         self._batch: list[bytes] = []  # posted, not yet flushed
         self._batch_bytes = 0
+        self._batch_fd_list: list[int] = []  # the batched messages' fds, in order (owned)
         self._inbox: deque[Frame] = deque()  # unpacked from a received BATCH
 
     @classmethod
@@ -57,7 +65,7 @@ class Channel:
         master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         master_end.setblocking(False)
         worker_end.setblocking(False)
-        return cls(master_end), cls(worker_end)
+        return cls(master_end, batch_fds=MASTER_BATCH_FDS), cls(worker_end)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -76,20 +84,25 @@ class Channel:
     def post(self, op: ChannelOp, body: bytes = b"", request_id: int = 0, fds: Sequence[int] = ()) -> None:
         """Queue a message; :meth:`flush` sends what was queued, in order.
 
-        Messages without fds posted in one loop iteration travel as one BATCH
-        record, so a burst of chat traffic costs one send per worker, not one
-        per message. A message with fds flushes the batch and goes at once.
+        Messages posted in one loop iteration travel as one BATCH record, so
+        a burst of chat traffic or of pipelined GETs costs one send per
+        worker, not one per message. A message with fds joins the batch on a
+        channel made with ``batch_fds`` (up to that many fds, and not while
+        a backlog waits); otherwise it flushes the batch and goes at once.
         Posted fds become the channel's: they are closed once sent, or when
         the peer is gone, so a record waiting in the backlog never refers to
         an fd number its poster might close and reuse. Raises
         :class:`ChannelClosed`."""
-        if fds:
+        batched = self._batch_fd_list
+        if fds and (self._backlog or len(batched) + len(fds) > self.batch_fds or len(body) > FRAGMENT):
             self.send(op, body, fds, request_id)
             return
-        record = encode_frame(op, request_id, body)
+        record = encode_frame(op, request_id, body, nfds=len(fds))
         self._batch.append(record)
         self._batch_bytes += len(record)
-        if self._batch_bytes >= FRAGMENT:
+        if fds:
+            batched.extend(fds)
+        if self._batch_bytes >= FRAGMENT or len(batched) >= self.batch_fds > 0:
             self.flush()
 
     @property
@@ -105,12 +118,14 @@ class Channel:
             return
         alone = len(batch) == 1 and self._batch_bytes <= FRAGMENT
         body = batch[0] if alone else batch_body(batch)
+        fds = tuple(self._batch_fd_list)
         batch.clear()
+        self._batch_fd_list.clear()
         self._batch_bytes = 0
         if alone:
-            self._post_record(_Posted(body, ()))
+            self._post_record(_Posted(body, fds))
         else:
-            self._send_message(ChannelOp.BATCH, body, 0, ())
+            self._send_message(ChannelOp.BATCH, body, 0, fds)
 
     def _send_message(self, op: ChannelOp, body: bytes, request_id: int, fds: Sequence[int]) -> None:
         for index, record in enumerate(fragment(op, request_id, body, len(fds))):
@@ -210,7 +225,11 @@ class Channel:
         frame = self._recv_message()
         if frame.op != ChannelOp.BATCH:
             return frame
-        self._inbox.extend(unbatch(frame.body))
+        try:
+            self._inbox.extend(unbatch(frame.body, frame.fds))
+        except RemoteProtocolError as exc:
+            fdpass.close_fds(exc.fds)
+            raise
         return self._inbox.popleft() if self._inbox else self.recv()
 
     def _recv_message(self) -> Frame:
@@ -246,6 +265,9 @@ class Channel:
             raise
 
     def close(self) -> None:
+        fdpass.close_fds(self._batch_fd_list)  # posted, never flushed
+        self._batch.clear()
+        self._batch_fd_list.clear()
         self.drop_backlog()
         fdpass.close_fds(self._reassembler.take_pending_fds())
         self.sock.close()

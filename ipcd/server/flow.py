@@ -75,6 +75,14 @@ class FdBudget:
         unanswered?"""
         return queued + (reserved + 1) * self.per_request <= self.budget
 
+    def resumes(self, queued: int, reserved: int) -> bool:
+        """May a connection held by :meth:`admits` be read again? Once half
+        the budget is free, not at the first free slot: a pipelining client
+        then sends GETs on in runs, not one hold and release (two epoll
+        changes) per answer. Always true once nothing is queued or reserved
+        (the budget holds at least four requests' worth)."""
+        return queued + (reserved + 1) * self.per_request <= max(self.budget // 2, self.per_request)
+
 
 def largest_reply(settings: Settings) -> int:
     """Bytes of the largest single reply the master builds: a HISTORY of a
@@ -89,10 +97,12 @@ def master_fd_bound(settings: Settings, workers: int, stored: int, baseline: int
     return baseline + stored + workers * (settings.channel_fd_budget + settings.max_fds)
 
 
-def worker_fd_bound(settings: Settings, connections: int, baseline: int) -> int:
-    """A worker's fds at worst: its own, and per connection the socket, the
-    fd budget and one frame's fds still in its decoder (a PUT's)."""
-    return baseline + connections * (1 + settings.connection_fd_budget + settings.max_fds)
+def worker_fd_bound(settings: Settings, connections: int, baseline: int, stored: int = 0) -> int:
+    """A worker's fds at worst: its own, a copy of each stored fd (of the
+    entries it answers GETs of, ipcd.handoff.replica), and per connection
+    the socket, the fd budget and one frame's fds still in its decoder (a
+    PUT's)."""
+    return baseline + stored + connections * (1 + settings.connection_fd_budget + settings.max_fds)
 
 
 def channel_memory_bound(settings: Settings) -> int:

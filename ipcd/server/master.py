@@ -29,8 +29,10 @@ from typing import Any
 from ipcd import __version__, fdpass
 from ipcd.chat.hub import Hub, Limits
 from ipcd.handoff.persist import SystemdPersistence
-from ipcd.handoff.store import Store, StoreLimits
+from ipcd.handoff.replica import ReplicatedStore
+from ipcd.handoff.store import StoreLimits
 from ipcd.link.ops import ChannelOp
+from ipcd.link.records import LinkError, Unreplica
 from ipcd.protocol import Frame, RemoteProtocolError, decode_json, encode_json
 from ipcd.server.channel import ChannelClosed
 from ipcd.server.flow import ChannelBudget
@@ -99,7 +101,8 @@ class Master:
         self.exit_code = 0
         self.error: str | None = None
         self.hub = Hub(_chat_limits(settings))
-        self.store = Store(StoreLimits(quota=settings.fd_quota, max_entry_fds=settings.max_fds))
+        self.store = ReplicatedStore(StoreLimits(quota=settings.fd_quota, max_entry_fds=settings.max_fds))
+        self.store.may_replicate = self._may_replicate
         self.hublink = HubLink(
             self.hub, self.store, self.loop, self._sync_channel, ChannelBudget.from_settings(settings)
         )
@@ -208,7 +211,9 @@ class Master:
             self.stream.sock.close()  # workers never accept
         self.lock.release()
         # Our copy of every stored fd: a worker holding them would keep a
-        # removed or taken pipe or socket open behind its owner's back.
+        # removed or taken pipe or socket open behind its owner's back (the
+        # copies a worker answers GETs from come as REPLICA records, and an
+        # RM or TAKE is answered only once they are closed).
         self.store.close_all()
 
     def preserved_fds(self) -> list[int]:
@@ -235,7 +240,7 @@ class Master:
             self._child_setup,
             on_channel=lambda h: self.loop.add_reader(h.channel, lambda mask: self._on_channel(h, mask)),
             remove_channel=self._remove_channel,
-            on_gone=self.hublink.worker_gone,
+            on_gone=self._worker_gone,
         )
         self.pool.spawn_generation(self.settings.workers)
         self.loop.call_later(_HEARTBEAT_INTERVAL, self._heartbeat)
@@ -381,6 +386,17 @@ class Master:
             events |= selectors.EVENT_WRITE
         self.loop.set_events(channel, events, lambda mask: self._on_channel(handle, mask))
 
+    def _worker_gone(self, handle: WorkerHandle) -> None:
+        self.hublink.worker_gone(handle)
+        self.hublink.route(self.store.forget_worker(handle.pid))  # answers that waited for it
+
+    def _may_replicate(self, pid: int) -> bool:
+        """Copies of entries only to a worker that takes its records: they
+        are never owed (it forwards GETs it has no copy for)."""
+        assert self.pool is not None
+        handle = self.pool.workers.get(pid)
+        return handle is not None and handle.channel_open and not handle.channel.has_backlog
+
     def _remove_channel(self, handle: WorkerHandle) -> None:
         self._unread.discard(handle)
         self.loop.remove(handle.channel)
@@ -402,6 +418,13 @@ class Master:
                 log.error("malformed load report from worker %d", handle.pid)
         elif record.op == ChannelOp.GONE:
             self.hublink.connection_gone(handle, record.body)
+        elif record.op == ChannelOp.UNREPLICATED:
+            try:
+                token = Unreplica.decode(record.body).token
+            except LinkError as exc:
+                log.error("malformed UNREPLICATED from worker %d: %s", handle.pid, exc)
+                return
+            self.hublink.route(self.store.unreplicated(handle.pid, token))
         elif record.op == ChannelOp.STATUS_QUERY:
             status = build_status(self.settings, self.pool, self.started, self.started_wall)
             status["chat"] = self.hub.stats()

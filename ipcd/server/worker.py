@@ -21,7 +21,9 @@ import socket
 from collections.abc import Callable
 
 from ipcd import fdpass
+from ipcd.handoff.replica import WorkerReplica
 from ipcd.link.ops import ChannelOp
+from ipcd.link.records import LinkError, Replica, Unreplica
 from ipcd.protocol import (
     ErrorCode,
     Frame,
@@ -99,6 +101,7 @@ class Worker:
         self._status_waiters: dict[int, tuple[int, int]] = {}  # token -> (conn id, request id)
         self._dgram_endpoint: DatagramEndpoint | None = None
         self.chat = ChatRouter(self)
+        self.replica = WorkerReplica()  # stored entries' copies, to answer GETs from (ipcd.handoff.replica)
 
     @property
     def now(self) -> float:
@@ -235,6 +238,17 @@ class Worker:
             self.chat.on_deliver(record.body)
         elif op == ChannelOp.ANSWER:
             self.chat.on_reply(record.body, record.fds)
+        elif op == ChannelOp.REPLICA:
+            try:
+                copy = Replica.decode(record.body)
+            except LinkError as exc:
+                fdpass.close_fds(record.fds)
+                log.error("worker %d: bad REPLICA from master: %s", os.getpid(), exc)
+                return
+            self.replica.install(copy, record.fds)
+        elif op == ChannelOp.UNREPLICA:
+            self.replica.drop(Unreplica.decode(record.body).name)
+            self._send_to_master(ChannelOp.UNREPLICATED, record.body)  # closed: the master may answer
         elif op == ChannelOp.HEARTBEAT:
             self._send_to_master(ChannelOp.HEARTBEAT_ACK)
         elif op == ChannelOp.STATUS_RESULT:

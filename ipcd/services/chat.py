@@ -299,7 +299,7 @@ class ChatRouter:
 
     def _may_resume(self, conn: Connection, state: ChatState) -> bool:
         if state.fd_wait:
-            return self.fd_budget.admits(conn.out_fds, state.fd_requests)
+            return self.fd_budget.resumes(conn.out_fds, state.fd_requests)
         return state.in_flight <= RESUME_IN_FLIGHT
 
     def on_deliver(self, body: bytes) -> None:

@@ -105,3 +105,22 @@ def test_a_truncated_batch_is_refused() -> None:
             continue
         with pytest.raises(RemoteProtocolError):
             unbatch(whole[:end])
+
+
+@given(st.lists(st.tuples(st.binary(max_size=100), st.integers(0, 3)), max_size=8))
+def test_a_batch_hands_each_message_its_own_fds_in_order(messages: list[tuple[bytes, int]]) -> None:
+    fds = tuple(range(1000, 1000 + sum(n for _, n in messages)))
+    encoded = [encode_frame(0x25, i, body, nfds=n) for i, (body, n) in enumerate(messages)]
+    frames = unbatch(batch_body(encoded), fds)
+    assert [f.body for f in frames] == [body for body, _ in messages]
+    assert tuple(fd for f in frames for fd in f.fds) == fds
+    assert [len(f.fds) for f in frames] == [n for _, n in messages]
+
+
+@pytest.mark.parametrize("arrived", [0, 1, 3])
+def test_a_batch_whose_fds_do_not_add_up_gives_them_all_back(arrived: int) -> None:
+    body = batch_body([encode_frame(0x25, 1, b"a", nfds=1), encode_frame(0x25, 2, b"b", nfds=1)])
+    fds = (*FAKE_FDS, 1002) if arrived == 3 else FAKE_FDS[:arrived]
+    with pytest.raises(RemoteProtocolError) as caught:
+        unbatch(body, fds)
+    assert caught.value.fds == fds

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ipcd.link.records import Answer, Deliver, Forward, Gone, LinkError, Post
+from ipcd.link.records import Answer, Deliver, Forward, Gone, LinkError, Post, Replica, Unreplica
 
 U32 = st.integers(0, 2**32 - 1)
 CONN = st.integers(0, 2**63)
@@ -46,17 +46,36 @@ DELIVERIES = st.one_of(
     ),
 )
 GONES = st.builds(Gone, conn=CONN)
-RECORDS = st.one_of(FORWARDS, ANSWERS, DELIVERIES, GONES)
-DECODERS: list[Callable[[bytes], object]] = [Forward.decode, Answer.decode, Deliver.decode, Gone.decode]
+REPLICAS = st.builds(
+    Replica,
+    name=NAME,
+    owner=U32,
+    public=st.booleans(),
+    allow_uids=st.lists(U32, max_size=20).map(tuple),
+    allow_gids=st.lists(U32, max_size=20).map(tuple),
+    body=st.binary(max_size=512),
+)
+UNREPLICAS = st.builds(Unreplica, token=U32, name=NAME)
+RECORDS = st.one_of(FORWARDS, ANSWERS, DELIVERIES, GONES, REPLICAS, UNREPLICAS)
+DECODERS: list[Callable[[bytes], object]] = [
+    Forward.decode,
+    Answer.decode,
+    Deliver.decode,
+    Gone.decode,
+    Replica.decode,
+    Unreplica.decode,
+]
 
 
 @given(RECORDS)
-def test_every_record_comes_back_unchanged(record: Forward | Answer | Deliver | Gone) -> None:
+def test_every_record_comes_back_unchanged(
+    record: Forward | Answer | Deliver | Gone | Replica | Unreplica,
+) -> None:
     assert type(record).decode(record.encode()) == record
 
 
-@given(st.one_of(FORWARDS, ANSWERS, DELIVERIES))
-def test_a_cut_record_is_refused_or_keeps_its_fields(record: Forward | Answer | Deliver) -> None:
+@given(st.one_of(FORWARDS, ANSWERS, DELIVERIES, REPLICAS))
+def test_a_cut_record_is_refused_or_keeps_its_fields(record: Forward | Answer | Deliver | Replica) -> None:
     """Cut anywhere in its fixed part, a record is refused; the payload at
     the end is opaque, so a cut there only shortens it."""
     data = record.encode()
@@ -65,12 +84,12 @@ def test_a_cut_record_is_refused_or_keeps_its_fields(record: Forward | Answer | 
             got = type(record).decode(data[:end])
         except LinkError:
             continue
-        payload = {Forward: "body", Answer: "frame", Deliver: "frames"}[type(record)]
+        payload = {Forward: "body", Answer: "frame", Deliver: "frames", Replica: "body"}[type(record)]
         fixed = {k: v for k, v in vars_of(got).items() if k != payload}
         assert fixed == {k: v for k, v in vars_of(record).items() if k != payload}
 
 
-def vars_of(record: Forward | Answer | Deliver) -> dict[str, object]:
+def vars_of(record: Forward | Answer | Deliver | Replica) -> dict[str, object]:
     return dict(record._asdict())
 
 
@@ -98,6 +117,10 @@ def test_corpus_of_known_forms() -> None:
         Answer.decode(Answer(1, b"", joined="x").encode().replace(b"x", b"\xff"))
     with pytest.raises(LinkError, match="expected 8"):
         Gone.decode(b"\x00")
+    assert Replica("e", 1000, True, (7,), (), b"{}").encode() == (
+        bytes.fromhex("000003e8 01 0001 0001 0000") + bytes.fromhex("00000007") + b"e{}"
+    )
+    assert Unreplica(3, "e").encode() == b"\x00\x00\x00\x03e"
 
 
 POSTS = st.lists(

@@ -47,7 +47,22 @@ def _inode(fd: int) -> int:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_STEPS, min_size=1, max_size=40))
 def test_every_message_arrives_whole_in_order_with_its_fds(steps: list[Step]) -> None:
+    """From the master's end, which batches messages with fds."""
     sender, receiver = Channel.pair()
+    assert sender.batch_fds > 0
+    _drive(sender, receiver, steps)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_STEPS, min_size=1, max_size=40))
+def test_every_message_arrives_whole_in_order_from_the_worker_end(steps: list[Step]) -> None:
+    """From the worker's end, which sends a message with fds at once."""
+    receiver, sender = Channel.pair()
+    assert sender.batch_fds == 0
+    _drive(sender, receiver, steps)
+
+
+def _drive(sender: Channel, receiver: Channel, steps: list[Step]) -> None:
     expected: list[tuple[int, bytes, list[int]]] = []  # (request id, body, pipe inodes)
     received: list[tuple[int, bytes, list[int]]] = []
     pipes: list[int] = []  # read ends we keep, to tell the write ends' inodes apart

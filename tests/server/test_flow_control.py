@@ -148,7 +148,7 @@ def test_pipelined_gets_never_read_keep_the_master_within_its_fd_bound(
     assert limits["connection_fd_budget"] == settings.connection_fd_budget
     bound = master_fd_bound(settings, workers=1, stored=ENTRY_FDS, baseline=ledger.master)
     # Connections at once: the flood, the bystander's, a status query, the owner's.
-    worker_bound = worker_fd_bound(settings, connections=4, baseline=ledger.worker)
+    worker_bound = worker_fd_bound(settings, connections=4, baseline=ledger.worker, stored=ENTRY_FDS)
     with Pipes(ENTRY_FDS) as pipes:
         with daemon.client() as owner:
             owner.put("flood", pipes.write_ends, public=True)
@@ -278,13 +278,21 @@ class MasterUnderTest:
             self.master.hublink.flush_all()
 
     def answers(self) -> list[tuple[Answer, Frame]]:
-        """Every answer the master has sent so far (their fds stay open)."""
+        """Every answer the master has sent so far (their fds stay open).
+        Copies of entries for GETs (ipcd.handoff.replica) are closed, and an
+        UNREPLICA answered, as a worker does."""
         got: list[tuple[Answer, Frame]] = []
         while True:
             try:
                 record = self.worker_end.recv()
             except BlockingIOError:
                 return got
+            if record.op == ChannelOp.REPLICA:
+                fdpass.close_fds(record.fds)
+                continue
+            if record.op == ChannelOp.UNREPLICA:
+                self.worker_end.post(ChannelOp.UNREPLICATED, record.body)
+                continue
             assert record.op == ChannelOp.ANSWER
             answer = Answer.decode(record.body)
             got.append((answer, decode_record(answer.frame, record.fds)))
@@ -307,6 +315,7 @@ def test_master_stops_reading_a_worker_whose_channel_holds_its_fd_budget(short_t
     settings = Settings(socket_dir=short_tmp / "s", max_fds=4)
     budget = ChannelBudget(max_bytes=8 << 20, max_fds=32)
     link = MasterUnderTest(settings, budget)
+    gets = 1500
     try:
         with Pipes(4) as pipes:
             link.forward(Op.PUT, 1, {"name": "e"}, tuple(os.dup(fd) for fd in pipes.write_ends))
@@ -314,7 +323,9 @@ def test_master_stops_reading_a_worker_whose_channel_holds_its_fd_budget(short_t
             link.turns()
             ((_, put_reply),) = link.answers()
             assert put_reply.op == reply_op(Op.PUT)
-            for rid in range(2, 302):
+            # Enough that the kernel's buffer fills even with answers batched
+            # 4 to a record (the master batches up to MASTER_BATCH_FDS fds).
+            for rid in range(2, 2 + gets):
                 link.forward(Op.GET, rid, {"name": "e"})
             link.turns()
             assert not link.reading, "the master reads on with its channel over budget"
@@ -330,7 +341,7 @@ def test_master_stops_reading_a_worker_whose_channel_holds_its_fd_budget(short_t
                     os.close(fd)
                 served.append(frame.request_id)
             deadline = time.monotonic() + 10
-            while len(served) < 300 and time.monotonic() < deadline:
+            while len(served) < gets and time.monotonic() < deadline:
                 for answer, frame in link.answers():
                     assert (frame.op, len(frame.fds), answer.handout) == (reply_op(Op.GET), 4, True)
                     for fd in frame.fds:
@@ -338,11 +349,14 @@ def test_master_stops_reading_a_worker_whose_channel_holds_its_fd_budget(short_t
                     served.append(frame.request_id)
                 link.turns(5)
                 assert link.channel.backlog_fds <= budget.max_fds + 4
-            assert served == list(range(2, 302))
+            assert served == list(range(2, 2 + gets))
             assert link.reading
-            link.forward(Op.RM, 400, {"name": "e"})
+            link.forward(Op.RM, 2 + gets, {"name": "e"})
             link.turns()
-            assert [frame.op for _, frame in link.answers()] == [reply_op(Op.RM)]
+            removed = link.answers()  # the RM waits for the worker to close its copy ...
+            link.turns()
+            removed += link.answers()  # ... which it has now said
+            assert [frame.op for _, frame in removed] == [reply_op(Op.RM)]
             pipes.assert_closed_elsewhere()
     finally:
         link.close()
@@ -395,6 +409,18 @@ def test_fd_budget_admits_a_get_while_its_fds_fit() -> None:
     assert FdBudget.from_settings(Settings(max_fds=253)).admits(queued=0, reserved=0)
 
 
+def test_a_held_connection_resumes_once_half_its_fd_budget_is_free() -> None:
+    budget = FdBudget(budget=64, per_request=16)
+    assert not budget.admits(queued=0, reserved=4)  # held at four GETs in flight
+    assert not budget.resumes(queued=0, reserved=3)  # one answer back: not yet
+    assert not budget.resumes(queued=0, reserved=2)
+    assert budget.resumes(queued=0, reserved=1)  # half free: read on, a run of GETs goes
+    assert not budget.resumes(queued=17, reserved=0)  # fds the client has not read count too
+    # Whatever the settings, a connection with nothing pending always resumes.
+    for max_fds in (1, 16, 253):
+        assert FdBudget.from_settings(Settings(max_fds=max_fds)).resumes(queued=0, reserved=0)
+
+
 def test_channel_budget_counts_bytes_and_fds() -> None:
     budget = ChannelBudget(max_bytes=1000, max_fds=10)
     assert budget.admits(999, 9)
@@ -410,4 +436,5 @@ def test_budgets_follow_the_settings() -> None:
     assert Settings(max_outbuf=16 << 20).channel_byte_budget == 32 << 20
     assert master_fd_bound(default, workers=2, stored=16, baseline=11) == 11 + 16 + 2 * (256 + 16)
     assert worker_fd_bound(default, connections=3, baseline=8) == 8 + 3 * (1 + 64 + 16)
+    assert worker_fd_bound(default, connections=3, baseline=8, stored=5) == 8 + 5 + 3 * (1 + 64 + 16)
     assert largest_reply(default) == 100 * (16 * 1024 * 6 + 256)
