@@ -182,7 +182,7 @@ class DaemonTrust:
                 f"sockets; ask its owner to run 'chmod go-w {exc.where}', or choose another --socket-dir"
             )
         others = sorted(trusted - {0, os.geteuid()})
-        whom = ", ".join(["root", "you", *map(describe_uid, others)]) if others else "root or you"
+        whom = f"root, you or {describe_uid(others[0])}" if others else "root or you"
         return UntrustedDaemon(
             f"cannot trust {path}: {exc.problem}, not by {whom}: that user could put an impostor "
             f"in the daemon's place; pass --daemon-uid {exc.owner} if you trust them, "
@@ -197,8 +197,8 @@ class DaemonTrust:
         """The error for a peer (or socket file) of ``uid``, which :meth:`allows` not."""
         expected = "root"
         if self.daemon_uid:
-            source = "--daemon-uid" if self.named else "the socket dir's owner"
-            expected = f"root or {describe_uid(self.daemon_uid)} ({source})"
+            source = "the --daemon-uid" if self.named else "the socket dir's owner"
+            expected = f"root or {describe_uid(self.daemon_uid)}, {source}"
         return UntrustedDaemon(
             f"{self.path} is {what} by {describe_uid(uid)}, not by {expected}; it may be an impostor, "
             f"nothing was sent to it: pass --daemon-uid {uid} if you trust that user",

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from ipcd.client import Client
 from ipcd.protocol import Op, decode_record, encode_frame, reply_op
 from tests.daemon import IPCCTL, Daemon, wait_for
 from tests.handoff.users import FdUsers, Pending, as_user, ipcctl_as, start_as
@@ -202,6 +203,28 @@ def test_an_impostor_in_a_trusted_dir_is_known_by_its_peer_credentials(
     assert seen == {"connections": 2, "bytes": 0, "datagrams": 0}
 
 
+def test_an_impostor_in_a_user_s_own_dir_is_refused_naming_whom_the_client_expected(
+    fd_users: FdUsers, open_tmp: Path, tmp_name: Path
+) -> None:
+    owner, other = fd_users.owner, fd_users.other
+    socket_dir = open_tmp / "s"
+    socket_dir.mkdir(mode=0o755)
+    os.chown(socket_dir, owner.pw_uid, -1)
+    impostor = Impostor.start(other, tmp_name, make_dir=True)
+    try:
+        os.rename(tmp_name / "stream.sock", socket_dir / "stream.sock")
+        by_default = ipcctl_as(owner, socket_dir, "echo", "hi")
+        assert one_line(by_default, 69).startswith(
+            f"ipcctl: {socket_dir}/stream.sock is served by {described(other)}, "
+            f"not by root or {described(owner)}, the socket dir's owner; it may be an impostor"
+        )
+        named = ipcctl_as(fd_users.friend, socket_dir, "--daemon-uid", str(owner.pw_uid), "echo", "hi")
+        assert f"not by root or {described(owner)}, the --daemon-uid;" in one_line(named, 69)
+    finally:
+        seen = impostor.seen()
+    assert seen == {"connections": 2, "bytes": 0, "datagrams": 0}
+
+
 def _forge_reply(address: bytes, request_id: int) -> int:  # pragma: no cover - child
     """0 if the forged answer went out, else its errno."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -365,6 +388,8 @@ def test_a_user_s_own_daemon_serves_them_and_others_who_name_it(
             refused, 69
         )
         assert ipcctl_root(socket_dir, "echo", "hi").returncode == 69
+        with Client(socket_dir, daemon_uid=owner.pw_uid) as client:  # the library's way to say it
+            assert client.echo(b"root") == b"root"
         named = ipcctl_as(fd_users.friend, socket_dir, "--daemon-uid", owner.pw_name, "echo", "--dgram", "hi")
         assert (named.returncode, named.stdout) == (0, "hi\n"), named.stderr
         monkeypatch.setenv("IPCD_DAEMON_UID", str(owner.pw_uid))
