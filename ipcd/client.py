@@ -10,8 +10,17 @@ Usage::
 
 Every failure is one of the exceptions below, each with a message fit to
 show a user: :class:`DaemonUnreachable` (no daemon listening),
-:class:`RequestTimeout`, :class:`ServerError` (the daemon refused, with its
-error code) and :class:`ConnectionLost`. Requests can be pipelined with
+:class:`UntrustedDaemon` (what listens may be an impostor: nothing was
+sent to it), :class:`RequestTimeout`, :class:`ServerError` (the daemon
+refused, with its error code) and :class:`ConnectionLost`.
+
+Before a client sends anything it checks that it talks to the daemon: the
+socket dir and every directory on the way to it can be changed only by
+root, the caller or the daemon's user (``lstat`` of each, symlinks followed
+by hand: :mod:`ipcd.safepath`), and the peer's uid (``SO_PEERCRED``; for
+datagrams the owner of the socket file) is root or the daemon's. The daemon's uid is ``daemon_uid``, or
+``$IPCD_DAEMON_UID``, or by default the socket dir's owner -- which must
+then be root or the caller. Requests can be pipelined with
 :meth:`Client.send` and :meth:`Client.receive`; posting many messages at
 once, with :meth:`Client.say_many` or an :class:`ipcd.posting.Poster`.
 """
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 import socket
 import time
 from collections import deque
@@ -29,7 +39,7 @@ from types import TracebackType
 from typing import Any, NamedTuple, Self
 
 from ipcd import fdpass
-from ipcd.paths import DGRAM_SOCKET, STREAM_SOCKET, default_socket_dir
+from ipcd.paths import DAEMON_UID_ENV, DGRAM_SOCKET, STREAM_SOCKET, default_socket_dir
 from ipcd.protocol import (
     NEED_DATA,
     ErrorCode,
@@ -45,6 +55,7 @@ from ipcd.protocol import (
     op_name,
     reply_op,
 )
+from ipcd.safepath import WRITABLE_BY_OTHERS, UnsafePath, check_path, describe_uid
 
 DEFAULT_TIMEOUT = 10.0
 _RECV_SIZE = 256 * 1024
@@ -62,6 +73,16 @@ class DaemonUnreachable(ClientError):
     def __init__(self, message: str, errno: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class UntrustedDaemon(ClientError):
+    """What listens at the socket path may not be the daemon: the way to it
+    can be changed by someone untrusted, or someone else serves it. Nothing
+    was sent. ``uid`` is the user to blame, when it is one user."""
+
+    def __init__(self, message: str, uid: int | None = None) -> None:
+        super().__init__(message)
+        self.uid = uid
 
 
 class RequestTimeout(ClientError):
@@ -118,6 +139,73 @@ def _unreachable(path: Path, exc: OSError) -> DaemonUnreachable:
     return DaemonUnreachable(f"cannot connect to {path}: {exc.strerror}; {hint}", exc.errno)
 
 
+def daemon_uid_from_env() -> int | None:
+    """``$IPCD_DAEMON_UID`` (a uid or a user name), if set."""
+    value = os.environ.get(DAEMON_UID_ENV, "")
+    if not value:
+        return None
+    if value.isdigit():
+        return int(value)
+    import pwd  # noqa: PLC0415 - only a name needs it (start-up time)
+
+    try:
+        return pwd.getpwnam(value).pw_uid
+    except KeyError:
+        raise ClientError(f"{DAEMON_UID_ENV}={value}: no such user; give a user name or a uid") from None
+
+
+class DaemonTrust:
+    """Whom a client takes for the daemon, found before it connects: the
+    uids that may serve its sockets (root and the daemon's user)."""
+
+    def __init__(self, socket_dir: Path, path: Path, daemon_uid: int | None) -> None:
+        if daemon_uid is None:
+            daemon_uid = daemon_uid_from_env()
+        self.named = daemon_uid is not None  # given, not the socket dir's owner
+        trusted = {0, os.geteuid()} if daemon_uid is None else {0, os.geteuid(), daemon_uid}
+        try:
+            st = check_path(str(socket_dir), trusted)
+            if st.st_mode & WRITABLE_BY_OTHERS:  # sticky or not: the daemon itself refuses it
+                raise UnsafePath(str(socket_dir), st, writable=True)
+        except UnsafePath as exc:
+            raise self._unsafe(path, exc, trusted) from None
+        except OSError as exc:
+            raise _unreachable(path, exc) from None
+        self.daemon_uid = st.st_uid if daemon_uid is None else daemon_uid
+        self.path = path
+
+    @staticmethod
+    def _unsafe(path: Path, exc: UnsafePath, trusted: set[int]) -> UntrustedDaemon:
+        if exc.writable:
+            return UntrustedDaemon(
+                f"cannot trust {path}: {exc.problem}, so {exc.who_could} could replace the daemon's "
+                f"sockets; ask its owner to run 'chmod go-w {exc.where}', or choose another --socket-dir"
+            )
+        others = sorted(trusted - {0, os.geteuid()})
+        whom = f"root, you or {describe_uid(others[0])}" if others else "root or you"
+        return UntrustedDaemon(
+            f"cannot trust {path}: {exc.problem}, not by {whom}: that user could put an impostor "
+            f"in the daemon's place; pass --daemon-uid {exc.owner} if you trust them, "
+            "or choose another --socket-dir",
+            exc.owner,
+        )
+
+    def allows(self, uid: int) -> bool:
+        return uid in (0, self.daemon_uid)
+
+    def refuse(self, uid: int, what: str = "served") -> UntrustedDaemon:
+        """The error for a peer (or socket file) of ``uid``, which :meth:`allows` not."""
+        expected = "root"
+        if self.daemon_uid:
+            source = "the --daemon-uid" if self.named else "the socket dir's owner"
+            expected = f"root or {describe_uid(self.daemon_uid)}, {source}"
+        return UntrustedDaemon(
+            f"{self.path} is {what} by {describe_uid(uid)}, not by {expected}; it may be an impostor, "
+            f"nothing was sent to it: pass --daemon-uid {uid} if you trust that user",
+            uid,
+        )
+
+
 class _Closing:
     """Context-manager plumbing both clients share."""
 
@@ -134,12 +222,21 @@ class _Closing:
 
 
 class Client(_Closing):
-    """One stream connection to the daemon."""
+    """One stream connection to the daemon; ``daemon_uid`` is whom to take
+    for it besides root (default: ``$IPCD_DAEMON_UID``, else the socket
+    dir's owner)."""
 
-    def __init__(self, socket_dir: str | Path | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        socket_dir: str | Path | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        daemon_uid: int | None = None,
+    ) -> None:
         self.socket_dir = Path(socket_dir) if socket_dir is not None else default_socket_dir()
         self.path = self.socket_dir / STREAM_SOCKET
         self.timeout = timeout
+        self.trust = DaemonTrust(self.socket_dir, self.path, daemon_uid)
         self._ids = itertools.count(1)
         self._decoder = FrameDecoder(max_frame_size=1 << 30)
         self._buffer: bytearray | None = None  # for reads, made on the first
@@ -157,6 +254,10 @@ class Client(_Closing):
         except OSError as exc:
             self.sock.close()
             raise _unreachable(self.path, exc) from None
+        peer = fdpass.peer_credentials(self.sock).uid
+        if not self.trust.allows(peer):
+            self.sock.close()
+            raise self.trust.refuse(peer)
 
     def close(self) -> None:
         super().close()
@@ -490,12 +591,29 @@ _EVENT_OPS: dict[int, str] = {Op.MESSAGE: "message", Op.PRIVATE: "private", Op.N
 
 class DatagramClient(_Closing):
     """Requests over dgram.sock; replies come to this socket's own
-    (autobound, abstract) address."""
+    (autobound, abstract) address. A datagram socket has no SO_PEERCRED:
+    the daemon is known by the owner of the socket file (who bound it),
+    checked before sending. Answers can come from nowhere else: the kernel
+    lets only the socket a datagram socket is connected to send to it
+    (others get EPERM)."""
 
-    def __init__(self, socket_dir: str | Path | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        socket_dir: str | Path | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        daemon_uid: int | None = None,
+    ) -> None:
         self.socket_dir = Path(socket_dir) if socket_dir is not None else default_socket_dir()
         self.path = self.socket_dir / DGRAM_SOCKET
         self.timeout = timeout
+        self.trust = DaemonTrust(self.socket_dir, self.path, daemon_uid)
+        try:
+            owner = os.lstat(self.path).st_uid
+        except OSError as exc:
+            raise _unreachable(self.path, exc) from None
+        if not self.trust.allows(owner):
+            raise self.trust.refuse(owner, "bound")
         self._ids = itertools.count(1)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind("")  # Linux autobind: a unique abstract address to be answered at

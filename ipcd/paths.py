@@ -17,6 +17,7 @@ STREAM_SOCKET: Final = "stream.sock"
 DGRAM_SOCKET: Final = "dgram.sock"
 LOCK_FILE: Final = ".lock"
 SOCKET_DIR_ENV: Final = "IPCD_SOCKET_DIR"
+DAEMON_UID_ENV: Final = "IPCD_DAEMON_UID"  # whom a client takes for the daemon besides root
 
 
 def default_socket_dir() -> Path:

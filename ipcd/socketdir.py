@@ -4,7 +4,11 @@ Theory of operation: /tmp is writable by everyone, so anyone may have made
 ``/tmp/ipcd`` first: as a symlink to somewhere we would then create files in,
 or as a directory they own and can swap our sockets out of. We refuse to use
 a directory that is a symlink, is owned by someone other than us or root, or
-is writable by group or others. Inside it, an exclusive ``flock`` on
+is writable by group or others; and, before creating anything, one whose
+parents someone else could change (:func:`ipcd.safepath.check_path`: from
+``/`` down, every directory is ours or root's and writable by nobody else
+unless it is sticky, like /tmp): whoever can write a parent can rename our
+directory away after we start and put their own in its place. Inside it, an exclusive ``flock`` on
 ``.lock`` (holding our pid) makes "already running" exact and race-free; a
 socket file left by a killed daemon is "stale" when nobody answers a connect,
 and is then replaced. We unlink on exit only the socket files we bound,
@@ -23,6 +27,8 @@ import stat
 from pathlib import Path
 from typing import Final
 
+from ipcd.safepath import UnsafePath, check_path, describe_uid
+
 _DIR_MODE: Final = 0o755
 
 
@@ -38,8 +44,10 @@ def _owner_name(uid: int) -> str:
 
 
 def prepare_socket_dir(path: Path, uid: int | None = None) -> None:
-    """Create ``path`` (mode 0755) if missing, then check it is safe to use."""
+    """Check the parents of ``path``, create it (mode 0755) if missing, then
+    check it is safe to use."""
     uid = os.geteuid() if uid is None else uid
+    check_parents(path, uid)
     try:
         os.mkdir(path, _DIR_MODE)
         os.chmod(path, _DIR_MODE)  # mkdir's mode is filtered by the umask
@@ -52,6 +60,28 @@ def prepare_socket_dir(path: Path, uid: int | None = None) -> None:
             f"cannot create socket dir {path}: permission denied; choose another --socket-dir"
         ) from None
     check_socket_dir(path, uid)
+
+
+def check_parents(path: Path, uid: int) -> None:
+    """Refuse a socket dir whose parents someone but root or ``uid`` could change."""
+    try:
+        check_path(str(path.parent), {0, uid})
+    except UnsafePath as exc:
+        if exc.writable:
+            advice = f"run 'chmod go-w {exc.where}' or choose another --socket-dir"
+        else:
+            whom = "root" if uid == 0 else f"root or {describe_uid(uid)}"
+            advice = f"choose a --socket-dir whose parents only {whom} can change"
+        raise SocketDirError(
+            f"socket dir {path} is unsafe: {exc.problem}, so {exc.who_could} could replace it; {advice}"
+        ) from None
+    except FileNotFoundError:
+        raise SocketDirError(f"cannot create socket dir {path}: its parent does not exist") from None
+    except OSError as exc:
+        raise SocketDirError(
+            f"cannot check the parents of socket dir {path}: {exc.strerror} ({exc.filename}); "
+            "choose another --socket-dir"
+        ) from None
 
 
 def check_socket_dir(path: Path, uid: int) -> None:

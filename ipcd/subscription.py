@@ -83,8 +83,10 @@ class Subscription:
         reconnect: bool = True,
         patience: float | None = None,
         on_status: StatusCallback | None = None,
+        daemon_uid: int | None = None,
     ) -> None:
         self.socket_dir = socket_dir
+        self.daemon_uid = daemon_uid  # whom to take for the daemon besides root (see Client)
         self.rooms = list(dict.fromkeys(rooms))
         self.nick = nick
         self._nick_chosen = nick is not None  # else the daemon's pick, which may go to another
@@ -167,7 +169,7 @@ class Subscription:
     def _subscribe(self, history: int, first: bool) -> Client:
         """A new connection with our nick, in our rooms; replayed history
         follows as events."""
-        client = Client(self.socket_dir, self.timeout)
+        client = Client(self.socket_dir, self.timeout, daemon_uid=self.daemon_uid)
         try:
             daemon_pid = int(client.status()["pid"])
             restarted = self._daemon_pid is not None and daemon_pid != self._daemon_pid

@@ -189,6 +189,7 @@ def listen(
         timeout=opts.timeout,
         reconnect=reconnect,
         on_status=status,
+        daemon_uid=opts.daemon_uid,
     )
     with subscription:
         while count is None or seen < count:

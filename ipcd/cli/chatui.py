@@ -494,7 +494,12 @@ def chat(opts: Options, room: str, nick: str | None, history: int) -> None:
     import asyncio  # noqa: PLC0415  (see run_terminal)
 
     subscription = Subscription(
-        opts.socket_dir, (), nick=nick, timeout=opts.timeout, patience=RECONNECT_PATIENCE
+        opts.socket_dir,
+        (),
+        nick=nick,
+        timeout=opts.timeout,
+        patience=RECONNECT_PATIENCE,
+        daemon_uid=opts.daemon_uid,
     )
     with subscription:
         session = ChatSession(subscription, _print_line, history)

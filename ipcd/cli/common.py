@@ -11,6 +11,7 @@ stderr, or with ``--json`` one object on one line of stderr::
 
 ``code`` is the daemon's error code name for a refusal (``NOT_FOUND``,
 ``PERMISSION_DENIED``, ...), or one of ``USAGE``, ``UNREACHABLE``,
+``UNTRUSTED`` (what listens may be an impostor: exit 69, nothing was sent),
 ``TIMED_OUT``, ``CONNECTION_LOST``, ``FAILED`` (a local failure, such as a
 file that cannot be opened) and ``EXEC_FAILED``. An interrupt (Ctrl-C) is
 not an error: it exits 130 and prints nothing more.
@@ -36,6 +37,7 @@ from ipcd.client import (
     DatagramClient,
     RequestTimeout,
     ServerError,
+    UntrustedDaemon,
 )
 from ipcd.protocol import ErrorCode
 
@@ -59,16 +61,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Options:
-    def __init__(self, socket_dir: Path, json_output: bool, timeout: float) -> None:
+    def __init__(
+        self, socket_dir: Path, json_output: bool, timeout: float, daemon_uid: int | None = None
+    ) -> None:
         self.socket_dir = socket_dir
         self.json = json_output
         self.timeout = timeout
+        self.daemon_uid = daemon_uid  # None: the socket dir's owner
 
     def client(self) -> Client:
-        return Client(self.socket_dir, self.timeout)
+        return Client(self.socket_dir, self.timeout, daemon_uid=self.daemon_uid)
 
     def datagram_client(self) -> DatagramClient:
-        return DatagramClient(self.socket_dir, self.timeout)
+        return DatagramClient(self.socket_dir, self.timeout, daemon_uid=self.daemon_uid)
 
     def emit(self, obj: dict[str, Any]) -> None:
         click.echo(json.dumps(obj, sort_keys=True))
@@ -117,6 +122,9 @@ def handles_errors(func: F) -> F:
             interrupted()
         except DaemonUnreachable as exc:
             fail(str(exc), EXIT_UNREACHABLE)
+        except UntrustedDaemon as exc:
+            # Not the daemon refusing: no daemon we may trust is reachable there.
+            fail(str(exc), EXIT_UNREACHABLE, "UNTRUSTED")
         except RequestTimeout as exc:
             fail(str(exc), EXIT_TIMEOUT)
         except ServerError as exc:

@@ -36,9 +36,10 @@ def _ask(
     """``(name, help)`` pairs from the daemon whose name starts with ``incomplete``."""
     from click.shell_completion import CompletionItem  # noqa: PLC0415 - only completion needs it
 
-    socket_dir = ctx.find_root().params.get("socket_dir") or default_socket_dir()
+    params = ctx.find_root().params
+    socket_dir = params.get("socket_dir") or default_socket_dir()
     try:
-        with Client(Path(socket_dir), TIMEOUT) as client:
+        with Client(Path(socket_dir), TIMEOUT, daemon_uid=params.get("daemon_uid")) as client:
             pairs = list(found(client))
     except Exception:  # whatever it is: see the module head, a completion fails silently
         return []

@@ -1,7 +1,7 @@
 """``ipcctl``: the command-line client of ipcd.
 
-Exit codes: 0 ok; 1 the daemon refused; 2 usage; 69 daemon unreachable;
-75 timed out. Errors are one line on stderr: what happened, what to do.
+Exit codes: 0 ok; 1 the daemon refused; 2 usage; 69 daemon unreachable
+(or untrusted: it may be an impostor); 75 timed out. Errors are one line on stderr: what happened, what to do.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ipcd.cli.common import (
 from ipcd.cli.lazygroup import LazyGroup
 from ipcd.cli.pingstats import PingStats
 from ipcd.client import RequestTimeout
-from ipcd.paths import DEFAULT_SOCKET_DIR, SOCKET_DIR_ENV
+from ipcd.paths import DAEMON_UID_ENV, DEFAULT_SOCKET_DIR, SOCKET_DIR_ENV
 
 # Commands in other modules, imported only when run (start-up time: see LazyGroup).
 LAZY_COMMANDS = {
@@ -41,6 +41,20 @@ LAZY_COMMANDS = {
     "rm": "ipcd.cli.handoffcmds:rm",
     "completion": "ipcd.cli.completion:completion",
 }
+
+
+def _daemon_uid(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """A user name or uid; the name is looked up only when one is given."""
+    if not value:
+        return None
+    if value.isdigit():
+        return int(value)
+    import pwd  # noqa: PLC0415 - start-up time: most calls give no name
+
+    try:
+        return pwd.getpwnam(value).pw_uid
+    except KeyError:
+        raise click.BadParameter(f"no such user: {value!r}; give a user name or a uid") from None
 
 
 @click.group(
@@ -68,12 +82,28 @@ LAZY_COMMANDS = {
     show_default=True,
     help="Seconds to wait for the daemon.",
 )
+@click.option(
+    "--daemon-uid",
+    metavar="USER",
+    envvar=DAEMON_UID_ENV,
+    show_envvar=True,
+    callback=_daemon_uid,
+    help="The user the daemon runs as (name or uid), besides root. "
+    "Default: the socket dir's owner, which must be root or you.",
+)
 @click.pass_context
-def cli(ctx: click.Context, socket_dir: Path, json_output: bool, timeout: float) -> None:
+def cli(
+    ctx: click.Context, socket_dir: Path, json_output: bool, timeout: float, daemon_uid: int | None
+) -> None:
     """Talk to the ipcd daemon.
 
-    Exit codes: 0 ok, 1 the daemon refused, 2 usage, 69 daemon unreachable,
-    75 timed out, 130 interrupted (Ctrl-C).
+    Exit codes: 0 ok, 1 the daemon refused, 2 usage, 69 daemon unreachable
+    (or what listens may be an impostor), 75 timed out, 130 interrupted (Ctrl-C).
+
+    Before sending anything, ipcctl checks that the socket dir and every
+    directory on the way to it can be changed only by root, you or the
+    daemon's user, and that the daemon's uid (from the kernel) is root or
+    --daemon-uid; otherwise it refuses (exit 69, code UNTRUSTED).
 
     Errors are one line on stderr. With --json (before or after the
     command), an error is one JSON object on one line of stderr instead:
@@ -82,9 +112,9 @@ def cli(ctx: click.Context, socket_dir: Path, json_output: bool, timeout: float)
       {"error": {"code": "NOT_FOUND", "exit_status": 1, "message": "..."}}
 
     where code is the daemon's error code (NOT_FOUND, PERMISSION_DENIED, ...)
-    or USAGE, UNREACHABLE, TIMED_OUT, CONNECTION_LOST, FAILED, EXEC_FAILED.
+    or USAGE, UNREACHABLE, UNTRUSTED, TIMED_OUT, CONNECTION_LOST, FAILED, EXEC_FAILED.
     """
-    ctx.obj = Options(socket_dir, json_output, timeout)
+    ctx.obj = Options(socket_dir, json_output, timeout, daemon_uid)
 
 
 @cli.command()

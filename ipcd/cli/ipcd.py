@@ -202,7 +202,13 @@ def status(pidfile: Path | None, socket_dir: Path | None) -> None:
     (for example permission denied on its socket)."""
     import errno  # noqa: PLC0415
 
-    from ipcd.client import Client, ClientError, DaemonUnreachable, RequestTimeout  # noqa: PLC0415
+    from ipcd.client import (  # noqa: PLC0415
+        Client,
+        ClientError,
+        DaemonUnreachable,
+        RequestTimeout,
+        UntrustedDaemon,
+    )
     from ipcd.daemonize import is_ipcd, read_pid  # noqa: PLC0415
 
     directory = socket_dir or default_socket_dir()
@@ -216,7 +222,9 @@ def status(pidfile: Path | None, socket_dir: Path | None) -> None:
             doc = client.status()
     except ClientError as exc:
         live = pid is not None and is_ipcd(pid)
-        if isinstance(exc, DaemonUnreachable) and exc.errno == errno.EACCES:
+        if isinstance(exc, UntrustedDaemon) or (
+            isinstance(exc, DaemonUnreachable) and exc.errno == errno.EACCES
+        ):
             owner = f" (pidfile {path} names a live ipcd, pid {pid})" if live else ""
             click.echo(f"ipcd status unknown{owner}: {exc}", err=True)
             sys.exit(STATUS_UNKNOWN)
