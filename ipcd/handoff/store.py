@@ -38,6 +38,7 @@ import dataclasses
 import errno
 import fcntl
 import logging
+import math
 import re
 import time
 from collections import Counter, deque
@@ -183,6 +184,8 @@ class Store:
         self.entries: dict[str, Entry] = {}
         self.charged: Counter[int] = Counter()  # stored fds per owner uid
         self.waiters: dict[str, deque[Waiter]] = {}
+        self._parked_by: Counter[Member] = Counter()  # waiters per connection: most closes have none
+        self._next_deadline = math.inf  # no waiter is due before this (may be early, never late)
         self.persist: SystemdPersistence | None = None  # keeps entries across restarts under systemd
         self._parsed: dict[bytes, Args] = {}  # see _PARSED_MAX
 
@@ -242,11 +245,17 @@ class Store:
             log.info("fd entry %r of uid %d expired (ttl); %d fds closed", name, entry.owner, len(entry.fds))
             fdpass.close_fds(entry.fds)
         out: list[Out] = []
+        if now < self._next_deadline:
+            return out  # no waiter is due: every one need not be looked at ten times a second
         emptied = False
+        self._next_deadline = math.inf
         for name, queue in list(self.waiters.items()):
+            for waiter in queue:
+                if waiter.deadline > now:
+                    self._next_deadline = min(self._next_deadline, waiter.deadline)
             for waiter in [w for w in queue if w.deadline <= now]:
                 queue.remove(waiter)
-                self.parked.release(waiter.sender.uid)
+                self._unpark(waiter)
                 out.append(
                     self._error(
                         waiter.sender, ErrorCode.TIMED_OUT, f"{name!r} was not put in time", waiter.op
@@ -260,7 +269,8 @@ class Store:
         return out
 
     def connection_gone(self, member: Member) -> None:
-        self._drop_waiters(lambda sender: (sender.worker, sender.conn) == member)
+        if member in self._parked_by:  # else nothing to look for among every waiter
+            self._drop_waiters(lambda sender: (sender.worker, sender.conn) == member)
 
     def worker_gone(self, worker: int) -> None:
         self._drop_waiters(lambda sender: sender.worker == worker)
@@ -273,7 +283,7 @@ class Store:
             kept: deque[Waiter] = deque()
             for waiter in queue:
                 if gone(waiter.sender):
-                    self.parked.release(waiter.sender.uid)
+                    self._unpark(waiter)
                 else:
                     kept.append(waiter)
             if kept:
@@ -303,6 +313,21 @@ class Store:
         self.charged.clear()
         self.waiters = {}
         self.parked.clear()
+        self._parked_by.clear()
+
+    def _park(self, name: str, waiter: Waiter) -> None:
+        self.waiters.setdefault(name, deque()).append(waiter)
+        self._next_deadline = min(self._next_deadline, waiter.deadline)
+        self.parked.charge(waiter.sender.uid)
+        self._parked_by[(waiter.sender.worker, waiter.sender.conn)] += 1
+
+    def _unpark(self, waiter: Waiter) -> None:
+        """A waiter left its queue (the caller removed it): its shares back."""
+        self.parked.release(waiter.sender.uid)
+        member = (waiter.sender.worker, waiter.sender.conn)
+        self._parked_by[member] -= 1
+        if self._parked_by[member] <= 0:
+            del self._parked_by[member]
 
     # -- helpers -----------------------------------------------------------
 
@@ -432,7 +457,7 @@ class Store:
         queue = self.waiters.get(entry.name)
         while queue:
             waiter = queue.popleft()
-            self.parked.release(waiter.sender.uid)
+            self._unpark(waiter)
             if not entry.allows(waiter.sender):
                 out.append(
                     self._error(
@@ -468,8 +493,7 @@ class Store:
                     ),
                 )
             deadline = time.monotonic() + min(float(wait), self.limits.max_wait)
-            self.waiters.setdefault(name, deque()).append(Waiter(sender, op, deadline))
-            self.parked.charge(sender.uid)
+            self._park(name, Waiter(sender, op, deadline))
             return
         if not entry.allows(sender):
             raise StoreError(ErrorCode.PERMISSION_DENIED, _denied(entry, sender))

@@ -163,3 +163,25 @@ def test_the_default_budget_at_scale_bounds_one_uid() -> None:
     store.connection_gone((1, 1))
     assert store.holdings() == {}
     assert store.waiters == {}
+
+
+def test_each_waiter_times_out_at_its_own_deadline(store: Store) -> None:
+    """The tick skips its scan until the earliest deadline: none is late for it."""
+    now = time.monotonic()
+    assert wait_for(store, sender(ATTACKER, request_id=1), "late", wait=60) == []
+    assert store.tick(now + 2) == []  # nothing due yet
+    assert wait_for(store, sender(ATTACKER, request_id=2), "soon", wait=1) == []  # due before the first
+    ((request_id, op, _),) = answers(store.tick(now + 2))
+    assert (request_id, op) == (2, Op.ERROR)
+    assert store.tick(now + 3) == []
+    ((request_id, op, _),) = answers(store.tick(now + 61))
+    assert (request_id, op) == (1, Op.ERROR)
+    assert store.holdings() == {}
+
+
+def test_a_connection_without_waiters_leaves_the_others_parked(store: Store) -> None:
+    park(store, ATTACKER, 2, conn=1)
+    store.connection_gone((1, 5))
+    store.connection_gone((2, 1))  # same connection id on another worker
+    assert store.holdings() == {ATTACKER: {"waiters": 2}}
+    assert len(store.waiters) == 2
