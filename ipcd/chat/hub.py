@@ -52,6 +52,7 @@ from json.encoder import encode_basestring
 from typing import Any, Final
 
 from ipcd.budgets import UidBudget
+from ipcd.chat.idlerooms import IdleRooms
 from ipcd.link.outbox import Deliveries, Outbox, Staged
 from ipcd.link.records import Answer, Out, Post, Sender, ServiceError
 from ipcd.protocol import (
@@ -137,12 +138,16 @@ class Room:
     members: dict[Member, Session] = dataclasses.field(default_factory=dict)
     workers: Counter[int] = dataclasses.field(default_factory=Counter)
     history: deque[Kept] = dataclasses.field(default_factory=deque)
-    last_used: float = dataclasses.field(default_factory=time.time)  # for eviction: order only
+    last_used: int = 0  # the hub's message count when it was created or last posted to: eviction order
     name_json: bytes = b""
     creator: int | None = None  # the uid its room budget is charged to (None: the lobby)
 
     def __post_init__(self) -> None:
         self.name_json = _json_string(self.name)
+
+    @property
+    def idle(self) -> bool:
+        return not self.members
 
 
 def newest_that_fit(sizes: Sequence[int], budget: int) -> int:
@@ -228,13 +233,14 @@ class Hub:
     def __init__(self, limits: Limits | None = None) -> None:
         self.created = UidBudget("rooms", 0, "--rooms-per-uid")  # rooms that exist, per creator uid
         self.joined = UidBudget("room memberships", 0, "--joins-per-uid")  # per member uid
+        self.idle = IdleRooms()  # which of its rooms a uid at its budget forgets first
         self.limits = limits or Limits()
         self.rooms: dict[str, Room] = {}
+        self.messages = 0  # room and private messages sent; also the rooms' eviction clock
         self._room(DEFAULT_ROOM, create=True)
         self.sessions: dict[Member, Session] = {}
         self.nicks: dict[str, Session] = {}
         self.private_seq = 0
-        self.messages = 0
         self._ts = (0.0, b"0.0")  # the last ts and its JSON (see _say)
 
     @property
@@ -328,7 +334,9 @@ class Hub:
             if not create:
                 raise ChatError(ErrorCode.NOT_FOUND, f"no room named {name!r}; join it to create it")
             if uid is not None and not self.created.admits(uid):
-                self._evict_idle_room(uid)
+                victim = self.idle.least_recently_used(uid, self.rooms)
+                if victim is not None:
+                    self._forget(victim)
                 if not self.created.admits(uid):
                     raise ChatError(
                         ErrorCode.LIMIT_EXCEEDED,
@@ -340,25 +348,26 @@ class Hub:
                 raise ChatError(
                     ErrorCode.LIMIT_EXCEEDED, f"the daemon holds {len(self.rooms)} rooms: its limit"
                 )
-            room = self.rooms[name] = Room(name, history=deque(maxlen=self.limits.history), creator=uid)
+            room = self.rooms[name] = Room(
+                name, history=deque(maxlen=self.limits.history), last_used=self.messages, creator=uid
+            )
             if uid is not None:
                 self.created.charge(uid)
+                self.idle.may_be_idle(room, self.rooms, self.created.limit_for(uid))  # a SAY's is
         return room
 
     def _forget(self, room: Room) -> None:
         del self.rooms[room.name]
         if room.creator is not None:
             self.created.release(room.creator)
+            if not self.created.held[room.creator]:
+                self.idle.forget(room.creator)
 
-    def _evict_idle_room(self, creator: int | None = None) -> None:
-        """At a room limit (the daemon's, or ``creator``'s own), forget the
-        least recently used room nobody is in (with its history), so posting
-        to new names cannot lock anyone out of creating rooms."""
-        idle = [
-            r
-            for r in self.rooms.values()
-            if not r.members and r.name != DEFAULT_ROOM and (creator is None or r.creator == creator)
-        ]
+    def _evict_idle_room(self) -> None:
+        """At the room limit, forget the least recently used room nobody is
+        in (with its history), so posting to new names cannot lock everyone
+        out of creating rooms."""
+        idle = [r for r in self.rooms.values() if not r.members and r.name != DEFAULT_ROOM]
         if idle:
             self._forget(min(idle, key=lambda r: r.last_used))
 
@@ -400,8 +409,11 @@ class Hub:
         if room.workers[member[0]] <= 0:
             del room.workers[member[0]]
         self._notice(room, event, session, out)
-        if not room.members and not room.history and room.name != DEFAULT_ROOM:
-            self._forget(room)
+        if not room.members and room.name != DEFAULT_ROOM:
+            if not room.history:
+                self._forget(room)
+            elif room.creator is not None:
+                self.idle.may_be_idle(room, self.rooms, self.created.limit_for(room.creator))
 
     # -- operations --------------------------------------------------------
 
@@ -500,13 +512,12 @@ class Hub:
             ts, ts_json = self._ts
             if now - ts >= _TS_STEP or now < ts:  # formatting a float is a good part of the cost
                 ts, ts_json = self._ts = (now, repr(now).encode())
-            room.last_used = ts
             seq = room.seq = room.seq + 1
             sender_json = session.nick_json if session is not None else user_name_json(uid, now)
             message = _MESSAGE % (sender_json, room.name_json, seq, text_json, ts_json, uid)
             frame = _PACK_HEAD(MAGIC, VERSION, Op.MESSAGE, 0, 0, 0, 0, len(message)) + message
             room.history.append((seq, frame))
-            self.messages += 1
+            room.last_used = self.messages = self.messages + 1
             frames.append(frame)
             frames_size += len(frame)
             reply = _SAY_REPLY % (room.name_json, seq, ts_json)

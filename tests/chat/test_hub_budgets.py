@@ -128,3 +128,36 @@ def test_a_reload_changes_the_budgets_and_keeps_what_is_held() -> None:
     sim.hub.limits = Limits(rooms_per_uid=1)
     assert sim.hub.holdings() == {ATTACKER: {"rooms": 3, "joins": 3}}
     refusal(conn, Op.JOIN, room="d")
+
+
+def test_the_room_forgotten_is_the_one_posted_to_least_recently() -> None:
+    sim = Sim(Limits(rooms_per_uid=3))
+    poster = sim.connect(W1, uid=ATTACKER)
+    for name in ("first", "second", "third"):
+        poster.say(name, "x")
+    poster.say("first", "again")  # now 'second' is the least recently used
+    poster.say("fourth", "x")
+    assert room_names(sim) == {DEFAULT_ROOM, "first", "third", "fourth"}
+    poster.join("third")
+    poster.call(Op.PART, room="third")  # idle again, used before 'first' was posted to
+    poster.say("fifth", "x")
+    assert room_names(sim) == {DEFAULT_ROOM, "first", "fourth", "fifth"}
+
+
+def test_joining_and_parting_over_and_over_keeps_the_eviction_order_bounded() -> None:
+    sim = Sim(Limits(rooms_per_uid=4))
+    conn = sim.connect(W1, uid=ATTACKER)
+    for name in ("a", "b", "c", "d"):
+        conn.say(name, "history")  # kept when its last member parts
+    for _ in range(50):
+        for name in ("a", "b", "c"):
+            conn.join(name)
+            conn.call(Op.PART, room=name)
+    assert len(sim.hub.idle._heaps[ATTACKER]) <= 2 * 4  # rebuilt, not grown without bound
+    conn.say("e", "x")  # 'a' was posted to first: joins and parts are no use of a room
+    assert room_names(sim) == {DEFAULT_ROOM, "b", "c", "d", "e"}
+    for name in ("b", "c", "d", "e"):
+        conn.join(name)
+    assert "--rooms-per-uid is 4 per uid" in refusal(conn, Op.SAY, room="f", text="x")
+    sim.close(conn)
+    assert sim.hub.holdings() == {ATTACKER: {"rooms": 4}}  # their history keeps them
