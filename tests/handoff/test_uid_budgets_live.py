@@ -29,7 +29,7 @@ from ipcd import fdpass
 from ipcd.client import Client, ServerError
 from ipcd.protocol import NEED_DATA, ErrorCode, Frame, Op, decode_error, encode_json
 from tests.daemon import Daemon, ipcctl, rss_kib
-from tests.handoff.users import FdLedger, FdUsers, StartDaemon, as_user, start_as
+from tests.handoff.users import FdLedger, FdUsers, StartDaemon, as_user, ipcctl_as, start_as
 
 pytest_plugins = ["tests.handoff.users"]
 
@@ -257,3 +257,24 @@ def test_one_uid_cannot_take_the_rooms_others_need(start_daemon: StartDaemon, fd
         # The lobby, b's warm-up room and b's rooms (kept for their history); a's are gone.
         assert daemon.status()["chat"]["rooms"] == 2 + 2 * (attack + 1)
     check_memory_returned(rss)
+
+
+def test_budgets_set_by_flag_and_what_ipcctl_says_past_one(
+    start_daemon: StartDaemon, fd_users: FdUsers
+) -> None:
+    daemon = start_daemon("--waiters-per-uid", "2", "--rooms-per-uid", "3", "--joins-per-uid", "5")
+    a, b = fd_users.other, fd_users.owner
+    limits = daemon.status()["limits"]
+    assert (limits["waiters_per_uid"], limits["rooms_per_uid"], limits["joins_per_uid"]) == (2, 3, 5)
+    with attacking(a, park_waiters, str(daemon.socket_dir), 1) as report:
+        assert sum(report["refusals"].values()) == CONNECTIONS - 2
+        refused = ipcctl_as(a, daemon.socket_dir, "get", "wanted", "--wait", "30")
+        assert refused.returncode == 1, refused
+        assert refused.stdout == ""
+        assert refused.stderr.splitlines() == [
+            f"ipcctl: the daemon refused: uid {a.pw_uid} holds 2 parked waiters, its limit (the daemon's "
+            "--waiters-per-uid is 2 per uid): 'wanted' is not stored yet; wait for fewer names at once, or "
+            "retry later (LIMIT_EXCEEDED)"
+        ]
+        outcome = as_user(b, served_meanwhile, str(daemon.socket_dir), "b-flagged")
+        assert outcome.ok, outcome
