@@ -283,10 +283,10 @@ def status(opts: Options) -> None:
     if holders:
         limits = doc.get("limits", {})
         click.echo(
-            "held per uid (budgets: "
+            "held per uid (budget of each: "
             f"{limits.get('rooms_per_uid', '?')} rooms, {limits.get('joins_per_uid', '?')} joins, "
-            f"{limits.get('waiters_per_uid', '?')} waiters, {limits.get('fd_quota', '?')} stored fds; "
-            f"root and the daemon's uid x{limits.get('privileged_budget_factor', '?')} but fds):"
+            f"{limits.get('waiters_per_uid', '?')} waiters, {limits.get('fd_quota', '?')} fds; "
+            f"root and the daemon's uid {limits.get('privileged_budget_factor', '?')}x that, fds excepted):"
         )
         click.echo(f"{'UID':>8}  {'USER':<16} {'ROOMS':>6} {'JOINS':>6} {'WAITERS':>8} {'FDS':>5}")
         for held in holders:
