@@ -153,6 +153,30 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "fd_quota", _positive_int, "Stored fds each uid may hold in the hand-off store (default 64).", "N"
     ),
     OptionSpec(
+        "waiters_per_uid",
+        _positive_int,
+        "GETs and TAKEs each uid may have waiting (--wait) for names not stored yet (default 1024).",
+        "N",
+    ),
+    OptionSpec(
+        "rooms_per_uid",
+        _positive_int,
+        "Chat rooms created by one uid that may exist at once, of the daemon's 10000 (default 1000).",
+        "N",
+    ),
+    OptionSpec(
+        "joins_per_uid",
+        _positive_int,
+        "Room memberships all of one uid's connections may hold together (default 1024).",
+        "N",
+    ),
+    OptionSpec(
+        "privileged_budget_factor",
+        _positive_int,
+        "Root and the daemon's own uid get this many times each per-uid budget above (default 4).",
+        "N",
+    ),
+    OptionSpec(
         "stop_timeout",
         _non_negative_float,
         "On stop, time workers get before they are killed (default 10).",
@@ -186,6 +210,10 @@ class Settings:
     rate_limit: float = 5000.0
     rooms_per_connection: int = 64
     fd_quota: int = 64
+    waiters_per_uid: int = 1024
+    rooms_per_uid: int = 1000
+    joins_per_uid: int = 1024
+    privileged_budget_factor: int = 4
     stop_timeout: float = 10.0
     worker_timeout: float = 30.0
     config_file: Path | None = None

@@ -29,6 +29,15 @@ slow-consumer bound through its own requests.
 
 Identity comes from the kernel (SO_PEERCRED / SCM_CREDENTIALS, forwarded by
 the worker): a message carries its sender's uid whatever nick they chose.
+
+Rooms are shared by all users, so each uid has two budgets
+(:class:`~ipcd.budgets.UidBudget`): the rooms it created that still exist
+(``rooms_per_uid``, a fraction of ``max_rooms``: no uid can fill the daemon's
+table) and the memberships its connections hold (``joins_per_uid``). Both
+are charged where a room is created or joined, never per message: a SAY
+pays only when it creates a room. A uid at its room budget first forgets
+its own least recently used room without members; only if all its rooms
+are in use is it refused.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ from collections.abc import Callable, Sequence
 from json.encoder import encode_basestring
 from typing import Any, Final
 
+from ipcd.budgets import UidBudget
+from ipcd.chat.idlerooms import IdleRooms
 from ipcd.link.outbox import Deliveries, Outbox, Staged
 from ipcd.link.records import Answer, Out, Post, Sender, ServiceError
 from ipcd.protocol import (
@@ -97,6 +108,9 @@ class Limits:
     rooms_per_connection: int = 64
     max_rooms: int = 10_000
     reply_budget: int = 1 << 20  # bytes of history per reply or replay: a quarter of --max-outbuf
+    rooms_per_uid: int = 1000  # rooms a uid created that still exist: a tenth of max_rooms
+    joins_per_uid: int = 1024  # memberships all of a uid's connections hold together
+    privileged_factor: int = 4  # root and the daemon's uid: this many times the per-uid budgets
 
 
 @dataclasses.dataclass(eq=False)
@@ -124,11 +138,16 @@ class Room:
     members: dict[Member, Session] = dataclasses.field(default_factory=dict)
     workers: Counter[int] = dataclasses.field(default_factory=Counter)
     history: deque[Kept] = dataclasses.field(default_factory=deque)
-    last_used: float = dataclasses.field(default_factory=time.time)  # for eviction: order only
+    last_used: int = 0  # the hub's message count when it was created or last posted to: eviction order
     name_json: bytes = b""
+    creator: int | None = None  # the uid its room budget is charged to (None: the lobby)
 
     def __post_init__(self) -> None:
         self.name_json = _json_string(self.name)
+
+    @property
+    def idle(self) -> bool:
+        return not self.members
 
 
 def newest_that_fit(sizes: Sequence[int], budget: int) -> int:
@@ -212,14 +231,29 @@ def _text(value: Any, limit: int) -> str:
 
 class Hub:
     def __init__(self, limits: Limits | None = None) -> None:
+        self.created = UidBudget("rooms", 0, "--rooms-per-uid")  # rooms that exist, per creator uid
+        self.joined = UidBudget("room memberships", 0, "--joins-per-uid")  # per member uid
+        self.idle = IdleRooms()  # which of its rooms a uid at its budget forgets first
         self.limits = limits or Limits()
         self.rooms: dict[str, Room] = {}
+        self.messages = 0  # room and private messages sent; also the rooms' eviction clock
         self._room(DEFAULT_ROOM, create=True)
         self.sessions: dict[Member, Session] = {}
         self.nicks: dict[str, Session] = {}
         self.private_seq = 0
-        self.messages = 0
         self._ts = (0.0, b"0.0")  # the last ts and its JSON (see _say)
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: Limits) -> None:
+        """New limits (a reload): the budgets follow; what is held stays held."""
+        self._limits = limits
+        for budget, limit in ((self.created, limits.rooms_per_uid), (self.joined, limits.joins_per_uid)):
+            budget.limit = limit
+            budget.privileged_factor = limits.privileged_factor
 
     # -- entry points ------------------------------------------------------
 
@@ -265,6 +299,15 @@ class Hub:
     def stats(self) -> dict[str, int]:
         return {"rooms": len(self.rooms), "chatters": len(self.sessions), "messages": self.messages}
 
+    def holdings(self) -> dict[int, dict[str, int]]:
+        """Per uid, what it holds here: rooms it created, memberships."""
+        held: dict[int, dict[str, int]] = {}
+        for uid, count in self.created.held.items():
+            held.setdefault(uid, {})["rooms"] = count
+        for uid, count in self.joined.held.items():
+            held.setdefault(uid, {})["joins"] = count
+        return held
+
     # -- sessions ----------------------------------------------------------
 
     def _session(self, sender: Sender) -> Session:
@@ -284,19 +327,41 @@ class Hub:
             self.nicks[nick] = session
         return session
 
-    def _room(self, name: str, create: bool) -> Room:
+    def _room(self, name: str, create: bool, uid: int | None = None) -> Room:
+        """The room, created if ``create`` (charged to ``uid``, None only for the lobby)."""
         room = self.rooms.get(name)
         if room is None:
             if not create:
                 raise ChatError(ErrorCode.NOT_FOUND, f"no room named {name!r}; join it to create it")
+            if uid is not None and not self.created.admits(uid):
+                victim = self.idle.least_recently_used(uid, self.rooms)
+                if victim is not None:
+                    self._forget(victim)
+                if not self.created.admits(uid):
+                    raise ChatError(
+                        ErrorCode.LIMIT_EXCEEDED,
+                        self.created.refusal(uid, f"{name!r} was not created; part rooms you no longer need"),
+                    )
             if len(self.rooms) >= self.limits.max_rooms:
                 self._evict_idle_room()
             if len(self.rooms) >= self.limits.max_rooms:
                 raise ChatError(
                     ErrorCode.LIMIT_EXCEEDED, f"the daemon holds {len(self.rooms)} rooms: its limit"
                 )
-            room = self.rooms[name] = Room(name, history=deque(maxlen=self.limits.history))
+            room = self.rooms[name] = Room(
+                name, history=deque(maxlen=self.limits.history), last_used=self.messages, creator=uid
+            )
+            if uid is not None:
+                self.created.charge(uid)
+                self.idle.may_be_idle(room, self.rooms, self.created.limit_for(uid))  # a SAY's is
         return room
+
+    def _forget(self, room: Room) -> None:
+        del self.rooms[room.name]
+        if room.creator is not None:
+            self.created.release(room.creator)
+            if not self.created.held[room.creator]:
+                self.idle.forget(room.creator)
 
     def _evict_idle_room(self) -> None:
         """At the room limit, forget the least recently used room nobody is
@@ -304,8 +369,7 @@ class Hub:
         out of creating rooms."""
         idle = [r for r in self.rooms.values() if not r.members and r.name != DEFAULT_ROOM]
         if idle:
-            victim = min(idle, key=lambda r: r.last_used)
-            del self.rooms[victim.name]
+            self._forget(min(idle, key=lambda r: r.last_used))
 
     # -- fan-out -----------------------------------------------------------
 
@@ -340,12 +404,16 @@ class Hub:
         if room.members.pop(member, None) is None:
             return
         session.rooms.discard(room.name)
+        self.joined.release(session.uid)
         room.workers[member[0]] -= 1
         if room.workers[member[0]] <= 0:
             del room.workers[member[0]]
         self._notice(room, event, session, out)
-        if not room.members and not room.history and room.name != DEFAULT_ROOM:
-            del self.rooms[room.name]
+        if not room.members and room.name != DEFAULT_ROOM:
+            if not room.history:
+                self._forget(room)
+            elif room.creator is not None:
+                self.idle.may_be_idle(room, self.rooms, self.created.limit_for(room.creator))
 
     # -- operations --------------------------------------------------------
 
@@ -376,12 +444,18 @@ class Hub:
                 ErrorCode.LIMIT_EXCEEDED,
                 f"a connection may join at most {self.limits.rooms_per_connection} rooms; part one first",
             )
-        room = self._room(name, create=True)
+        if name not in session.rooms and not self.joined.admits(session.uid):
+            raise ChatError(
+                ErrorCode.LIMIT_EXCEEDED,
+                self.joined.refusal(session.uid, "part rooms on your other connections, or close some"),
+            )
+        room = self._room(name, create=True, uid=session.uid)
         if name not in session.rooms:
             self._notice(room, "join", session, out)  # to the members already there
             room.members[session.member] = session
             room.workers[sender.worker] += 1
             session.rooms.add(name)
+            self.joined.charge(session.uid)
         replay, more = self._page(room, want_history, None)
         # The notice went before the reply (the joiner's worker indexes it only
         # from the reply on); the replay goes after it on the same ordered
@@ -427,7 +501,7 @@ class Hub:
                     out.to_room_many(room.name, room.workers, frames, frames_size)  # type: ignore[union-attr]
                     frames, frames_size = [], 0
                 try:
-                    room = rooms.get(name) or self._room(name, create=True)
+                    room = rooms.get(name) or self._room(name, create=True, uid=uid)
                 except ChatError as exc:
                     room = None
                     error = encode_frame(Op.ERROR, request_id, encode_error(exc.code, exc.message))
@@ -438,13 +512,12 @@ class Hub:
             ts, ts_json = self._ts
             if now - ts >= _TS_STEP or now < ts:  # formatting a float is a good part of the cost
                 ts, ts_json = self._ts = (now, repr(now).encode())
-            room.last_used = ts
             seq = room.seq = room.seq + 1
             sender_json = session.nick_json if session is not None else user_name_json(uid, now)
             message = _MESSAGE % (sender_json, room.name_json, seq, text_json, ts_json, uid)
             frame = _PACK_HEAD(MAGIC, VERSION, Op.MESSAGE, 0, 0, 0, 0, len(message)) + message
             room.history.append((seq, frame))
-            self.messages += 1
+            room.last_used = self.messages = self.messages + 1
             frames.append(frame)
             frames_size += len(frame)
             reply = _SAY_REPLY % (room.name_json, seq, ts_json)

@@ -6,6 +6,7 @@ Exit codes: 0 ok; 1 the daemon refused; 2 usage; 69 daemon unreachable
 
 from __future__ import annotations
 
+import pwd
 import time
 from pathlib import Path
 
@@ -278,6 +279,28 @@ def status(opts: Options) -> None:
             f"{w['pid']:>8}  {w['state']:<9} {w['connections']:>6} {_human_bytes(w['rss']):>10} "
             f"{w['received']:>9} {_human_duration(w['uptime']):>9}"
         )
+    holders = doc.get("uids")
+    if holders:
+        limits = doc.get("limits", {})
+        click.echo(
+            "held per uid (budget of each: "
+            f"{limits.get('rooms_per_uid', '?')} rooms, {limits.get('joins_per_uid', '?')} joins, "
+            f"{limits.get('waiters_per_uid', '?')} waiters, {limits.get('fd_quota', '?')} fds; "
+            f"root and the daemon's uid {limits.get('privileged_budget_factor', '?')}x that, fds excepted):"
+        )
+        click.echo(f"{'UID':>8}  {'USER':<16} {'ROOMS':>6} {'JOINS':>6} {'WAITERS':>8} {'FDS':>5}")
+        for held in holders:
+            click.echo(
+                f"{held['uid']:>8}  {_user_name(held['uid']):<16} {held['rooms']:>6} {held['joins']:>6} "
+                f"{held['waiters']:>8} {held['stored_fds']:>5}"
+            )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name[:16]
+    except KeyError:
+        return "-"
 
 
 def main() -> None:

@@ -18,6 +18,13 @@ rendezvous): waiters are served in order when it is put, and time out with
 TIMED_OUT. Expired entries (TTL) are closed. Like the chat hub, the store does
 no socket I/O: it returns the records to send.
 
+A parked waiter is master memory a client chose to spend, so each uid may
+park at most ``waiters_per_uid`` (:class:`~ipcd.budgets.UidBudget`), charged
+when it parks and released whichever way it leaves (served, refused, timed
+out, its connection or worker gone). The name's queue goes with its last
+waiter, and the table of queues is rebuilt once emptied, so what a flood of
+waits parked is given back when they leave.
+
 Every answer to a GET or TAKE (fds, refusal or time-out) is marked
 ``handout``: it frees the fd reservation the requester's worker made for
 it (ipcd.server.flow). A GET whose dups the kernel refuses (the master is
@@ -31,6 +38,7 @@ import dataclasses
 import errno
 import fcntl
 import logging
+import math
 import re
 import time
 from collections import Counter, deque
@@ -38,6 +46,7 @@ from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from ipcd import fdpass
+from ipcd.budgets import UidBudget
 from ipcd.handoff.fdinfo import describe
 from ipcd.handoff.persist import SystemdPersistence
 from ipcd.link.ops import ChannelOp
@@ -73,6 +82,8 @@ class StoreLimits:
     quota: int = 64  # stored fds per owner uid
     max_entry_fds: int = 16
     max_wait: float = 3600.0  # longest rendezvous wait, seconds
+    waiters_per_uid: int = 1024  # parked GETs/TAKEs with wait, per requester uid
+    privileged_factor: int = 4  # root and the daemon's uid: this many times the per-uid budgets
 
 
 class StoreError(ServiceError):
@@ -121,7 +132,7 @@ class Entry:
         }
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class Waiter:
     sender: Sender
     op: int
@@ -168,12 +179,26 @@ def _id_set(value: Any, what: str) -> frozenset[int]:
 
 class Store:
     def __init__(self, limits: StoreLimits | None = None) -> None:
+        self.parked = UidBudget("parked waiters", 0, "--waiters-per-uid")  # per requester uid
         self.limits = limits or StoreLimits()
         self.entries: dict[str, Entry] = {}
         self.charged: Counter[int] = Counter()  # stored fds per owner uid
         self.waiters: dict[str, deque[Waiter]] = {}
+        self._parked_by: Counter[Member] = Counter()  # waiters per connection: most closes have none
+        self._next_deadline = math.inf  # no waiter is due before this (may be early, never late)
         self.persist: SystemdPersistence | None = None  # keeps entries across restarts under systemd
         self._parsed: dict[bytes, Args] = {}  # see _PARSED_MAX
+
+    @property
+    def limits(self) -> StoreLimits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: StoreLimits) -> None:
+        """New limits (a reload): the budget follows; what is parked stays parked."""
+        self._limits = limits
+        self.parked.limit = limits.waiters_per_uid
+        self.parked.privileged_factor = limits.privileged_factor
 
     # -- entry points ------------------------------------------------------
 
@@ -220,9 +245,17 @@ class Store:
             log.info("fd entry %r of uid %d expired (ttl); %d fds closed", name, entry.owner, len(entry.fds))
             fdpass.close_fds(entry.fds)
         out: list[Out] = []
+        if now < self._next_deadline:
+            return out  # no waiter is due: every one need not be looked at ten times a second
+        emptied = False
+        self._next_deadline = math.inf
         for name, queue in list(self.waiters.items()):
+            for waiter in queue:
+                if waiter.deadline > now:
+                    self._next_deadline = min(self._next_deadline, waiter.deadline)
             for waiter in [w for w in queue if w.deadline <= now]:
                 queue.remove(waiter)
+                self._unpark(waiter)
                 out.append(
                     self._error(
                         waiter.sender, ErrorCode.TIMED_OUT, f"{name!r} was not put in time", waiter.op
@@ -230,30 +263,71 @@ class Store:
                 )
             if not queue:
                 del self.waiters[name]
+                emptied = True
+        if emptied:
+            self.waiters = dict(self.waiters)  # a dict never shrinks its table: a copy is sized to fit
         return out
 
     def connection_gone(self, member: Member) -> None:
-        self._drop_waiters(lambda sender: (sender.worker, sender.conn) == member)
+        if member in self._parked_by:  # else nothing to look for among every waiter
+            self._drop_waiters(lambda sender: (sender.worker, sender.conn) == member)
 
     def worker_gone(self, worker: int) -> None:
         self._drop_waiters(lambda sender: sender.worker == worker)
 
     def _drop_waiters(self, gone: Callable[[Sender], bool]) -> None:
-        for name, queue in list(self.waiters.items()):
-            kept = deque(w for w in queue if not gone(w.sender))
+        """Forget the waiters of a connection or worker that is gone (a new
+        table, sized to what is left)."""
+        waiters: dict[str, deque[Waiter]] = {}
+        for name, queue in self.waiters.items():
+            kept: deque[Waiter] = deque()
+            for waiter in queue:
+                if gone(waiter.sender):
+                    self._unpark(waiter)
+                else:
+                    kept.append(waiter)
             if kept:
-                self.waiters[name] = kept
-            else:
-                del self.waiters[name]
+                waiters[name] = kept
+        self.waiters = waiters
 
     def stats(self) -> dict[str, int]:
-        return {"entries": len(self.entries), "stored_fds": sum(len(e.fds) for e in self.entries.values())}
+        return {
+            "entries": len(self.entries),
+            "stored_fds": sum(len(e.fds) for e in self.entries.values()),
+            "waiters": sum(self.parked.held.values()),
+        }
+
+    def holdings(self) -> dict[int, dict[str, int]]:
+        """Per uid, what it holds here: stored fds (as owner) and parked waiters."""
+        held: dict[int, dict[str, int]] = {}
+        for uid, count in self.charged.items():
+            held.setdefault(uid, {})["stored_fds"] = count
+        for uid, count in self.parked.held.items():
+            held.setdefault(uid, {})["waiters"] = count
+        return held
 
     def close_all(self) -> None:
         for entry in self.entries.values():
             fdpass.close_fds(entry.fds)
         self.entries.clear()
         self.charged.clear()
+        self.waiters = {}
+        self.parked.clear()
+        self._parked_by.clear()
+
+    def _park(self, name: str, waiter: Waiter) -> None:
+        self.waiters.setdefault(name, deque()).append(waiter)
+        self._next_deadline = min(self._next_deadline, waiter.deadline)
+        self.parked.charge(waiter.sender.uid)
+        self._parked_by[(waiter.sender.worker, waiter.sender.conn)] += 1
+
+    def _unpark(self, waiter: Waiter) -> None:
+        """A waiter left its queue (the caller removed it): its shares back."""
+        self.parked.release(waiter.sender.uid)
+        member = (waiter.sender.worker, waiter.sender.conn)
+        self._parked_by[member] -= 1
+        if self._parked_by[member] <= 0:
+            del self._parked_by[member]
 
     # -- helpers -----------------------------------------------------------
 
@@ -383,6 +457,7 @@ class Store:
         queue = self.waiters.get(entry.name)
         while queue:
             waiter = queue.popleft()
+            self._unpark(waiter)
             if not entry.allows(waiter.sender):
                 out.append(
                     self._error(
@@ -409,8 +484,16 @@ class Store:
                 raise StoreError(ErrorCode.BAD_REQUEST, "wait must be a non-negative number of seconds")
             if not wait:
                 raise StoreError(ErrorCode.NOT_FOUND, f"nothing is stored as {name!r}; see 'ipcctl ls'")
+            if not self.parked.admits(sender.uid):
+                raise StoreError(
+                    ErrorCode.LIMIT_EXCEEDED,
+                    self.parked.refusal(
+                        sender.uid,
+                        f"{name!r} is not stored yet; wait for fewer names at once, or retry later",
+                    ),
+                )
             deadline = time.monotonic() + min(float(wait), self.limits.max_wait)
-            self.waiters.setdefault(name, deque()).append(Waiter(sender, op, deadline))
+            self._park(name, Waiter(sender, op, deadline))
             return
         if not entry.allows(sender):
             raise StoreError(ErrorCode.PERMISSION_DENIED, _denied(entry, sender))

@@ -40,7 +40,7 @@ from ipcd.server.hublink import HubLink
 from ipcd.server.loop import EventLoop
 from ipcd.server.pool import WorkerHandle, WorkerPool, WorkerState
 from ipcd.server.signals import SignalDispatcher
-from ipcd.server.status import build_status
+from ipcd.server.status import build_status, uid_holdings
 from ipcd.settings import Settings, SettingsError, reload_settings
 from ipcd.socketdir import BoundSocket, DaemonLock, SocketDirError, bind_socket, prepare_socket_dir
 from ipcd.systemd import Manager, take_passed_fds
@@ -60,6 +60,18 @@ def _chat_limits(settings: Settings) -> Limits:
         max_text=settings.max_message,
         rooms_per_connection=settings.rooms_per_connection,
         reply_budget=settings.reply_budget,
+        rooms_per_uid=settings.rooms_per_uid,
+        joins_per_uid=settings.joins_per_uid,
+        privileged_factor=settings.privileged_budget_factor,
+    )
+
+
+def _store_limits(settings: Settings) -> StoreLimits:
+    return StoreLimits(
+        quota=settings.fd_quota,
+        max_entry_fds=settings.max_fds,
+        waiters_per_uid=settings.waiters_per_uid,
+        privileged_factor=settings.privileged_budget_factor,
     )
 
 
@@ -101,7 +113,7 @@ class Master:
         self.exit_code = 0
         self.error: str | None = None
         self.hub = Hub(_chat_limits(settings))
-        self.store = ReplicatedStore(StoreLimits(quota=settings.fd_quota, max_entry_fds=settings.max_fds))
+        self.store = ReplicatedStore(_store_limits(settings))
         self.store.may_replicate = self._may_replicate
         self.hublink = HubLink(
             self.hub, self.store, self.loop, self._sync_channel, ChannelBudget.from_settings(settings)
@@ -429,6 +441,7 @@ class Master:
             status = build_status(self.settings, self.pool, self.started, self.started_wall)
             status["chat"] = self.hub.stats()
             status["store"] = self.store.stats()
+            status["uids"] = uid_holdings(self.hub.holdings(), self.store.holdings())
             try:
                 handle.channel.send(
                     ChannelOp.STATUS_RESULT, encode_json(status), request_id=record.request_id
@@ -484,7 +497,7 @@ class Master:
             log.warning("reload: %s only change on restart; kept as they were", ", ".join(kept))
         self.settings = fresh
         self.hub.limits = _chat_limits(fresh)
-        self.store.limits = StoreLimits(quota=fresh.fd_quota, max_entry_fds=fresh.max_fds)
+        self.store.limits = _store_limits(fresh)
         self.hublink.budget = ChannelBudget.from_settings(fresh)
         logging.getLogger("ipcd").setLevel(fresh.log_level.upper())
         log.info("reloading: starting %d new workers, draining the old ones", fresh.workers)

@@ -7,12 +7,25 @@ import time
 from typing import Any
 
 from ipcd import __version__
+from ipcd.chat.hub import Limits
 from ipcd.server.flow import MAX_CHANNEL_BACKLOG
 from ipcd.server.pool import WorkerHandle, WorkerPool
 from ipcd.services.chat import BURST_FACTOR, MAX_IN_FLIGHT
 from ipcd.settings import READ_BUFFER_SIZE, Settings
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+MAX_ROOMS = Limits.max_rooms
+HOLDINGS = ("rooms", "joins", "waiters", "stored_fds")  # what STATUS shows each uid holding
+
+
+def uid_holdings(*parts: dict[int, dict[str, int]]) -> list[dict[str, Any]]:
+    """Who holds what against the per-uid budgets: one object per uid that
+    holds anything, every count present (0 if none), uids in order."""
+    merged: dict[int, dict[str, int]] = {}
+    for part in parts:
+        for uid, held in part.items():
+            merged.setdefault(uid, {}).update(held)
+    return [{"uid": uid, **{k: merged[uid].get(k, 0) for k in HOLDINGS}} for uid in sorted(merged)]
 
 
 def rss_bytes(pid: int) -> int:
@@ -60,6 +73,12 @@ def limits(settings: Settings) -> dict[str, Any]:
         "channel_byte_budget": settings.channel_byte_budget,
         "max_channel_backlog": MAX_CHANNEL_BACKLOG,
         "fd_quota": settings.fd_quota,
+        "waiters_per_uid": settings.waiters_per_uid,
+        "rooms_per_uid": settings.rooms_per_uid,
+        "max_rooms": MAX_ROOMS,
+        "joins_per_uid": settings.joins_per_uid,
+        "privileged_budget_factor": settings.privileged_budget_factor,
+        "privileged_uids": sorted({0, os.geteuid()}),
         "send_timeout": settings.send_timeout,
         "idle_timeout": settings.idle_timeout,
     }

@@ -349,7 +349,8 @@ class FdLedger:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.workers = daemon.worker_pids()
-        assert daemon.status()["store"] == {"entries": 0, "stored_fds": 0}, (
+        store = daemon.status()["store"]
+        assert (store["entries"], store["stored_fds"], store["waiters"]) == (0, 0, 0), (
             "take the ledger on an empty store"
         )
         self._wait_idle()
