@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from ipcd.cli.common import fail
+from ipcd.protocol.fields import SECONDS_MAX
 
 
 class AtLeast(click.ParamType):  # type: ignore[type-arg]
@@ -44,6 +45,8 @@ class AtLeast(click.ParamType):  # type: ignore[type-arg]
             self.fail(f"{value!r} is not {what}", param, ctx)
         if not number >= self.minimum:  # also refuses nan
             self.fail(f"{value} is not {what} >= {self.minimum:g}", param, ctx)
+        if self.number is float and not number <= SECONDS_MAX:  # inf, or past what the daemon takes
+            self.fail(f"{value} is not {what} up to {SECONDS_MAX:.0f}", param, ctx)
         return number
 
 
