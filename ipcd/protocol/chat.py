@@ -34,8 +34,10 @@ def check_room(value: Any) -> str:
     return _check_name(value, "room", "room name", NAME_MAX, _ROOM_RE, "a letter or digit")
 
 
-def check_nick(value: Any) -> str:
-    return _check_name(value, "nick", "nick", NICK_MAX, _NICK_RE, "a letter or '_'")
+def check_nick(value: Any, field: str = "nick") -> str:
+    """A nick, in the field ``field`` (``to`` for MSG), named in the error."""
+    called = "nick" if field == "nick" else f"nick in {field!r}"
+    return _check_name(value, field, called, NICK_MAX, _NICK_RE, "a letter or '_'")
 
 
 def _check_name(value: Any, what: str, called: str, limit: int, pattern: re.Pattern[str], first: str) -> str:
