@@ -90,6 +90,23 @@ def test_fields_out_of_range_are_refused_and_others_served(daemon: Daemon) -> No
     baseline.assert_restored()
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--fd", "99999999999999999999"],
+        ["--backlog", "99999999999999999999", "--listen", "0"],
+        ["--allow-uid", "4294967295", "/dev/null"],
+        ["--allow-gid", str(10**30), "/dev/null"],
+    ],
+)
+def test_ipcctl_put_refuses_a_number_past_its_range_with_one_line(socket_dir: Path, args: list[str]) -> None:
+    """A 20-digit fd or backlog was an OverflowError traceback."""
+    done = ipcctl(socket_dir, "put", "x", *args)
+    assert done.returncode == 2, done
+    assert "Traceback" not in done.stderr
+    assert "up to" in done.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("seconds", [math.nan, math.inf, -1.0, 10**400])
 def test_the_client_library_refuses_a_wait_or_ttl_out_of_range_before_sending(
     daemon: Daemon, seconds: float
