@@ -109,11 +109,12 @@ def _world(tester_has_session: bool) -> tuple[Sim, Any]:
     return sim, tester
 
 
-def check_op(op: int, body: dict[str, Any], tester_has_session: bool) -> None:
+def check_op(op: int, body: dict[str, Any], tester_has_session: bool, by_datagram: bool = False) -> None:
     sim, tester = _world(tester_has_session)
     before = snapshot(sim.hub)
     raw = encode(body)
-    frame = tester.request(op, raw)  # any exception but an error reply fails the test
+    # Any exception but an error reply fails the test.
+    frame = sim.datagram(op, raw) if by_datagram else tester.request(op, raw)
     bad = bad_fields(op, body)
     if holds_raw(body) or bad:
         assert frame.op == Op.ERROR, f"accepted {raw[:200]!r}"
@@ -146,6 +147,13 @@ def _test(op: int) -> Any:
 
     test.__doc__ = f"{Op(op).name} bodies: refused out of range with nothing changed, else in range."
     return test
+
+
+@settings(max_examples=150, deadline=None)
+@given(body=body_of(FIELDS[Op.SAY], REQUIRED[Op.SAY]))
+def test_datagram_say_bodies(body: dict[str, Any]) -> None:
+    """SAY over the datagram socket: the same checks, by the worker that reads it."""
+    check_op(Op.SAY, body, tester_has_session=False, by_datagram=True)
 
 
 test_nick_bodies = _test(Op.NICK)
