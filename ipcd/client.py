@@ -52,6 +52,7 @@ from ipcd.protocol import (
     decode_record,
     encode_frame,
     encode_json,
+    fields,
     op_name,
     reply_op,
 )
@@ -60,6 +61,15 @@ from ipcd.safepath import WRITABLE_BY_OTHERS, UnsafePath, check_path, describe_u
 DEFAULT_TIMEOUT = 10.0
 _RECV_SIZE = 256 * 1024
 _CMSG_SPACE = fdpass.cmsg_space_for(fdpass.MAX_FDS)
+
+
+def _check_seconds(value: float, what: str, *, positive: bool) -> None:
+    """The daemon's rule for a seconds field, applied before sending: NaN or
+    inf would not even be JSON, and would break the socket timeout."""
+    try:
+        fields.seconds(value, what, 0.0, positive=positive)
+    except RemoteProtocolError as exc:
+        raise ValueError(exc.message) from None
 
 
 class ClientError(Exception):
@@ -498,6 +508,8 @@ class Client(_Closing):
         replace: bool = False,
     ) -> dict[str, Any]:
         """Store duplicates of ``fds`` under ``name`` (ours stay open)."""
+        if ttl is not None:
+            _check_seconds(ttl, "ttl", positive=True)
         args = {
             "name": name,
             "names": list(names) if names else None,
@@ -520,6 +532,7 @@ class Client(_Closing):
         return self._receive_fds(Op.TAKE, name, wait)
 
     def _receive_fds(self, op: Op, name: str, wait: float) -> Handoff:
+        _check_seconds(wait, "wait", positive=False)
         body = encode_json({"name": name, "wait": wait} if wait else {"name": name})
         previous = self.sock.gettimeout()
         if wait and previous is not None:  # settimeout is a syscall: only when it changes

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -36,15 +37,15 @@ def _positive_int(value: Any) -> int:
 
 def _non_negative_float(value: Any) -> float:
     number = float(value)
-    if number < 0:
-        raise ValueError("must not be negative")
+    if not 0 <= number < math.inf:  # also nan: STATUS shows settings as JSON, which has no nan or inf
+        raise ValueError("must be a finite number, not negative")
     return number
 
 
 def _positive_float(value: Any) -> float:
     number = float(value)
-    if not number > 0:
-        raise ValueError("must be more than 0")
+    if not 0 < number < math.inf:
+        raise ValueError("must be a finite number more than 0")
     return number
 
 

@@ -540,7 +540,7 @@ class Hub:
             out.answer(sender.worker, Answer(0, frame, dgram=sender.dgram))
 
     def _msg(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
-        target_nick = check_nick(args.get("to"))
+        target_nick = check_nick(args.get("to"), "to")
         text = _text(args.get("text"), self.limits.max_text)
         session = self._session(sender)
         target = self.nicks.get(target_nick)
@@ -581,13 +581,16 @@ class Hub:
         return {}, {"room": room_name, "members": members}
 
     def _topic(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
-        room = self._room(check_room(args.get("room", DEFAULT_ROOM)), create=False)
+        name = check_room(args.get("room", DEFAULT_ROOM))
         topic = args.get("topic")
+        if topic is not None and (
+            not isinstance(topic, str) or len(topic) > TOPIC_MAX or not _is_unicode(topic)
+        ):
+            raise ChatError(
+                ErrorCode.BAD_REQUEST, f"topic must be valid Unicode of at most {TOPIC_MAX} chars"
+            )
+        room = self._room(name, create=False)  # every field checked first: a bad one is BAD_REQUEST
         if topic is not None:
-            if not isinstance(topic, str) or len(topic) > TOPIC_MAX or not _is_unicode(topic):
-                raise ChatError(
-                    ErrorCode.BAD_REQUEST, f"topic must be valid Unicode of at most {TOPIC_MAX} chars"
-                )
             session = self._session(sender)
             if room.name not in session.rooms:
                 raise ChatError(ErrorCode.PERMISSION_DENIED, f"join {room.name!r} to set its topic")
@@ -596,9 +599,11 @@ class Hub:
         return {}, {"room": room.name, "topic": room.topic}
 
     def _history(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
-        room = self._room(check_room(args.get("room", DEFAULT_ROOM)), create=False)
+        name = check_room(args.get("room", DEFAULT_ROOM))
         count = check_count(args.get("count", self.limits.history), self.limits.history, "count")
-        page, more = self._page(room, count, check_cursor(args.get("before"), "before"))
+        before = check_cursor(args.get("before"), "before")
+        room = self._room(name, create=False)  # every field checked first: a bad one is BAD_REQUEST
+        page, more = self._page(room, count, before)
         head: dict[str, Any] = {"room": room.name, "more": more}
         if more:
             head["before"] = page[0][0]

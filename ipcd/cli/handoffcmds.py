@@ -30,6 +30,7 @@ from ipcd.cli import handoffparams, listeners
 from ipcd.cli.common import Options, fail, handles_errors, json_option, pass_options
 from ipcd.cli.completion import entry_names
 from ipcd.client import ClientError
+from ipcd.protocol.fields import ID_MAX
 
 _CHUNK = 1 << 16
 
@@ -45,6 +46,8 @@ def _gid(value: str) -> int:
 def _numeric_id(value: str, lookup: Callable[[str], int], what: str) -> int:
     """A number as given, or the id of the user or group named."""
     if value.isdigit():
+        if int(value) > ID_MAX:  # the daemon would refuse it; say so before connecting
+            raise click.BadParameter(f"{value} is not a {what} id: ids go up to {ID_MAX}")
         return int(value)
     try:
         return lookup(value)

@@ -21,15 +21,22 @@ from typing import Any
 import click
 
 from ipcd.cli.common import fail
+from ipcd.protocol.fields import SECONDS_MAX
+
+# The largest whole number an option takes: a C int (an fd, a backlog), so
+# that a number of 20 digits is a usage error, not an OverflowError.
+INT_OPTION_MAX = 2**31 - 1
 
 
 class AtLeast(click.ParamType):  # type: ignore[type-arg]
     """A number of at least ``minimum``, shown in --help by its metavar
-    (SECS, N) rather than click's FLOAT RANGE and [x>=0]."""
+    (SECS, N) rather than click's FLOAT RANGE and [x>=0]. Finite, and at
+    most what the daemon takes (seconds) or a C int holds (whole numbers)."""
 
     def __init__(self, number: type[int] | type[float], minimum: float, metavar: str) -> None:
         self.number = number
         self.minimum = minimum
+        self.maximum = SECONDS_MAX if number is float else INT_OPTION_MAX
         self.metavar = metavar
         self.name = metavar.lower()
 
@@ -44,6 +51,8 @@ class AtLeast(click.ParamType):  # type: ignore[type-arg]
             self.fail(f"{value!r} is not {what}", param, ctx)
         if not number >= self.minimum:  # also refuses nan
             self.fail(f"{value} is not {what} >= {self.minimum:g}", param, ctx)
+        if not number <= self.maximum:  # inf too
+            self.fail(f"{value} is not {what} up to {self.maximum:.0f}", param, ctx)
         return number
 
 

@@ -41,7 +41,8 @@ from collections import deque
 from collections.abc import Callable
 
 from ipcd import fdpass
-from ipcd.handoff.store import Entry, Store, StoreLimits, is_valid_name, may_use
+from ipcd.handoff.bodies import parse_get
+from ipcd.handoff.store import Entry, Store, StoreLimits, may_use
 from ipcd.link.ops import ChannelOp
 from ipcd.link.records import Answer, Out, Replica, Sender, Unreplica
 from ipcd.protocol import Op, RemoteProtocolError
@@ -275,11 +276,9 @@ def duplicates(fds: tuple[int, ...]) -> tuple[int, ...] | None:
 
 
 def _name_of(body: bytes) -> str | None:
-    """The name of a well-formed GET body (the store's rule); None for
-    anything else, which the master then answers with its own error."""
+    """The name of a well-formed GET body (the store's rules, every field);
+    None for anything else, which the master then answers with its own error."""
     try:
-        args = decode_json(body)
+        return parse_get(decode_json(body), 0.0).name
     except RemoteProtocolError:
         return None
-    name = args.get("name")
-    return str(name) if is_valid_name(name) else None

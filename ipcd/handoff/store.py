@@ -39,7 +39,6 @@ import errno
 import fcntl
 import logging
 import math
-import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterable
@@ -47,6 +46,7 @@ from typing import Any
 
 from ipcd import fdpass
 from ipcd.budgets import UidBudget
+from ipcd.handoff.bodies import check_name, parse_get, parse_put
 from ipcd.handoff.fdinfo import describe
 from ipcd.handoff.persist import SystemdPersistence
 from ipcd.link.ops import ChannelOp
@@ -64,15 +64,12 @@ from ipcd.protocol.messages import decode_json
 
 log = logging.getLogger("ipcd.master")
 
-NAME_MAX = 128
 OUT_OF_FDS = "the daemon is out of file descriptors; retry"
 # Parsed GET/TAKE bodies, by their bytes: a client asking for the same name
 # again sends the same few bytes, and parsing them was the largest part of
 # a GET's cost in the master. Bounded (emptied when full); handlers only read args.
 _PARSED_MAX = 256
 _PARSED_BODY_MAX = 512
-# No ':': an entry's name is also its fds' default LISTEN_FDNAMES, which ':' separates.
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@/-]*")
 Member = tuple[int, int]
 Args = dict[str, Any]
 
@@ -155,28 +152,6 @@ def may_use(
     return any(g in allow_gids for g in (gid, *groups)) if allow_gids else False
 
 
-def is_valid_name(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= NAME_MAX and _NAME_RE.fullmatch(value) is not None
-
-
-def _check_name(value: Any) -> str:
-    if not is_valid_name(value):
-        raise StoreError(
-            ErrorCode.BAD_REQUEST,
-            f"bad name {str(value)[:80]!r}: up to {NAME_MAX} letters, digits and _ . @ / -, "
-            "starting with a letter or digit",
-        )
-    return str(value)
-
-
-def _id_set(value: Any, what: str) -> frozenset[int]:
-    if value is None:
-        return frozenset()
-    if not isinstance(value, list) or not all(isinstance(v, int) and v >= 0 for v in value):
-        raise StoreError(ErrorCode.BAD_REQUEST, f"{what} must be a list of non-negative integers")
-    return frozenset(value)
-
-
 class Store:
     def __init__(self, limits: StoreLimits | None = None) -> None:
         self.parked = UidBudget("parked waiters", 0, "--waiters-per-uid")  # per requester uid
@@ -217,7 +192,7 @@ class Store:
                         ErrorCode.FDS_NOT_EXPECTED, f"only PUT carries fds; {len(fds)} were closed"
                     )
                 _HANDLERS[op](self, sender, args, out)
-        except StoreError as exc:
+        except (StoreError, RemoteProtocolError) as exc:  # the latter: a body field out of range
             out.append(self._error(sender, exc.code, exc.message, op))
         finally:
             fdpass.close_fds(fds)
@@ -228,10 +203,7 @@ class Store:
             args = self._parsed.get(body)
             if args is not None:
                 return args
-        try:
-            args = decode_json(body)
-        except RemoteProtocolError as exc:
-            raise StoreError(exc.code, exc.message) from None
+        args = decode_json(body)
         if op in HANDOUT_OPS and len(body) <= _PARSED_BODY_MAX:
             if len(self._parsed) >= _PARSED_MAX:
                 self._parsed.clear()
@@ -395,7 +367,6 @@ class Store:
 
     def _put(self, sender: Sender, args: dict[str, Any], fds: tuple[int, ...], out: list[Out]) -> None:
         try:
-            name = _check_name(args.get("name"))
             if not fds:
                 raise StoreError(ErrorCode.BAD_REQUEST, "PUT carries no fds: attach at least one")
             if len(fds) > self.limits.max_entry_fds:
@@ -403,21 +374,13 @@ class Store:
                     ErrorCode.LIMIT_EXCEEDED,
                     f"{len(fds)} fds in one entry; at most {self.limits.max_entry_fds}",
                 )
-            fd_names = args.get("names") or [name] * len(fds)
-            if (
-                not isinstance(fd_names, list)
-                or len(fd_names) != len(fds)
-                or not all(isinstance(n, str) and n and ":" not in n for n in fd_names)
-            ):
-                raise StoreError(ErrorCode.BAD_REQUEST, "names must list one name (no ':') per fd")
-            ttl = args.get("ttl")
-            if ttl is not None and (not isinstance(ttl, int | float) or isinstance(ttl, bool) or ttl <= 0):
-                raise StoreError(ErrorCode.BAD_REQUEST, "ttl must be a positive number of seconds")
+            request = parse_put(args, len(fds))  # every field checked before the store is looked at
+            name = request.name
             old = self.entries.get(name)
             if old is not None:
                 if sender.uid not in (old.owner, 0):
                     raise StoreError(ErrorCode.PERMISSION_DENIED, f"{name!r} belongs to uid {old.owner}")
-                if not args.get("replace"):
+                if not request.replace:
                     raise StoreError(
                         ErrorCode.EXISTS, f"{name!r} is already stored; use --replace to replace it"
                     )
@@ -433,13 +396,13 @@ class Store:
                 owner=sender.uid,
                 owner_gid=sender.gid,
                 fds=fds,
-                fd_names=tuple(fd_names),
-                allow_uids=_id_set(args.get("allow_uids"), "allow_uids"),
-                allow_gids=_id_set(args.get("allow_gids"), "allow_gids"),
-                public=bool(args.get("public")),
-                expires=None if ttl is None else time.monotonic() + float(ttl),
+                fd_names=request.fd_names,
+                allow_uids=request.allow_uids,
+                allow_gids=request.allow_gids,
+                public=request.public,
+                expires=None if request.ttl is None else time.monotonic() + request.ttl,
             )
-        except StoreError:
+        except (StoreError, RemoteProtocolError):
             fdpass.close_fds(fds)
             raise
         if old is not None:
@@ -476,12 +439,10 @@ class Store:
             del self.waiters[entry.name]
 
     def _get(self, sender: Sender, args: dict[str, Any], out: list[Out], op: int = Op.GET) -> None:
-        name = _check_name(args.get("name"))
+        request = parse_get(args, self.limits.max_wait)  # wait checked even if the name is stored
+        name, wait = request.name, request.wait
         entry = self.entries.get(name)
         if entry is None:
-            wait = args.get("wait") or 0
-            if not isinstance(wait, int | float) or isinstance(wait, bool) or wait < 0:
-                raise StoreError(ErrorCode.BAD_REQUEST, "wait must be a non-negative number of seconds")
             if not wait:
                 raise StoreError(ErrorCode.NOT_FOUND, f"nothing is stored as {name!r}; see 'ipcctl ls'")
             if not self.parked.admits(sender.uid):
@@ -492,8 +453,7 @@ class Store:
                         f"{name!r} is not stored yet; wait for fewer names at once, or retry later",
                     ),
                 )
-            deadline = time.monotonic() + min(float(wait), self.limits.max_wait)
-            self._park(name, Waiter(sender, op, deadline))
+            self._park(name, Waiter(sender, op, time.monotonic() + wait))
             return
         if not entry.allows(sender):
             raise StoreError(ErrorCode.PERMISSION_DENIED, _denied(entry, sender))
@@ -511,7 +471,7 @@ class Store:
         out.append(self._reply(sender, Op.LS, {"entries": visible, "quota": quota}))
 
     def _rm(self, sender: Sender, args: dict[str, Any], out: list[Out]) -> None:
-        name = _check_name(args.get("name"))
+        name = check_name(args.get("name"))
         entry = self.entries.get(name)
         if entry is None:
             raise StoreError(ErrorCode.NOT_FOUND, f"nothing is stored as {name!r}")

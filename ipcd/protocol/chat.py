@@ -14,6 +14,7 @@ from json.encoder import encode_basestring
 from typing import Any, Final, NamedTuple
 
 from ipcd.protocol.errors import RemoteProtocolError
+from ipcd.protocol.fields import integer
 from ipcd.protocol.messages import decode_json
 from ipcd.protocol.ops import ErrorCode
 
@@ -33,8 +34,10 @@ def check_room(value: Any) -> str:
     return _check_name(value, "room", "room name", NAME_MAX, _ROOM_RE, "a letter or digit")
 
 
-def check_nick(value: Any) -> str:
-    return _check_name(value, "nick", "nick", NICK_MAX, _NICK_RE, "a letter or '_'")
+def check_nick(value: Any, field: str = "nick") -> str:
+    """A nick, in the field ``field`` (``to`` for MSG), named in the error."""
+    called = "nick" if field == "nick" else f"nick in {field!r}"
+    return _check_name(value, field, called, NICK_MAX, _NICK_RE, "a letter or '_'")
 
 
 def _check_name(value: Any, what: str, called: str, limit: int, pattern: re.Pattern[str], first: str) -> str:
@@ -60,20 +63,14 @@ def check_text(value: Any, limit: int) -> str:
 
 
 def check_count(value: Any, limit: int, name: str) -> int:
-    if value is None:
-        return 0
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise _bad(f"{name} must be a non-negative integer")
-    return min(value, limit)
+    """A count of messages, 0 to INT_MAX (missing: 0); more than ``limit``
+    is cut to it, as documented, once it is known to be an integer."""
+    return min(integer(value, name, 0), limit)
 
 
 def check_cursor(value: Any, name: str) -> int | None:
     """A paging cursor: a sequence number, or None for "from the newest"."""
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise _bad(f"{name} must be a non-negative integer (a seq)")
-    return value
+    return None if value is None else integer(value, f"{name} (a seq)", 0)
 
 
 def parse_body(body: bytes) -> dict[str, Any]:

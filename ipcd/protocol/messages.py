@@ -13,6 +13,7 @@ is its text's size and the reply limits hold for non-Latin text too.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any, Final
 
@@ -24,7 +25,23 @@ _ERROR_HEAD: Final = struct.Struct("!H")
 # which cost the chat hub more than the encoding itself.
 _UTF8_JSON: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 _ASCII_JSON: Final = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
-_JSON_DECODER: Final = json.JSONDecoder()
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):  # 1e999: a literal JSON allows, but no finite number
+        raise ValueError(f"number {text[:40]} is out of range")
+    return number
+
+
+# Strict: Python's json reads NaN, Infinity and -Infinity by default, and a
+# literal such as 1e999 as inf. None of them is a number any field takes, so
+# no body may carry one: refused here, once, for every op and both sides.
+_JSON_DECODER: Final = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
 
 
 def encode_error(code: ErrorCode, message: str) -> bytes:
@@ -57,8 +74,9 @@ def decode_json(body: bytes) -> dict[str, Any]:
     """Parse a JSON-object body; anything else is the peer's protocol error."""
     try:
         obj = _JSON_DECODER.decode(body.decode("utf-8")) if body else {}
-    # ValueError covers UnicodeDecodeError and JSONDecodeError, and also an
-    # integer literal over sys.get_int_max_str_digits(); RecursionError is a
+    # ValueError covers UnicodeDecodeError and JSONDecodeError, NaN and the
+    # infinities, and also an integer literal over
+    # sys.get_int_max_str_digits(); RecursionError is a
     # deeply nested array or object. All are the peer's doing.
     except (ValueError, RecursionError) as exc:
         raise RemoteProtocolError(

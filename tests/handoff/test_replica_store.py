@@ -153,7 +153,16 @@ def test_a_worker_replica_finds_well_formed_get_bodies_only() -> None:
         replica.install(record, (os.dup(pipes.write_ends[0]),))
         assert replica.lookup(_body()) is not None
         assert replica.lookup(_body(wait=5)) is not None
-        for bad in (b"", b"[]", b"{", _body("bad name"), _body("other"), json.dumps({"name": 3}).encode()):
+        wrong_waits = [b'{"name":"e","wait":%s}' % w for w in (b"-1", b"NaN", b"1e999", b'"5"', b"true")]
+        for bad in (
+            b"",
+            b"[]",
+            b"{",
+            _body("bad name"),
+            _body("other"),
+            json.dumps({"name": 3}).encode(),
+            *wrong_waits,  # the master answers these BAD_REQUEST, so no copy may answer them
+        ):
             assert replica.lookup(bad) is None
             assert replica.lookup(bad) is None  # and again, from its cache
         replica.install(record, (os.dup(pipes.write_ends[0]),))  # a newer copy replaces the old

@@ -186,8 +186,9 @@ def test_bad_names_and_arguments_are_refused_and_their_fds_closed(start_daemon: 
             {"allow_uids": [-5]},
         ]
         for options in bad_args:
-            with Pipes(1) as pipes:
-                refused("BAD_REQUEST", client.put, "fine-name", pipes.write_ends, **options)
+            with Pipes(1) as pipes:  # as bytes: Client.put refuses a bad ttl before sending
+                body = encode_json({"name": "fine-name", **options})
+                refused("BAD_REQUEST", client.request, Op.PUT, body, pipes.write_ends)
                 pipes.drop_write_ends()
                 pipes.assert_closed_elsewhere()
         refused("BAD_REQUEST", client.put, "no-fds", [])

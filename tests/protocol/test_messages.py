@@ -125,7 +125,7 @@ def test_json_that_is_not_an_object_is_a_bad_request(body: bytes) -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
     max_leaves=10,
 )
@@ -135,6 +135,28 @@ json_values = st.recursive(
 @given(obj=st.dictionaries(st.text(), json_values, max_size=4))
 def test_json_round_trip_any_object(obj: dict[str, Any]) -> None:
     assert decode_json(encode_json(obj)) == obj
+
+
+@pytest.mark.parametrize(
+    "literal", [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999", b"1E400", b"123456789e999"]
+)
+@pytest.mark.parametrize("where", [b'{"wait":%s}', b'{"a":[1,{"b":%s}]}', b'{"x":1,"y":%s}'])
+def test_json_without_a_finite_number_is_refused_wherever_it_sits(literal: bytes, where: bytes) -> None:
+    """Python's json reads NaN, Infinity and 1e999 (as inf) by default: none
+    is a JSON number, and a NaN deadline never passes, so no body may hold one."""
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_json(where % literal)
+    assert info.value.code == ErrorCode.BAD_REQUEST
+    assert not info.value.fatal
+    assert literal.decode() in info.value.message
+
+
+def test_json_keeps_tiny_and_large_finite_numbers() -> None:
+    assert decode_json(b'{"a":1e-999,"b":1.7976931348623157e308,"c":-0.0}') == {
+        "a": 0.0,
+        "b": 1.7976931348623157e308,
+        "c": -0.0,
+    }
 
 
 @settings(max_examples=300, deadline=None)
