@@ -160,6 +160,20 @@ def peer_credentials(sock: socket.socket) -> Credentials:
     return Credentials(*_UCRED.unpack(raw))
 
 
+def fd_peer_credentials(fd: int) -> bytes:
+    """The raw SO_PEERCRED of the Unix stream socket ``fd`` (an accepted one
+    with no socket object of its own): one getsockopt, no ownership taken."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    finally:
+        sock.detach()
+
+
+def parse_credentials(raw: bytes) -> Credentials:
+    return Credentials(*_UCRED.unpack(raw))
+
+
 SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; Python lacks the constant
 
 
