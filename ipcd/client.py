@@ -310,10 +310,9 @@ class Client(_Closing):
             ) from None
         return request_id
 
-    def _parting_words(self) -> ClientError | None:
+    def _parting_words(self) -> ConnectionLost | None:
         """After the connection broke: the ERROR frame the daemon sent
-        before closing (why it cut us off, or refused the connection), if
-        one is buffered; the same error :meth:`wait_reply` would raise."""
+        before closing (why it cut us off), if one is buffered."""
         self.sock.setblocking(False)
         try:
             while True:
@@ -330,7 +329,8 @@ class Client(_Closing):
                     return None
                 fdpass.close_fds(event.fds)
                 if event.op == Op.ERROR and event.request_id == 0:
-                    return connection_error(event)
+                    code, message = decode_error(event.body)
+                    return ConnectionLost(message, code)
         except RemoteProtocolError:
             return None
         finally:

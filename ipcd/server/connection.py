@@ -210,7 +210,7 @@ class Connection:
             budget.release(uid, self.partial - buffered)
         self.partial = buffered
         if check and budget.held[uid] > budget.limit_for(uid):
-            self.cut_off(ErrorCode.LIMIT_EXCEEDED, budget.refusal(uid, PARTIAL_ADVICE))
+            self.cut_off(ErrorCode.OVER_BUDGET, budget.refusal(uid, PARTIAL_ADVICE))
 
     def _dispatch_decoded(self, decoder: FrameDecoder) -> None:
         """Dispatch the whole frames buffered in ``decoder`` until none is

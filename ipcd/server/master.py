@@ -365,7 +365,7 @@ class Master:
         if refusal is None:
             return creds
         try:
-            os.write(fd, encode_frame(Op.ERROR, 0, encode_error(ErrorCode.LIMIT_EXCEEDED, refusal)))
+            os.write(fd, encode_frame(Op.ERROR, 0, encode_error(ErrorCode.OVER_BUDGET, refusal)))
         except OSError:
             pass
         os.close(fd)

@@ -4,7 +4,7 @@ User "a" (``other``) opens connections past ``--connections-per-uid``, or
 holds an almost complete maximum-size frame on many connections past
 ``--partial-bytes-per-uid``; the daemon refuses the connections past the
 first budget and cuts off the connections whose reads pass the second,
-each with a LIMIT_EXCEEDED frame naming the budget. Meanwhile user "b"
+each with an OVER_BUDGET frame naming the budget. Meanwhile user "b"
 (``owner``) echoes (a large frame too), chats and hands an fd off. After
 "a" leaves, the daemon's fds are at their baseline and the workers' RSS
 within :data:`WORKER_RSS_TOLERANCE` of where it was before the attack.
@@ -24,7 +24,7 @@ import select
 import socket
 from typing import Any
 
-from ipcd.client import Client, ClientError, ServerError
+from ipcd.client import Client, ConnectionLost
 from ipcd.protocol import NEED_DATA, ErrorCode, FrameDecoder, Op, decode_error, encode_header
 from tests.daemon import Daemon, ipcctl, rss_kib
 from tests.handoff.test_uid_budgets_live import served_meanwhile, warm_up
@@ -63,7 +63,7 @@ def open_connections(socket_dir: str, count: int, ready_w: int, leave_r: int) ->
         client = Client(socket_dir, timeout=10)
         try:
             client.echo(f"a-{i}".encode())
-        except ServerError as exc:  # an ERROR with request id 0 and a code under 40: a refusal
+        except ConnectionLost as exc:  # OVER_BUDGET is fatal: the daemon closed it
             client.close()
             key = f"{exc.code_name}: {exc}"
             refusals[key] = refusals.get(key, 0) + 1
@@ -176,7 +176,7 @@ def test_one_uid_cannot_hold_every_connection(start_daemon: StartDaemon, fd_user
             data = os.read(ready_r, 1 << 20)
             assert data, f"the attacker failed: {pending.result(5)}"
             report = json.loads(data)
-            assert report == {"served": CONNECTION_BUDGET, "refusals": {f"LIMIT_EXCEEDED: {refusal}": 10}}
+            assert report == {"served": CONNECTION_BUDGET, "refusals": {f"OVER_BUDGET: {refusal}": 10}}
             held = daemon.settled_status(lambda s: (holdings_of(s, a.pw_uid) or {}).get("connections") == 40)
             assert holdings_of(held, a.pw_uid) == {
                 "uid": a.pw_uid,
@@ -189,7 +189,7 @@ def test_one_uid_cannot_hold_every_connection(start_daemon: StartDaemon, fd_user
             }
             refused = ipcctl_as(a, daemon.socket_dir, "echo", "hi")
             assert (refused.returncode, refused.stdout) == (1, ""), refused
-            assert refused.stderr.splitlines() == [f"ipcctl: the daemon refused: {refusal} (LIMIT_EXCEEDED)"]
+            assert refused.stderr.splitlines() == [f"ipcctl: the daemon refused: {refusal} (OVER_BUDGET)"]
             for round_ in range(2):
                 b_is_served(daemon, b, f"b-{attack}-{round_}")
             shown = ipcctl(daemon.socket_dir, "status")
@@ -223,7 +223,7 @@ def test_one_uid_cannot_fill_the_workers_with_partial_frames(
     ledger = FdLedger(daemon)
     rss = [worker_rss(daemon)]
     refusal = (
-        f"LIMIT_EXCEEDED: uid {a.pw_uid} holds {{}} bytes of partly received frames, its limit (the "
+        f"OVER_BUDGET: uid {a.pw_uid} holds {{}} bytes of partly received frames, its limit (the "
         f"daemon's --partial-bytes-per-uid is {PARTIAL_BUDGET} per uid in each worker): this connection "
         "is cut off; send each frame whole, on fewer connections at once"
     )
@@ -282,7 +282,8 @@ def test_one_uid_cannot_fill_the_workers_with_partial_frames(
 
 def test_a_client_error_names_the_connection_budget(start_daemon: StartDaemon, fd_users: FdUsers) -> None:
     """The library's view: the refused connection's first request raises
-    ConnectionLost with the daemon's reason and code; b is not affected."""
+    ConnectionLost with the daemon's reason and its code, whether the client
+    met the close while sending or while reading; b is not affected."""
     daemon = start_daemon("--connections-per-uid", "1")
     a, b = fd_users.other, fd_users.owner
 
@@ -291,16 +292,16 @@ def test_a_client_error_names_the_connection_budget(start_daemon: StartDaemon, f
             first.echo(b"first")
             try:
                 second.echo(b"second")
-            except ClientError as exc:
-                return getattr(exc, "code_name", None), str(exc)
+            except ConnectionLost as exc:
+                return exc.code_name, str(exc)
             return None, "served"
 
     outcome = as_user(a, second_connection, str(daemon.socket_dir))
     assert outcome.ok, outcome
     assert outcome.value == (
-        "LIMIT_EXCEEDED",
+        "OVER_BUDGET",
         f"uid {a.pw_uid} holds 1 connections, its limit (the daemon's --connections-per-uid is 1 per "
         "uid): close some of your connections, or retry later",
     )
-    outcome = as_user(b, lambda d: Client(d, timeout=10).echo(b"b"), str(daemon.socket_dir))
-    assert outcome.value == b"b"
+    outcome = as_user(b, echo_large, str(daemon.socket_dir))
+    assert outcome.value == FRAME - 16 - 4096
