@@ -341,19 +341,19 @@ class Master:
             except OSError as exc:
                 self._accept_failed(exc)
                 return
-            creds = self._admit(fd)
-            if creds is None:
+            admitted = self._admit(fd)
+            if admitted is None:
                 continue
             # The channel owns the fd from here on and closes it once sent.
-            taken = pool.pass_connection(fd, target, creds)
+            taken = pool.pass_connection(fd, target, admitted[0])
             if taken is None:
                 log.error("no worker runs to take a connection; closed it")
             else:
-                self.connections.passed(taken.pid, fdpass.parse_credentials(creds).uid)
+                self.connections.passed(taken.pid, admitted[1])
 
-    def _admit(self, fd: int) -> bytes | None:
-        """The peer's raw credentials if its uid is under its connection
-        budget; else tell it why (best effort: a fresh socket's buffer takes
+    def _admit(self, fd: int) -> tuple[bytes, int] | None:
+        """The peer's raw credentials and uid if the uid is under its
+        connection budget; else tell it why (best effort: a fresh socket's buffer takes
         one small frame) and close ``fd``."""
         try:
             creds = fdpass.fd_peer_credentials(fd)
@@ -363,7 +363,7 @@ class Master:
         uid = fdpass.parse_credentials(creds).uid
         refusal = self.connections.admit(uid)
         if refusal is None:
-            return creds
+            return creds, uid
         try:
             os.write(fd, encode_frame(Op.ERROR, 0, encode_error(ErrorCode.OVER_BUDGET, refusal)))
         except OSError:
