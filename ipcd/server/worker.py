@@ -85,6 +85,7 @@ class Worker:
         self.stats = WorkerStats()
         self.read_buffer = bytearray(READ_BUFFER_SIZE)
         self.read_view = memoryview(self.read_buffer)
+        self.read_buffers = [self.read_buffer]  # recvmsg_into's argument, made once
         self.pause_threshold = settings.pause_threshold
         self.max_frame_size = settings.max_frame_size
         self.cmsg_space = fdpass.cmsg_space_for(settings.max_fds)
