@@ -300,6 +300,11 @@ class Worker:
         self.stats.received += 1
         self._load_dirty = True
         self.loop.add_reader(sock, conn.on_event)
+        # A client writes its first request right after connect, and the
+        # master's accept and pass take longer than that: the request is
+        # nearly always queued already. Reading now saves the wake-up epoll
+        # would cost for it (an EAGAIN if it is not there yet).
+        conn.on_event(selectors.EVENT_READ)
 
     def connection_closed(self, conn: Connection, reason: str | None) -> None:
         self.connections.pop(conn.id, None)
