@@ -310,15 +310,10 @@ class Master:
         # for each connection (the fd is passed on at once); close-on-exec
         # as socket.accept() makes it.
         accept = self.stream.sock._accept  # type: ignore[attr-defined]
+        if not pool.can_take():
+            self._backed_up()
+            return
         for _ in range(_ACCEPT_BATCH):
-            target = pool.choose()
-            if target is None:
-                # Every channel is backed up: leave the rest in the kernel's
-                # backlog (it pushes back on clients) rather than accept
-                # what no worker can take now; the loop resumes accepting
-                # once a channel drains (see _sync_accepting).
-                self._sync_accepting()
-                return
             try:
                 fd, _ = accept()
             except BlockingIOError:
@@ -326,9 +321,22 @@ class Master:
             except OSError as exc:
                 self._accept_failed(exc)
                 return
-            # The channel owns the fd from here on and closes it once sent.
-            if pool.pass_connection(fd, target) is None:
+            # Some channel was clear before this accept and only the last
+            # pass can have changed that, so the pool's choice is a clear
+            # one. The channel owns the fd from here on, closes it once sent.
+            handle = pool.pass_connection(fd)
+            if handle is None:
                 log.error("no worker runs to take a connection; closed it")
+            if (handle is None or not pool.is_clear(handle)) and not pool.can_take():
+                self._backed_up()
+                return
+
+    def _backed_up(self) -> None:
+        """Every channel is backed up: leave the rest in the kernel's backlog
+        (it pushes back on clients) rather than accept what no worker can
+        take now; the loop resumes accepting once a channel drains (see
+        _sync_accepting)."""
+        self._sync_accepting()
 
     def _accept_failed(self, exc: OSError) -> None:
         """Out of fds (EMFILE/ENFILE) or memory: the listener stays readable,
