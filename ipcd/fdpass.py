@@ -136,6 +136,19 @@ def recv_into_with_fds(
     return ReceivedInto(nbytes, fds, truncated, creds, address or None, bool(flags & _TRUNC))
 
 
+def recv_stream_into(
+    sock: socket.socket, buffers: list[bytearray], maxfds: int, cmsg_space: int
+) -> tuple[int, tuple[int, ...], bool]:
+    """(bytes read, fds, whether fds were truncated): a stream read into a
+    caller's reusable ``[buffer]``, as :func:`recv_into_with_fds` does it,
+    for the read of every client request (no record built, no list made)."""
+    nbytes, ancdata, flags, _ = sock.recvmsg_into(buffers, cmsg_space, _CLOEXEC)
+    if not ancdata and not flags & _CTRUNC:
+        return nbytes, (), False  # the common case
+    fds, _, truncated = _take_ancillary(ancdata, flags, maxfds)
+    return nbytes, fds, truncated
+
+
 def send_with_fds(
     sock: socket.socket,
     buffers: Sequence[bytes | bytearray | memoryview],

@@ -17,6 +17,7 @@ fd: fds that must be dropped are handed back to the caller, which owns them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Final
 
@@ -31,6 +32,8 @@ MESSAGE_MAX: Final = 256 << 20  # a reassembled message larger than this is refu
 def fragment(op: int, request_id: int, body: bytes, nfds: int = 0) -> list[bytes]:
     """The records of one message, in order; the first declares ``nfds``
     (send the fds with it), the others none."""
+    if not body and not request_id:
+        return [bare_record(op, nfds)]
     if len(body) <= FRAGMENT:  # nearly every message: one record
         return [encode_frame(op, request_id, body, nfds=nfds)]
     pieces = [body[i : i + FRAGMENT] for i in range(0, len(body), FRAGMENT)]
@@ -39,6 +42,13 @@ def fragment(op: int, request_id: int, body: bytes, nfds: int = 0) -> list[bytes
         encode_frame(op, request_id, piece, nfds=nfds if index == 0 else 0, flags=MORE if index < last else 0)
         for index, piece in enumerate(pieces)
     ]
+
+
+@functools.cache
+def bare_record(op: int, nfds: int = 0) -> bytes:
+    """The record of a message with no body and no request id (a passed
+    connection, a heartbeat): always the same bytes, so encoded once."""
+    return encode_frame(op, 0, b"", nfds=nfds)
 
 
 def unbatch(body: bytes, fds: tuple[int, ...] = ()) -> list[Frame]:

@@ -172,29 +172,30 @@ class Connection:
     def _read(self) -> None:
         worker = self.worker
         try:
-            got = fdpass.recv_into_with_fds(
-                self.sock, worker.read_buffer, worker.settings.max_fds, worker.cmsg_space
+            nbytes, fds, truncated = fdpass.recv_stream_into(
+                self.sock, worker.read_buffers, worker.settings.max_fds, worker.cmsg_space
             )
         except BlockingIOError:
             return
         except OSError as exc:
             self.close(f"read failed: {exc.strerror}")
             return
-        if not got.nbytes and not got.fds:
+        if not nbytes and not fds:
             self._on_eof()
             return
-        self.last_read = worker.now
-        view = worker.read_view
+        self.last_read = worker.loop.now
         start = 0
         decoder = self.decoder
-        if not got.fds and not got.truncated and (decoder is None or decoder.idle):
-            start = self._echo_fast_path(worker.read_buffer, got.nbytes)
-            if start == got.nbytes:
-                self._after_read()
+        if not fds and not truncated and (decoder is None or decoder.idle):
+            start = self._echo_fast_path(worker.read_buffer, nbytes)
+            if start == nbytes:
+                if self._out is not None or self.closed:
+                    self._after_read()
+                # else all answered and sent at once: the interest stands as it was
                 return
         if decoder is None:
             decoder = self.decoder = FrameDecoder(worker.settings.max_frame_size)
-        decoder.receive_data(view[start : got.nbytes], got.fds, got.truncated)
+        decoder.receive_data(worker.read_view[start:nbytes], fds, truncated)
         self._dispatch_decoded(decoder)
         if decoder.buffered != self.partial and not self.closed:
             self._charge_partial(decoder.buffered, check=True)
@@ -257,7 +258,7 @@ class Connection:
                 self.close(f"write failed: {exc.strerror}")
                 return nbytes
             if sent == len(reply):
-                self.last_progress = worker.now
+                self.last_progress = worker.loop.now
                 return sent
             self._head_started = sent > 0  # the queue starts mid-frame: a cut-off keeps it whole
             self.send_frame(bytes(reply[sent:]))

@@ -325,15 +325,10 @@ class Master:
         # for each connection (the fd is passed on at once); close-on-exec
         # as socket.accept() makes it.
         accept = self.stream.sock._accept  # type: ignore[attr-defined]
+        if not pool.can_take():
+            self._backed_up()
+            return
         for _ in range(_ACCEPT_BATCH):
-            target = pool.choose()
-            if target is None:
-                # Every channel is backed up: leave the rest in the kernel's
-                # backlog (it pushes back on clients) rather than accept
-                # what no worker can take now; the loop resumes accepting
-                # once a channel drains (see _sync_accepting).
-                self._sync_accepting()
-                return
             try:
                 fd, _ = accept()
             except BlockingIOError:
@@ -344,17 +339,29 @@ class Master:
             admitted = self._admit(fd)
             if admitted is None:
                 continue
-            # The channel owns the fd from here on and closes it once sent.
-            taken = pool.pass_connection(fd, target, admitted[0])
-            if taken is None:
+            # Some channel was clear before this accept and only the last
+            # pass can have changed that, so the pool's choice is a clear
+            # one. The channel owns the fd from here on, closes it once sent.
+            handle = pool.pass_connection(fd, creds=admitted[0])
+            if handle is None:
                 log.error("no worker runs to take a connection; closed it")
             else:
-                self.connections.passed(taken.pid, admitted[1])
+                self.connections.passed(handle.pid, admitted[1])
+            if (handle is None or not pool.is_clear(handle)) and not pool.can_take():
+                self._backed_up()
+                return
+
+    def _backed_up(self) -> None:
+        """Every channel is backed up: leave the rest in the kernel's backlog
+        (it pushes back on clients) rather than accept what no worker can
+        take now; the loop resumes accepting once a channel drains (see
+        _sync_accepting)."""
+        self._sync_accepting()
 
     def _admit(self, fd: int) -> tuple[bytes, int] | None:
         """The peer's raw credentials and uid if the uid is under its
-        connection budget; else tell it why (best effort: a fresh socket's buffer takes
-        one small frame) and close ``fd``."""
+        connection budget; else tell it why (best effort: a fresh socket's
+        buffer takes one small frame) and close ``fd``."""
         try:
             creds = fdpass.fd_peer_credentials(fd)
         except OSError:

@@ -204,7 +204,7 @@ class WorkerPool:
         return [w for w in self.workers.values() if w.state is WorkerState.RUNNING and w.channel_open]
 
     @staticmethod
-    def _clear(handle: WorkerHandle) -> bool:
+    def is_clear(handle: WorkerHandle) -> bool:
         """Running, and nothing queued for it: it may be handed a connection now."""
         return handle.state is WorkerState.RUNNING and handle.channel_open and not handle.channel.has_backlog
 
@@ -216,7 +216,7 @@ class WorkerPool:
         best: WorkerHandle | None = None
         best_key = (0, 0)
         for handle in self.workers.values():
-            if self._clear(handle):
+            if self.is_clear(handle):
                 key = (handle.connections, handle.passed)
                 if best is None or key < best_key:
                     best, best_key = handle, key
@@ -225,7 +225,7 @@ class WorkerPool:
     def can_take(self) -> bool:
         """Whether :meth:`choose` would find a worker (asked once per loop
         pass, so it skips the load comparison)."""
-        return any(self._clear(handle) for handle in self.workers.values())
+        return any(self.is_clear(handle) for handle in self.workers.values())
 
     def pass_connection(
         self, fd: int, handle: WorkerHandle | None = None, creds: bytes = b""

@@ -89,6 +89,7 @@ class Worker:
         self.stats = WorkerStats()
         self.read_buffer = bytearray(READ_BUFFER_SIZE)
         self.read_view = memoryview(self.read_buffer)
+        self.read_buffers = [self.read_buffer]  # recvmsg_into's argument, made once
         self.pause_threshold = settings.pause_threshold
         self.max_frame_size = settings.max_frame_size
         self.cmsg_space = fdpass.cmsg_space_for(settings.max_fds)
@@ -327,6 +328,11 @@ class Worker:
         self.stats.received += 1
         self._load_dirty = True
         self.loop.add_reader(sock, conn.on_event)
+        # A client writes its first request right after connect, and the
+        # master's accept and pass take longer than that: the request is
+        # nearly always queued already. Reading now saves the wake-up epoll
+        # would cost for it (an EAGAIN if it is not there yet).
+        conn.on_event(selectors.EVENT_READ)
 
     def connection_closed(self, conn: Connection, reason: str | None) -> None:
         self.connections.pop(conn.id, None)

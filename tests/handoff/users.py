@@ -25,6 +25,7 @@ it in ``pytest_plugins``, so the session's users are made once): fixtures
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import grp
 import io
 import os
@@ -98,6 +99,12 @@ def ensure_users() -> FdUsers:
     return users
 
 
+# Every pytest session that uses the users holds this lock shared; a session
+# removes the users it made only if it can then take it alone, so one
+# session's teardown never deletes them under another's running tests.
+_USERS_LOCK = Path("/run/ipcd-test-users.lock")
+
+
 def remove_created() -> None:
     """userdel/groupdel what :func:`ensure_users` made, users first."""
     for kind, name in sorted(_created, key=lambda item: item[0] != "user"):
@@ -107,11 +114,19 @@ def remove_created() -> None:
 
 @pytest.fixture(scope="session")
 def fd_users() -> Iterator[FdUsers]:
-    """Session-wide users; removed at the end only if this session made them."""
-    try:
-        yield ensure_users()
-    finally:
-        remove_created()
+    """Session-wide users; removed at the end only if this session made them
+    and no other session is using them (then they are left for it)."""
+    with open(_USERS_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        try:
+            yield ensure_users()
+        finally:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _created.clear()  # another session still runs tests as them
+            else:
+                remove_created()
 
 
 StartDaemon = Callable[..., Daemon]

@@ -51,6 +51,16 @@ def test_records_fit_the_receive_buffer_and_only_the_last_lacks_more() -> None:
     assert fragment(0x23, 0, b"") == [encode_frame(0x23, 0, b"")]
 
 
+def test_bodiless_records_are_encoded_once_and_stay_exact() -> None:
+    """A passed connection (no body, one fd) is the same record every time:
+    it is encoded once, and must still declare its fds and carry no id."""
+    for op, request_id, nfds in [(0x23, 0, 1), (0x23, 0, 0), (0x24, 5, 1), (0x25, 0, 3)]:
+        first = fragment(op, request_id, b"", nfds)
+        assert first == fragment(op, request_id, b"", nfds) == [encode_frame(op, request_id, b"", nfds=nfds)]
+        frame = decode_record(first[0], tuple(range(nfds)), max_frame_size=1 << 20)
+        assert (frame.op, frame.request_id, len(frame.fds), frame.body) == (op, request_id, nfds, b"")
+
+
 def test_fds_on_a_later_fragment_are_handed_back_to_close() -> None:
     first, second = records_of(0x26, 1, b"y" * (FRAGMENT + 1), ())
     reassembler = Reassembler()
