@@ -367,7 +367,7 @@ class Master:
         except OSError:
             os.close(fd)
             return None
-        uid = fdpass.parse_credentials(creds).uid
+        uid = fdpass.credentials_uid(creds)
         refusal = self.connections.admit(uid)
         if refusal is None:
             return creds, uid

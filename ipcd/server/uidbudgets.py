@@ -110,7 +110,7 @@ class ConnectionLedger:
         return True
 
     def passed(self, worker: int, uid: int) -> None:
-        self.budget.charge(uid)
+        self.budget.held[uid] += 1  # charge(), inline: this runs on every accept
         held = self._by_worker.get(worker)
         if held is None:
             held = self._by_worker[worker] = Counter()
