@@ -21,8 +21,12 @@ import json
 import os
 import pwd
 import select
+import signal
 import socket
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from ipcd.client import Client, ConnectionLost
 from ipcd.protocol import NEED_DATA, ErrorCode, FrameDecoder, Op, decode_error, encode_header
@@ -287,15 +291,6 @@ def test_a_client_error_names_the_connection_budget(start_daemon: StartDaemon, f
     daemon = start_daemon("--connections-per-uid", "1")
     a, b = fd_users.other, fd_users.owner
 
-    def second_connection(socket_dir: str) -> tuple[str | None, str]:
-        with Client(socket_dir, timeout=10) as first, Client(socket_dir, timeout=10) as second:
-            first.echo(b"first")
-            try:
-                second.echo(b"second")
-            except ConnectionLost as exc:
-                return exc.code_name, str(exc)
-            return None, "served"
-
     outcome = as_user(a, second_connection, str(daemon.socket_dir))
     assert outcome.ok, outcome
     assert outcome.value == (
@@ -305,3 +300,37 @@ def test_a_client_error_names_the_connection_budget(start_daemon: StartDaemon, f
     )
     outcome = as_user(b, echo_large, str(daemon.socket_dir))
     assert outcome.value == FRAME - 16 - 4096
+
+
+def second_connection(socket_dir: str) -> tuple[str | None, str]:
+    """Hold one connection, echo on a second: the second's fate."""
+    with Client(socket_dir, timeout=10) as first, Client(socket_dir, timeout=10) as second:
+        first.echo(b"first")
+        try:
+            second.echo(b"second")
+        except ConnectionLost as exc:
+            return exc.code_name, str(exc)
+        return None, "served"
+
+
+def test_the_budgets_come_from_config_and_environment_and_change_on_reload(
+    start_daemon: StartDaemon, fd_users: FdUsers, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = short_tmp / "ipcd.toml"
+    config.write_text('connections-per-uid = 5\npartial-bytes-per-uid = "8M"\n')
+    monkeypatch.setenv("IPCD_PARTIAL_BYTES_PER_UID", "2M")  # the environment wins over the file
+    daemon = start_daemon("--config", str(config))
+    limits = daemon.status()["limits"]
+    assert (limits["connections_per_uid"], limits["partial_bytes_per_uid"]) == (5, 2 << 20)
+    a = fd_users.other
+    assert as_user(a, second_connection, str(daemon.socket_dir)).value == (None, "served")
+
+    config.write_text("connections-per-uid = 1\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.settled_status(lambda s: s["limits"]["connections_per_uid"] == 1)
+    outcome = as_user(a, second_connection, str(daemon.socket_dir))
+    assert outcome.value == (
+        "OVER_BUDGET",
+        f"uid {a.pw_uid} holds 1 connections, its limit (the daemon's --connections-per-uid is 1 per "
+        "uid): close some of your connections, or retry later",
+    )
