@@ -149,17 +149,23 @@ def _unreachable(path: Path, exc: OSError) -> DaemonUnreachable:
     return DaemonUnreachable(f"cannot connect to {path}: {exc.strerror}; {hint}", exc.errno)
 
 
+def uid_of(user: str) -> int:
+    """A uid given as digits or a user name (looked up only then: start-up
+    time). Raises KeyError for an unknown name."""
+    if user.isdigit():
+        return int(user)
+    import pwd  # noqa: PLC0415 - only a name needs it
+
+    return pwd.getpwnam(user).pw_uid
+
+
 def daemon_uid_from_env() -> int | None:
     """``$IPCD_DAEMON_UID`` (a uid or a user name), if set."""
     value = os.environ.get(DAEMON_UID_ENV, "")
     if not value:
         return None
-    if value.isdigit():
-        return int(value)
-    import pwd  # noqa: PLC0415 - only a name needs it (start-up time)
-
     try:
-        return pwd.getpwnam(value).pw_uid
+        return uid_of(value)
     except KeyError:
         raise ClientError(f"{DAEMON_UID_ENV}={value}: no such user; give a user name or a uid") from None
 

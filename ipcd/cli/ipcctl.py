@@ -25,7 +25,7 @@ from ipcd.cli.common import (
 )
 from ipcd.cli.lazygroup import LazyGroup
 from ipcd.cli.pingstats import PingStats
-from ipcd.client import RequestTimeout
+from ipcd.client import RequestTimeout, uid_of
 from ipcd.paths import DAEMON_UID_ENV, DEFAULT_SOCKET_DIR, SOCKET_DIR_ENV
 
 # Commands in other modules, imported only when run (start-up time: see LazyGroup).
@@ -48,12 +48,8 @@ def _daemon_uid(ctx: click.Context, param: click.Parameter, value: str | None) -
     """A user name or uid; the name is looked up only when one is given."""
     if not value:
         return None
-    if value.isdigit():
-        return int(value)
-    import pwd  # noqa: PLC0415 - start-up time: most calls give no name
-
     try:
-        return pwd.getpwnam(value).pw_uid
+        return uid_of(value)
     except KeyError:
         raise click.BadParameter(f"no such user: {value!r}; give a user name or a uid") from None
 

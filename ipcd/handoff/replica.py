@@ -33,8 +33,6 @@ each worker holds (``replicas``) decides whom a removal waits for.
 from __future__ import annotations
 
 import dataclasses
-import errno
-import fcntl
 import itertools
 import logging
 from collections import deque
@@ -42,7 +40,7 @@ from collections.abc import Callable
 
 from ipcd import fdpass
 from ipcd.handoff.bodies import parse_get
-from ipcd.handoff.store import Entry, Store, StoreLimits, may_use
+from ipcd.handoff.store import Entry, Store, StoreLimits, duplicates, may_use
 from ipcd.link.ops import ChannelOp
 from ipcd.link.records import Answer, Out, Replica, Sender, Unreplica
 from ipcd.protocol import Op, RemoteProtocolError
@@ -258,21 +256,6 @@ class WorkerReplica:
             gid,
             groups() if record.allow_gids else (),
         )
-
-
-def duplicates(fds: tuple[int, ...]) -> tuple[int, ...] | None:
-    """A copy of each of ``fds``, or None (and none left open) when the
-    process is out of fds: the caller then lets the master answer."""
-    copies: list[int] = []
-    try:
-        for fd in fds:
-            copies.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3))
-    except OSError as exc:
-        fdpass.close_fds(copies)
-        if exc.errno not in (errno.EMFILE, errno.ENFILE):
-            raise
-        return None
-    return tuple(copies)
 
 
 def _name_of(body: bytes) -> str | None:

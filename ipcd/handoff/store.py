@@ -484,23 +484,29 @@ class Store:
         out.append(self._reply(sender, Op.RM, {"name": name, "count": len(entry.fds)}))
 
 
-def _copies(fds: tuple[int, ...]) -> tuple[int, ...]:
-    """Duplicates of ``fds`` for one GET: the channel closes what it is
-    given once sent, the entry keeps its own. All or none: if the kernel
-    refuses one (out of fds), the ones made are closed again."""
+def duplicates(fds: tuple[int, ...]) -> tuple[int, ...] | None:
+    """A copy of each of ``fds`` (close-on-exec), all or none: None when the
+    process is out of fds, with the copies made closed again."""
     copies: list[int] = []
     try:
         for fd in fds:
             copies.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3))
     except OSError as exc:
         fdpass.close_fds(copies)
-        if exc.errno in (errno.EMFILE, errno.ENFILE):
-            log.warning(
-                "a GET could not be served: %s (%d of %d fds duplicated)", exc.strerror, len(copies), len(fds)
-            )
-            raise StoreError(ErrorCode.UNAVAILABLE, OUT_OF_FDS) from None
-        raise
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        return None
     return tuple(copies)
+
+
+def _copies(fds: tuple[int, ...]) -> tuple[int, ...]:
+    """Duplicates of ``fds`` for one GET: the channel closes what it is
+    given once sent, the entry keeps its own. Out of fds: UNAVAILABLE."""
+    copies = duplicates(fds)
+    if copies is None:
+        log.warning("a GET could not be served: out of fds (%d fds to duplicate)", len(fds))
+        raise StoreError(ErrorCode.UNAVAILABLE, OUT_OF_FDS)
+    return copies
 
 
 def _denied(entry: Entry, sender: Sender) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ipcd.handoff.replica import duplicates
+from ipcd.handoff.store import duplicates
 from ipcd.protocol import Frame, Op, encode_frame
 
 if TYPE_CHECKING:

@@ -10,7 +10,8 @@ import resource
 import time
 
 from ipcd import fdpass
-from ipcd.handoff.replica import ReplicatedStore, WorkerReplica, duplicates
+from ipcd.handoff.replica import ReplicatedStore, WorkerReplica
+from ipcd.handoff.store import duplicates
 from ipcd.link.ops import ChannelOp
 from ipcd.link.records import Answer, Out, Replica, Sender, Unreplica
 from ipcd.protocol import Op, decode_record, reply_op
