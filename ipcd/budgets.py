@@ -33,6 +33,7 @@ class UidBudget:
     privileged_factor: int = 1  # root and the daemon's uid get this many times ``limit``
     privileged: frozenset[int] = dataclasses.field(default_factory=lambda: frozenset({0, os.geteuid()}))
     held: Counter[int] = dataclasses.field(default_factory=Counter)
+    scope: str = "per uid"  # what one limit covers, for messages ("per uid in each worker")
 
     def limit_for(self, uid: int) -> int:
         return self.limit * self.privileged_factor if uid in self.privileged else self.limit
@@ -44,7 +45,7 @@ class UidBudget:
         """The one-line reason a request past the budget is refused."""
         return (
             f"uid {uid} holds {self.held[uid]} {self.what}, its limit (the daemon's "
-            f"{self.setting} is {self.limit_for(uid)} per uid): {advice}"
+            f"{self.setting} is {self.limit_for(uid)} {self.scope}): {advice}"
         )
 
     def charge(self, uid: int, count: int = 1) -> None:

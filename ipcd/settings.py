@@ -172,6 +172,20 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "N",
     ),
     OptionSpec(
+        "connections_per_uid",
+        _positive_int,
+        "Connections one uid may hold open at once (default 4096, or an eighth of what the workers' "
+        "fd limit lets them hold if that is less).",
+        "N",
+    ),
+    OptionSpec(
+        "partial_bytes_per_uid",
+        _size,
+        "Bytes of partly received frames one uid's connections may hold in each worker; the read "
+        "past it cuts its connection off (default 16M).",
+        "BYTES",
+    ),
+    OptionSpec(
         "privileged_budget_factor",
         _positive_int,
         "Root and the daemon's own uid get this many times each per-uid budget above (default 4).",
@@ -214,6 +228,8 @@ class Settings:
     waiters_per_uid: int = 1024
     rooms_per_uid: int = 1000
     joins_per_uid: int = 1024
+    connections_per_uid: int = 0  # 0: not set, see ipcd.server.uidbudgets.connection_limit
+    partial_bytes_per_uid: int = 16 << 20
     privileged_budget_factor: int = 4
     stop_timeout: float = 10.0
     worker_timeout: float = 30.0

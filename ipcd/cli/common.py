@@ -132,6 +132,8 @@ def handles_errors(func: F) -> F:
                 fail(f"timed out: {exc.message}", EXIT_TIMEOUT)
             fail(f"the daemon refused: {exc.message} ({exc.code_name})", EXIT_REFUSED, exc.code_name)
         except ConnectionLost as exc:
+            if exc.code == ErrorCode.OVER_BUDGET:  # a refusal that closes: its message says what to do
+                fail(f"the daemon refused: {exc} ({exc.code_name})", EXIT_REFUSED, exc.code_name)
             # A reload's notice already says what to do (reconnect); others do not.
             advice = "" if "reconnect" in str(exc) else "; retry, and check the daemon's log if it persists"
             fail(f"{exc}{advice}", EXIT_UNREACHABLE, exc.code_name or "CONNECTION_LOST")

@@ -7,7 +7,7 @@ import enum
 
 class ChannelOp(enum.IntEnum):
     # master -> worker
-    CONN = 0x20  # one accepted stream connection, as the record's fd
+    CONN = 0x20  # one accepted stream connection, as the record's fd; body: its raw SO_PEERCRED
     DRAIN = 0x21  # finish current connections, take no new ones, then exit
     STOP = 0x22  # close everything now and exit
     HEARTBEAT = 0x23

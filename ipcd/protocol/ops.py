@@ -95,6 +95,7 @@ class ErrorCode(enum.IntEnum):
     IDLE_TIMEOUT = 41
     SHUTTING_DOWN = 42
     OVERLOADED = 43
+    OVER_BUDGET = 44  # the uid's connections, or partial frames, past its budget (ipcd.server.uidbudgets)
 
     INTERNAL = 50
 

@@ -53,6 +53,7 @@ from ipcd.protocol import (
     encode_frame,
 )
 from ipcd.protocol.fastpath import ECHO_PREFIX, reflect_plain_run
+from ipcd.server.uidbudgets import PARTIAL_ADVICE
 
 if TYPE_CHECKING:
     from ipcd.server.worker import Worker
@@ -88,12 +89,14 @@ class Connection:
         "chat",
         "closed",
         "closing",
+        "counted_uid",
         "decoder",
         "id",
         "last_progress",
         "last_read",
         "out_bytes",
         "out_fds",
+        "partial",
         "sock",
         "worker",
     )
@@ -108,6 +111,8 @@ class Connection:
         self.out_bytes = 0
         self.out_fds = 0  # fds in the outbound queue, not yet taken by the kernel
         self._creds: fdpass.Credentials | None = None
+        self.counted_uid: int | None = None  # the uid the master charged this connection to
+        self.partial = 0  # decoder bytes charged to the uid's partial-frame budget (uidbudgets)
         self._groups: tuple[int, ...] | None = None
         self.chat: ChatState | None = None  # created on the first chat operation
         self._events = _READ
@@ -125,6 +130,12 @@ class Connection:
         if self._creds is None:
             self._creds = fdpass.peer_credentials(self.sock)
         return self._creds
+
+    def passed_creds(self, creds: fdpass.Credentials) -> None:
+        """The credentials the master read at accept (and charged the uid's
+        connection budget with): no getsockopt of our own."""
+        self._creds = creds
+        self.counted_uid = creds.uid
 
     @property
     def groups(self) -> tuple[int, ...]:
@@ -186,6 +197,21 @@ class Connection:
             decoder = self.decoder = FrameDecoder(worker.settings.max_frame_size)
         decoder.receive_data(worker.read_view[start:nbytes], fds, truncated)
         self._dispatch_decoded(decoder)
+        if decoder.buffered != self.partial and not self.closed:
+            self._charge_partial(decoder.buffered, check=True)
+
+    def _charge_partial(self, buffered: int, check: bool = False) -> None:
+        """Charge what the decoder buffers to the uid (see uidbudgets); a
+        read that takes the uid past its budget cuts this connection off."""
+        budget = self.worker.partial
+        uid = self.creds.uid
+        if buffered > self.partial:
+            budget.charge(uid, buffered - self.partial)
+        else:
+            budget.release(uid, self.partial - buffered)
+        self.partial = buffered
+        if check and budget.held[uid] > budget.limit_for(uid):
+            self.cut_off(ErrorCode.OVER_BUDGET, budget.refusal(uid, PARTIAL_ADVICE))
 
     def _dispatch_decoded(self, decoder: FrameDecoder) -> None:
         """Dispatch the whole frames buffered in ``decoder`` until none is
@@ -276,6 +302,8 @@ class Connection:
             return
         if self.decoder is not None:
             self._dispatch_decoded(self.decoder)
+            if self.decoder is not None and self.decoder.buffered != self.partial:
+                self._charge_partial(self.decoder.buffered)
         else:
             self._after_read()
 
@@ -463,6 +491,9 @@ class Connection:
         if self.decoder is not None:
             fdpass.close_fds(self.decoder.take_pending_fds())
             self.decoder = None
+        if self.partial:
+            worker.partial.release(self.creds.uid, self.partial)
+            self.partial = 0
         self.sock.close()
         worker.stalled.discard(self)
         worker.connection_closed(self, reason)

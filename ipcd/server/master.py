@@ -33,7 +33,16 @@ from ipcd.handoff.replica import ReplicatedStore
 from ipcd.handoff.store import StoreLimits
 from ipcd.link.ops import ChannelOp
 from ipcd.link.records import LinkError, Unreplica
-from ipcd.protocol import Frame, RemoteProtocolError, decode_json, encode_json
+from ipcd.protocol import (
+    ErrorCode,
+    Frame,
+    Op,
+    RemoteProtocolError,
+    decode_json,
+    encode_error,
+    encode_frame,
+    encode_json,
+)
 from ipcd.server.channel import ChannelClosed
 from ipcd.server.flow import ChannelBudget
 from ipcd.server.hublink import HubLink
@@ -41,6 +50,7 @@ from ipcd.server.loop import EventLoop
 from ipcd.server.pool import WorkerHandle, WorkerPool, WorkerState
 from ipcd.server.signals import SignalDispatcher
 from ipcd.server.status import build_status, uid_holdings
+from ipcd.server.uidbudgets import ConnectionLedger, connection_limit
 from ipcd.settings import Settings, SettingsError, reload_settings
 from ipcd.socketdir import BoundSocket, DaemonLock, SocketDirError, bind_socket, prepare_socket_dir
 from ipcd.systemd import Manager, take_passed_fds
@@ -122,12 +132,17 @@ class Master:
         self.manager = Manager()
         self._announced_generation = 0  # the worker generation READY=1 was sent for
         self._unread: set[WorkerHandle] = set()  # channels over budget: not read until they drain
+        self.connections = ConnectionLedger(self._connection_limit(), settings.privileged_budget_factor)
+
+    def _connection_limit(self) -> int:
+        return connection_limit(self.settings, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
     # -- start -------------------------------------------------------------
 
     def bind(self) -> None:
         """Socket dir, lock and sockets; raises with a one-line reason."""
         raise_fd_limit()
+        self.connections.budget.limit = self._connection_limit()  # the workers inherit the raised limit
         passed = self.passed
         if passed.stream is not None:
             # PassCredentials= in the socket unit applies to both sockets; on a
@@ -321,12 +336,17 @@ class Master:
             except OSError as exc:
                 self._accept_failed(exc)
                 return
+            admitted = self._admit(fd)
+            if admitted is None:
+                continue
             # Some channel was clear before this accept and only the last
             # pass can have changed that, so the pool's choice is a clear
             # one. The channel owns the fd from here on, closes it once sent.
-            handle = pool.pass_connection(fd)
+            handle = pool.pass_connection(fd, creds=admitted[0])
             if handle is None:
                 log.error("no worker runs to take a connection; closed it")
+            else:
+                self.connections.passed(handle.pid, admitted[1])
             if (handle is None or not pool.is_clear(handle)) and not pool.can_take():
                 self._backed_up()
                 return
@@ -337,6 +357,28 @@ class Master:
         take now; the loop resumes accepting once a channel drains (see
         _sync_accepting)."""
         self._sync_accepting()
+
+    def _admit(self, fd: int) -> tuple[bytes, int] | None:
+        """The peer's raw credentials and uid if the uid is under its
+        connection budget; else tell it why (best effort: a fresh socket's
+        buffer takes one small frame) and close ``fd``."""
+        try:
+            creds = fdpass.fd_peer_credentials(fd)
+        except OSError:
+            os.close(fd)
+            return None
+        uid = fdpass.credentials_uid(creds)
+        refusal = self.connections.admit(uid)
+        if refusal is None:
+            return creds, uid
+        try:
+            os.write(fd, encode_frame(Op.ERROR, 0, encode_error(ErrorCode.OVER_BUDGET, refusal)))
+        except OSError:
+            pass
+        os.close(fd)
+        if self.connections.should_log(uid, time.monotonic()):
+            log.warning("refusing connections: %s", refusal)
+        return None
 
     def _accept_failed(self, exc: OSError) -> None:
         """Out of fds (EMFILE/ENFILE) or memory: the listener stays readable,
@@ -407,6 +449,7 @@ class Master:
         self.loop.set_events(channel, events, lambda mask: self._on_channel(handle, mask))
 
     def _worker_gone(self, handle: WorkerHandle) -> None:
+        self.connections.worker_gone(handle.pid)
         self.hublink.worker_gone(handle)
         self.hublink.route(self.store.forget_worker(handle.pid))  # answers that waited for it
 
@@ -433,9 +476,15 @@ class Master:
             self._announce_ready()
         elif record.op == ChannelOp.LOAD:
             try:
-                handle.load = {k: int(v) for k, v in decode_json(record.body).items()}
-            except (RemoteProtocolError, TypeError, ValueError):
+                load = decode_json(record.body)
+                closed = {int(u): int(n) for u, n in load.pop("closed_uids", {}).items()}
+                partial = {int(u): int(n) for u, n in load.pop("partial", {}).items()}
+                handle.load = {k: int(v) for k, v in load.items()}
+            except (RemoteProtocolError, TypeError, ValueError, AttributeError):
                 log.error("malformed load report from worker %d", handle.pid)
+                return
+            self.connections.closed(handle.pid, closed)
+            self.connections.partial_reported(handle.pid, partial)
         elif record.op == ChannelOp.GONE:
             self.hublink.connection_gone(handle, record.body)
         elif record.op == ChannelOp.UNREPLICATED:
@@ -449,7 +498,10 @@ class Master:
             status = build_status(self.settings, self.pool, self.started, self.started_wall)
             status["chat"] = self.hub.stats()
             status["store"] = self.store.stats()
-            status["uids"] = uid_holdings(self.hub.holdings(), self.store.holdings())
+            status["uids"] = uid_holdings(
+                self.connections.holdings(), self.hub.holdings(), self.store.holdings()
+            )
+            status["limits"]["connections_per_uid"] = self.connections.budget.limit  # the one in force
             try:
                 handle.channel.send(
                     ChannelOp.STATUS_RESULT, encode_json(status), request_id=record.request_id
@@ -506,6 +558,8 @@ class Master:
         self.settings = fresh
         self.hub.limits = _chat_limits(fresh)
         self.store.limits = _store_limits(fresh)
+        self.connections.budget.limit = self._connection_limit()
+        self.connections.budget.privileged_factor = fresh.privileged_budget_factor
         self.hublink.budget = ChannelBudget.from_settings(fresh)
         logging.getLogger("ipcd").setLevel(fresh.log_level.upper())
         log.info("reloading: starting %d new workers, draining the old ones", fresh.workers)

@@ -227,19 +227,22 @@ class WorkerPool:
         pass, so it skips the load comparison)."""
         return any(self.is_clear(handle) for handle in self.workers.values())
 
-    def pass_connection(self, fd: int, handle: WorkerHandle | None = None) -> WorkerHandle | None:
+    def pass_connection(
+        self, fd: int, handle: WorkerHandle | None = None, creds: bytes = b""
+    ) -> WorkerHandle | None:
         """Hand ``fd`` to ``handle``, or the worker :meth:`choose` picks, or
         else the least-loaded running one, where it waits its turn in the
         channel's order. The channel owns ``fd`` from here on: it closes it
         once sent, or at once if the worker turns out to be gone (then the
         connection is lost with it, as a crashed worker's are, and None is
-        returned). None too, ``fd`` closed, if no worker runs."""
+        returned). None too, ``fd`` closed, if no worker runs. ``creds``: the
+        peer's raw SO_PEERCRED, so that the worker need not ask again."""
         target = handle or self.choose() or min(self.running(), key=lambda w: w.connections, default=None)
         if target is None:
             os.close(fd)
             return None
         try:
-            target.channel.send(ChannelOp.CONN, fds=(fd,))
+            target.channel.send(ChannelOp.CONN, creds, fds=(fd,))
         except ChannelClosed:
             self.channel_closed(target)
             return None

@@ -18,6 +18,7 @@ import os
 import selectors
 import signal
 import socket
+from collections import Counter
 from collections.abc import Callable
 
 from ipcd import fdpass
@@ -39,6 +40,7 @@ from ipcd.server.connection import Connection
 from ipcd.server.dgram import DatagramEndpoint
 from ipcd.server.loop import EventLoop
 from ipcd.server.signals import SignalDispatcher
+from ipcd.server.uidbudgets import partial_budget
 from ipcd.services import StreamHandler, stream_handlers
 from ipcd.services.chat import ChatRouter
 from ipcd.settings import READ_BUFFER_SIZE, Settings
@@ -98,7 +100,9 @@ class Worker:
         self._load_dirty = True
         self._load_timer = False
         self._last_report = 0.0
-        self._reported = (0, 0)
+        self._reported: tuple[int, int, dict[int, int]] = (0, 0, {})
+        self.partial = partial_budget(settings)  # bytes of partly received frames per uid (uidbudgets)
+        self._closed_uids: Counter[int] = Counter()  # closes not yet reported: the master counts per uid
         self._status_waiters: dict[int, tuple[int, int]] = {}  # token -> (conn id, request id)
         self._dgram_endpoint: DatagramEndpoint | None = None
         self.chat = ChatRouter(self)
@@ -234,7 +238,7 @@ class Worker:
             if len(record.fds) != 1:
                 fdpass.close_fds(record.fds)
                 return
-            self.adopt(record.fds[0])
+            self.adopt(record.fds[0], record.body)
         elif op == ChannelOp.DELIVER:
             self.chat.on_deliver(record.body)
         elif op == ChannelOp.ANSWER:
@@ -295,23 +299,31 @@ class Worker:
     def _report_due(self) -> bool:
         if self.loop.now - self._last_report < _REPORT_INTERVAL:
             return False
-        return (self.stats.frames, self.stats.datagrams) != self._reported
+        return (self.stats.frames, self.stats.datagrams, self.partial.held) != self._reported
 
     def _report_load(self) -> None:
         """Connection counts at once (routing needs them); other counters at
         most once a second (status readers do not need them fresher)."""
-        load = {"connections": len(self.connections), **dataclasses.asdict(self.stats)}
+        load: dict[str, object] = {"connections": len(self.connections), **dataclasses.asdict(self.stats)}
+        if self._closed_uids:
+            load["closed_uids"] = {str(uid): n for uid, n in self._closed_uids.items()}
+        if self.partial.held or self._reported[2]:
+            load["partial"] = {str(uid): n for uid, n in self.partial.held.items()}
         if self._send_to_master(ChannelOp.LOAD, encode_json(load)):
             self._load_dirty = False
             self._last_report = self.loop.now
-            self._reported = (self.stats.frames, self.stats.datagrams)
+            self._reported = (self.stats.frames, self.stats.datagrams, dict(self.partial.held))
+            self._closed_uids.clear()
 
     # -- connections -------------------------------------------------------
 
-    def adopt(self, fd: int) -> None:
+    def adopt(self, fd: int, creds: bytes = b"") -> None:
+        """Serve ``fd``; ``creds``: its peer's raw SO_PEERCRED as the master read it."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
         sock.setblocking(False)
         conn = Connection(self, sock, next(self._ids))
+        if creds:
+            conn.passed_creds(fdpass.parse_credentials(creds))
         self.connections[conn.id] = conn
         self.stats.received += 1
         self._load_dirty = True
@@ -325,6 +337,8 @@ class Worker:
     def connection_closed(self, conn: Connection, reason: str | None) -> None:
         self.connections.pop(conn.id, None)
         self.chat.connection_closed(conn)
+        if conn.counted_uid is not None:
+            self._closed_uids[conn.counted_uid] += 1
         self.stats.closed += 1
         self._load_dirty = True
         if self.draining and not self.connections:

@@ -206,6 +206,8 @@ def test_parked_waiters_stop_at_the_uid_budget_and_others_are_served(
             }
             assert holdings(daemon, a.pw_uid) == {
                 "uid": a.pw_uid,
+                "connections": CONNECTIONS,
+                "partial_bytes": 0,
                 "rooms": 0,
                 "joins": 0,
                 "waiters": 1024,
@@ -226,7 +228,7 @@ def test_parked_waiters_stop_at_the_uid_budget_and_others_are_served(
             row = next(
                 line.split() for line in shown.stdout.splitlines() if line.split()[:1] == [str(a.pw_uid)]
             )
-            assert row == [str(a.pw_uid), a.pw_name, "0", "0", "1024", "0"]
+            assert row == [str(a.pw_uid), a.pw_name, str(CONNECTIONS), "0", "B", "0", "0", "1024", "0"]
         rss.append(back_to_baseline(daemon, ledger, a.pw_uid))
         assert daemon.status()["store"]["waiters"] == 0
     check_memory_returned(rss)
