@@ -15,12 +15,12 @@ connection (from /proc, master and workers together), medians of the rounds.
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
+from benchmarks.cbuild import compile_c
 from benchmarks.echo import Settings, progress
 from benchmarks.load import BenchError
 from benchmarks.report import Table
@@ -67,17 +67,9 @@ int main(int argc, char **argv) {
 
 
 def _compile(work: Path) -> Path:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise BenchError("connect: needs gcc for its C load generator")
-    source, binary = work / "c_connect.c", work / "c_connect"
+    source = work / "c_connect.c"
     source.write_text(_C_CONNECT)
-    result = subprocess.run(
-        [gcc, "-O2", "-o", str(binary), str(source)], capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        raise BenchError(f"connect: gcc failed: {result.stderr.strip()}")
-    return binary
+    return compile_c(source, work / "c_connect", "connect")
 
 
 def _round(binary: Path, server: Server, each: int) -> tuple[float, float]:

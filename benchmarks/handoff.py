@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
 from pathlib import Path
 
+from benchmarks.cbuild import compile_c
 from benchmarks.echo import Settings, progress
 from benchmarks.load import BenchError
 from benchmarks.report import Table
@@ -71,16 +71,7 @@ def _raw_holder(sock: socket.socket) -> None:
 
 
 def _compile(work: Path) -> Path:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise BenchError("handoff: needs gcc for its C client")
-    binary = work / "handoff_client"
-    result = subprocess.run(
-        [gcc, "-O2", "-Wall", "-o", str(binary), str(SOURCE)], capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        raise BenchError(f"handoff: gcc failed on {SOURCE.name}: {result.stderr.strip()}")
-    return binary
+    return compile_c(SOURCE, work / "handoff_client", "handoff")
 
 
 def _process_cpu(pid: int) -> float:

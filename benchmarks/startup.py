@@ -19,13 +19,13 @@ bytecode ``make install`` compiled.
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.cbuild import compile_c
 from benchmarks.echo import Settings, progress
 from benchmarks.load import BenchError
 from benchmarks.report import Table
@@ -76,19 +76,13 @@ int main(int argc, char **argv) {
 
 def _c_echo(work: Path, problems: list[str]) -> Path | None:
     """The C client, compiled with gcc; None (and a problem) without gcc."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        problems.append("startup: no gcc, so no C client to compare with")
-        return None
-    source, binary = work / "c_echo.c", work / "c_echo"
+    source = work / "c_echo.c"
     source.write_text(_C_ECHO)
-    result = subprocess.run(
-        [gcc, "-O2", "-o", str(binary), str(source)], capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        problems.append(f"startup: gcc failed: {result.stderr.strip()}")
+    try:
+        return compile_c(source, work / "c_echo", "startup")
+    except BenchError as exc:
+        problems.append(f"{exc}, so no C client to compare with")
         return None
-    return binary
 
 
 def _wall(argv: list[str], expect: bytes | None) -> float:

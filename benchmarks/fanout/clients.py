@@ -20,29 +20,20 @@ from __future__ import annotations
 import contextlib
 import json
 import select
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cbuild import compile_c
 from benchmarks.load import BenchError
 
 SOURCE = Path(__file__).with_name("fanout_client.c")
 
 
 def compile_client(work: Path) -> Path:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise BenchError("needs gcc for its C subscribers and publisher")
-    binary = work / "fanout_client"
-    result = subprocess.run(
-        [gcc, "-O2", "-Wall", "-o", str(binary), str(SOURCE)], capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        raise BenchError(f"gcc failed on {SOURCE.name}: {result.stderr.strip()}")
-    return binary
+    return compile_c(SOURCE, work / "fanout_client", "fanout")
 
 
 def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
