@@ -201,7 +201,8 @@ class DaemonTrust:
         whom = f"root, you or {describe_uid(others[0])}" if others else "root or you"
         return UntrustedDaemon(
             f"cannot trust {path}: {exc.problem}, not by {whom}: that user could put an impostor "
-            f"in the daemon's place; pass --daemon-uid {exc.owner} if you trust them, "
+            f"in the daemon's place; pass --daemon-uid {exc.owner} (or set IPCD_DAEMON_UID) "
+            "if you trust them, "
             "or choose another --socket-dir",
             exc.owner,
         )
@@ -217,7 +218,8 @@ class DaemonTrust:
             expected = f"root or {describe_uid(self.daemon_uid)}, {source}"
         return UntrustedDaemon(
             f"{self.path} is {what} by {describe_uid(uid)}, not by {expected}; it may be an impostor, "
-            f"nothing was sent to it: pass --daemon-uid {uid} if you trust that user",
+            f"nothing was sent to it: pass --daemon-uid {uid} (or set IPCD_DAEMON_UID) "
+            "if you trust that user",
             uid,
         )
 

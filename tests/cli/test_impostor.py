@@ -153,7 +153,8 @@ def test_an_impostor_who_made_the_socket_dir_is_refused_before_anything_is_sent(
         expected = (
             f"cannot trust {tmp_name}/stream.sock: {tmp_name} is a directory owned by "
             f"{described(fd_users.other)}, not by root or you: that user could put an impostor in the "
-            f"daemon's place; pass --daemon-uid {fd_users.other.pw_uid} if you trust them, "
+            f"daemon's place; pass --daemon-uid {fd_users.other.pw_uid} (or set IPCD_DAEMON_UID) "
+            "if you trust them, "
             "or choose another --socket-dir"
         )
         victim = ipcctl_as(fd_users.owner, tmp_name, "echo", "hi")
@@ -190,7 +191,7 @@ def test_an_impostor_in_a_trusted_dir_is_known_by_its_peer_credentials(
             os.rename(tmp_name / name, socket_dir / name)
         tail = (
             f"{described(fd_users.other)}, not by root; it may be an impostor, nothing was sent to it: "
-            f"pass --daemon-uid {fd_users.other.pw_uid} if you trust that user"
+            f"pass --daemon-uid {fd_users.other.pw_uid} (or set IPCD_DAEMON_UID) if you trust that user"
         )
         stream = ipcctl_as(fd_users.owner, socket_dir, "echo", "hi")
         assert one_line(stream, 69) == f"ipcctl: {socket_dir}/stream.sock is served by {tail}"
