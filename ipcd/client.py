@@ -39,10 +39,19 @@ from types import TracebackType
 from typing import Any, NamedTuple, Self
 
 from ipcd import fdpass
-from ipcd.paths import DAEMON_UID_ENV, DGRAM_SOCKET, STREAM_SOCKET, default_socket_dir
+from ipcd.clienterrors import (
+    ClientError,
+    ConnectionLost,
+    DaemonUnreachable,
+    RequestTimeout,
+    ServerError,
+    UntrustedDaemon,
+    connection_error,
+    unreachable,
+)
+from ipcd.paths import DGRAM_SOCKET, STREAM_SOCKET, default_socket_dir
 from ipcd.protocol import (
     NEED_DATA,
-    ErrorCode,
     Frame,
     FrameDecoder,
     Op,
@@ -56,7 +65,25 @@ from ipcd.protocol import (
     op_name,
     reply_op,
 )
-from ipcd.safepath import WRITABLE_BY_OTHERS, UnsafePath, check_path, describe_uid
+from ipcd.trust import DaemonTrust, daemon_uid_from_env, uid_of
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "ChatEvent",
+    "Client",
+    "ClientError",
+    "ConnectionLost",
+    "DaemonTrust",
+    "DaemonUnreachable",
+    "DatagramClient",
+    "Handoff",
+    "RequestTimeout",
+    "ServerError",
+    "UntrustedDaemon",
+    "connection_error",
+    "daemon_uid_from_env",
+    "uid_of",
+]
 
 DEFAULT_TIMEOUT = 10.0
 _RECV_SIZE = 256 * 1024
@@ -70,158 +97,6 @@ def _check_seconds(value: float, what: str, *, positive: bool) -> None:
         fields.seconds(value, what, 0.0, positive=positive)
     except RemoteProtocolError as exc:
         raise ValueError(exc.message) from None
-
-
-class ClientError(Exception):
-    """Base of every client error."""
-
-
-class DaemonUnreachable(ClientError):
-    """No daemon answers at the socket path; ``errno`` says why (ENOENT,
-    ECONNREFUSED: none runs; EACCES: one may run, but not for us)."""
-
-    def __init__(self, message: str, errno: int | None = None) -> None:
-        super().__init__(message)
-        self.errno = errno
-
-
-class UntrustedDaemon(ClientError):
-    """What listens at the socket path may not be the daemon: the way to it
-    can be changed by someone untrusted, or someone else serves it. Nothing
-    was sent. ``uid`` is the user to blame, when it is one user."""
-
-    def __init__(self, message: str, uid: int | None = None) -> None:
-        super().__init__(message)
-        self.uid = uid
-
-
-class RequestTimeout(ClientError):
-    """The daemon did not answer in time."""
-
-
-class ConnectionLost(ClientError):
-    """The daemon closed the connection (its reason, if it sent one, is the
-    message, and its error code, such as SHUTTING_DOWN, is ``code``)."""
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-    @property
-    def code_name(self) -> str | None:
-        return None if self.code is None else _code_name(self.code)
-
-
-class ServerError(ClientError):
-    """The daemon answered with an ERROR frame."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    @property
-    def code_name(self) -> str:
-        return _code_name(self.code)
-
-
-def _code_name(code: int) -> str:
-    try:
-        return ErrorCode(code).name
-    except ValueError:
-        return str(code)
-
-
-def connection_error(frame: Frame) -> ClientError:
-    """An ERROR about the connection itself (request id 0): codes 40-49 mean
-    the daemon is closing it; the others refuse something we did."""
-    code, message = decode_error(frame.body)
-    return ConnectionLost(message, code) if code >= ErrorCode.SLOW_CONSUMER else ServerError(code, message)
-
-
-def _unreachable(path: Path, exc: OSError) -> DaemonUnreachable:
-    if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-        hint = "is ipcd running? start it with 'ipcd serve' or check --socket-dir"
-    elif exc.errno == errno.EACCES:
-        hint = "ask the admin for access (the daemon's --socket-mode and --socket-group)"
-    else:
-        hint = "check that ipcd is running"
-    return DaemonUnreachable(f"cannot connect to {path}: {exc.strerror}; {hint}", exc.errno)
-
-
-def uid_of(user: str) -> int:
-    """A uid given as digits or a user name (looked up only then: start-up
-    time). Raises KeyError for an unknown name."""
-    if user.isdigit():
-        return int(user)
-    import pwd  # noqa: PLC0415 - only a name needs it
-
-    return pwd.getpwnam(user).pw_uid
-
-
-def daemon_uid_from_env() -> int | None:
-    """``$IPCD_DAEMON_UID`` (a uid or a user name), if set."""
-    value = os.environ.get(DAEMON_UID_ENV, "")
-    if not value:
-        return None
-    try:
-        return uid_of(value)
-    except KeyError:
-        raise ClientError(f"{DAEMON_UID_ENV}={value}: no such user; give a user name or a uid") from None
-
-
-class DaemonTrust:
-    """Whom a client takes for the daemon, found before it connects: the
-    uids that may serve its sockets (root and the daemon's user)."""
-
-    def __init__(self, socket_dir: Path, path: Path, daemon_uid: int | None) -> None:
-        if daemon_uid is None:
-            daemon_uid = daemon_uid_from_env()
-        self.named = daemon_uid is not None  # given, not the socket dir's owner
-        trusted = {0, os.geteuid()} if daemon_uid is None else {0, os.geteuid(), daemon_uid}
-        try:
-            st = check_path(str(socket_dir), trusted)
-            if st.st_mode & WRITABLE_BY_OTHERS:  # sticky or not: the daemon itself refuses it
-                raise UnsafePath(str(socket_dir), st, writable=True)
-        except UnsafePath as exc:
-            raise self._unsafe(path, exc, trusted) from None
-        except OSError as exc:
-            raise _unreachable(path, exc) from None
-        self.daemon_uid = st.st_uid if daemon_uid is None else daemon_uid
-        self.path = path
-
-    @staticmethod
-    def _unsafe(path: Path, exc: UnsafePath, trusted: set[int]) -> UntrustedDaemon:
-        if exc.writable:
-            return UntrustedDaemon(
-                f"cannot trust {path}: {exc.problem}, so {exc.who_could} could replace the daemon's "
-                f"sockets; ask its owner to run 'chmod go-w {exc.where}', or choose another --socket-dir"
-            )
-        others = sorted(trusted - {0, os.geteuid()})
-        whom = f"root, you or {describe_uid(others[0])}" if others else "root or you"
-        return UntrustedDaemon(
-            f"cannot trust {path}: {exc.problem}, not by {whom}: that user could put an impostor "
-            f"in the daemon's place; pass --daemon-uid {exc.owner} (or set IPCD_DAEMON_UID) "
-            "if you trust them, "
-            "or choose another --socket-dir",
-            exc.owner,
-        )
-
-    def allows(self, uid: int) -> bool:
-        return uid in (0, self.daemon_uid)
-
-    def refuse(self, uid: int, what: str = "served") -> UntrustedDaemon:
-        """The error for a peer (or socket file) of ``uid``, which :meth:`allows` not."""
-        expected = "root"
-        if self.daemon_uid:
-            source = "the --daemon-uid" if self.named else "the socket dir's owner"
-            expected = f"root or {describe_uid(self.daemon_uid)}, {source}"
-        return UntrustedDaemon(
-            f"{self.path} is {what} by {describe_uid(uid)}, not by {expected}; it may be an impostor, "
-            f"nothing was sent to it: pass --daemon-uid {uid} (or set IPCD_DAEMON_UID) "
-            "if you trust that user",
-            uid,
-        )
 
 
 class _Closing:
@@ -271,7 +146,7 @@ class Client(_Closing):
             ) from None
         except OSError as exc:
             self.sock.close()
-            raise _unreachable(self.path, exc) from None
+            raise unreachable(self.path, exc) from None
         peer = fdpass.peer_credentials(self.sock).uid
         if not self.trust.allows(peer):
             self.sock.close()
@@ -632,7 +507,7 @@ class DatagramClient(_Closing):
         try:
             owner = os.lstat(self.path).st_uid
         except OSError as exc:
-            raise _unreachable(self.path, exc) from None
+            raise unreachable(self.path, exc) from None
         if not self.trust.allows(owner):
             raise self.trust.refuse(owner, "bound")
         self._ids = itertools.count(1)
@@ -643,7 +518,7 @@ class DatagramClient(_Closing):
             self.sock.connect(str(self.path))
         except OSError as exc:
             self.sock.close()
-            raise _unreachable(self.path, exc) from None
+            raise unreachable(self.path, exc) from None
 
     def send(self, op: int, body: bytes = b"") -> int:
         request_id = next(self._ids)
@@ -652,7 +527,7 @@ class DatagramClient(_Closing):
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
                 raise ClientError(f"{len(body)} bytes is too large for one datagram; send less") from None
-            raise _unreachable(self.path, exc) from None
+            raise unreachable(self.path, exc) from None
         return request_id
 
     def wait_reply(self, request_id: int) -> Frame:
@@ -669,7 +544,7 @@ class DatagramClient(_Closing):
                     f"no datagram answer from {self.path} within {self.timeout:g}s"
                 ) from None
             except OSError as exc:
-                raise _unreachable(self.path, exc) from None
+                raise unreachable(self.path, exc) from None
             fdpass.close_fds(got.fds)
             try:
                 frame = decode_record(got.data, (), max_frame_size=1 << 30)
