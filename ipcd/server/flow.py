@@ -233,7 +233,7 @@ def worker_memory_bound(settings: Settings, connections: int) -> MemoryBound:
     hold). Per uid: its partly received frames (``--partial-bytes-per-uid``
     plus the read that passed it, never more than one frame per
     connection) and its GET replicas (its stored entries)."""
-    from ipcd.services.chat import MAX_IN_FLIGHT  # here: that module imports this one
+    from ipcd.services.chat import MAX_IN_FLIGHT  # noqa: PLC0415 (that module imports this one)
 
     largest = max(history_page(settings), rooms_listing(MAX_ROOMS))
     fixed = {
