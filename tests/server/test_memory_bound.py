@@ -4,6 +4,7 @@ that bound it, and only with those (ipcd.server.flow)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -36,7 +37,7 @@ def worker(settings: Settings) -> tuple[int, int, int]:
     ],
 )
 def test_master_bound_moves_with_its_settings(
-    change: dict[str, int], fixed_moves: bool, per_uid_moves: bool
+    change: dict[str, Any], fixed_moves: bool, per_uid_moves: bool
 ) -> None:
     before, after = master(BASE), master(dataclasses.replace(BASE, **change))
     assert (after[0] > before[0]) is fixed_moves
@@ -56,7 +57,7 @@ def test_master_bound_moves_with_its_settings(
     ],
 )
 def test_worker_bound_moves_with_its_settings(
-    change: dict[str, int], fixed_moves: bool, per_uid_moves: bool
+    change: dict[str, Any], fixed_moves: bool, per_uid_moves: bool
 ) -> None:
     before, after = worker(BASE), worker(dataclasses.replace(BASE, **change))
     assert (after[0] > before[0]) is fixed_moves
