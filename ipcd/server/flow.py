@@ -42,7 +42,10 @@ from ipcd.server import uidbudgets
 from ipcd.settings import READ_BUFFER_SIZE, Settings
 
 MAX_CHANNEL_BACKLOG = 64 << 20  # a worker this far behind on fan-out is killed
-_JSON_ESCAPE = 6  # worst-case JSON growth of one byte of text ("\u00e9" for é)
+# Worst-case JSON growth of one byte of chat text: 2 (\" \\ \n \t). Controls
+# are stripped at the door (ipcd.protocol.chat.sanitize_text) and the rest
+# is kept as UTF-8 (encode_basestring, not ASCII), so no \uXXXX form is made.
+_JSON_ESCAPE = 2
 _MESSAGE_OVERHEAD = 256  # a history entry's fields besides its text
 MAX_ROOMS = Limits.max_rooms
 
@@ -93,7 +96,7 @@ class FdBudget:
 
 def largest_reply(settings: Settings) -> int:
     """Bytes of the largest single reply the master builds: a HISTORY of a
-    full room of messages whose every byte JSON escapes."""
+    full room of messages whose every byte JSON escapes (``"`` as ``\\"``)."""
     return settings.history_size * (settings.max_message * _JSON_ESCAPE + _MESSAGE_OVERHEAD)
 
 
@@ -187,9 +190,13 @@ def _request_message(settings: Settings) -> int:
     return FRAGMENT + settings.max_frame_size + _LISTING_OVERHEAD
 
 
-def master_memory_bound(settings: Settings, workers: int, nofile: int = 1 << 20) -> MemoryBound:
+def master_memory_bound(
+    settings: Settings, workers: int, nofile: int = 1 << 20, rooms: int = MAX_ROOMS
+) -> MemoryBound:
     """The master's worst case above its baseline (``nofile``: the workers'
-    fd limit, which sets the default connection budget).
+    fd limit, which sets the default connection budget; ``rooms``: how many
+    rooms can exist, the daemon's limit, or the sum of the room budgets of
+    the uids that create rooms if that is less).
 
     Daemon-wide: per worker, what its channel queues (the kill line, plus
     the message that crossed it, the largest the master builds) and the one
@@ -203,7 +210,7 @@ def master_memory_bound(settings: Settings, workers: int, nofile: int = 1 << 20)
         "channel backlog per worker (64 MiB kill line + one message)": workers
         * (max(MAX_CHANNEL_BACKLOG, settings.channel_byte_budget) + largest),
         "message from each worker being reassembled": workers * _request_message(settings),
-        "rooms with full history (daemon-wide)": MAX_ROOMS
+        "rooms with full history (daemon-wide)": min(rooms, MAX_ROOMS)
         * (_ROOM_COST + settings.history_size * _history_entry(settings)),
     }
 
