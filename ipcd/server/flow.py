@@ -166,9 +166,9 @@ def history_page(settings: Settings) -> int:
 
 
 def rooms_listing(max_rooms: int) -> int:
-    """Bytes of a ROOMS reply with every room there, each name and topic
-    escaped at worst (a topic's character can take 12 bytes: a surrogate pair)."""
-    return max_rooms * (ROOM_NAME_MAX + TOPIC_MAX * 12 + _LISTING_OVERHEAD)
+    """Bytes of a ROOMS reply with every room there, each topic at its worst:
+    4 bytes a character (UTF-8; controls are stripped, ``"`` takes 2)."""
+    return max_rooms * (ROOM_NAME_MAX + TOPIC_MAX * 4 + _LISTING_OVERHEAD)
 
 
 def entry_bytes(settings: Settings) -> int:
