@@ -27,6 +27,10 @@ queue or allocate without bound. Each hop waits for the next one instead:
 
 Everything here is pure arithmetic, shared by the processes and the docs'
 worst-case figures (``ipcctl status`` shows the budgets under ``limits``).
+:func:`master_memory_bound` and :func:`worker_memory_bound` add up, as
+named terms, every table and queue whose size the settings bound, for the
+whole daemon and per uid (docs/security.md shows them at the defaults;
+tests/server/test_memory_bound_live.py pushes them and reads the RSS).
 """
 
 from __future__ import annotations
