@@ -27,17 +27,31 @@ queue or allocate without bound. Each hop waits for the next one instead:
 
 Everything here is pure arithmetic, shared by the processes and the docs'
 worst-case figures (``ipcctl status`` shows the budgets under ``limits``).
+:func:`master_memory_bound` and :func:`worker_memory_bound` add up, as
+named terms, every table and queue whose size the settings bound, for the
+whole daemon and per uid (docs/security.md shows them at the defaults;
+tests/server/test_memory_bound_live.py pushes them and reads the RSS).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from ipcd.settings import Settings
+from ipcd.chat.hub import Limits
+from ipcd.handoff.bodies import ACCESS_LIST_MAX, FD_NAME_MAX, NAME_MAX
+from ipcd.link.framing import FRAGMENT
+from ipcd.protocol.chat import NAME_MAX as ROOM_NAME_MAX
+from ipcd.protocol.chat import NICK_MAX, TOPIC_MAX
+from ipcd.server import uidbudgets
+from ipcd.settings import READ_BUFFER_SIZE, Settings
 
 MAX_CHANNEL_BACKLOG = 64 << 20  # a worker this far behind on fan-out is killed
-_JSON_ESCAPE = 6  # worst-case JSON growth of one byte of text ("\u00e9" for é)
+# Worst-case JSON growth of one byte of chat text: 2 (\" \\ \n \t). Controls
+# are stripped at the door (ipcd.protocol.chat.sanitize_text) and the rest
+# is kept as UTF-8 (encode_basestring, not ASCII), so no \uXXXX form is made.
+_JSON_ESCAPE = 2
 _MESSAGE_OVERHEAD = 256  # a history entry's fields besides its text
+MAX_ROOMS = Limits.max_rooms
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,7 +100,7 @@ class FdBudget:
 
 def largest_reply(settings: Settings) -> int:
     """Bytes of the largest single reply the master builds: a HISTORY of a
-    full room of messages whose every byte JSON escapes."""
+    full room of messages whose every byte JSON escapes (``"`` as ``\\"``)."""
     return settings.history_size * (settings.max_message * _JSON_ESCAPE + _MESSAGE_OVERHEAD)
 
 
@@ -109,3 +123,144 @@ def channel_memory_bound(settings: Settings) -> int:
     """Bytes the master queues at worst for one worker because of that
     worker's own requests: the byte budget plus the reply that crossed it."""
     return settings.channel_byte_budget + largest_reply(settings)
+
+
+# What one item of a per-uid table costs in Python objects, rounded up from
+# what tests/handoff/test_uid_budgets_live.py measured (a parked waiter about
+# 850 bytes, a room with one membership about 910): a bound, not a guess.
+_WAITER_COST = 2048
+_ROOM_COST = 2048  # a room without history: its record, name, member table
+_MEMBERSHIP_COST = 512
+_SESSION_COST = 1024  # a chat session: one per connection that chats
+_CONNECTION_COST = 4096  # a worker's connection objects (idle: 552 bytes measured)
+_ENTRY_OVERHEAD = 2048  # a stored entry's record, besides its strings
+_LISTING_OVERHEAD = 64  # JSON punctuation and keys per listed item
+_ID_COST = 32  # one uid or gid in an access list
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MemoryBound:
+    """A process's worst case above its baseline, as named terms in bytes:
+    ``fixed`` for the daemon whatever the users, ``per_uid`` for each uid
+    with something in it (root and the daemon's uid: ``privileged_per_uid``,
+    the budgets times ``--privileged-budget-factor``)."""
+
+    fixed: dict[str, int]
+    per_uid: dict[str, int]
+    privileged_per_uid: dict[str, int]
+
+    def total(self, uids: int, privileged: int = 0) -> int:
+        """Bytes at worst with ``uids`` ordinary and ``privileged`` privileged uids."""
+        return (
+            sum(self.fixed.values())
+            + uids * sum(self.per_uid.values())
+            + privileged * sum(self.privileged_per_uid.values())
+        )
+
+
+def _history_entry(settings: Settings) -> int:
+    """Bytes of one kept message: its MESSAGE frame, every text byte escaped."""
+    return settings.max_message * _JSON_ESCAPE + _MESSAGE_OVERHEAD
+
+
+def history_page(settings: Settings) -> int:
+    """Bytes of the largest HISTORY reply or JOIN replay: paged at the
+    reply budget, at least one message (and never more than the room)."""
+    return min(largest_reply(settings), settings.reply_budget + _history_entry(settings))
+
+
+def rooms_listing(max_rooms: int) -> int:
+    """Bytes of a ROOMS reply with every room there, each topic at its worst:
+    4 bytes a character (UTF-8; controls are stripped, ``"`` takes 2)."""
+    return max_rooms * (ROOM_NAME_MAX + TOPIC_MAX * 4 + _LISTING_OVERHEAD)
+
+
+def entry_bytes(settings: Settings) -> int:
+    """One stored entry at worst: its name, an fd name per fd, full access lists."""
+    return _ENTRY_OVERHEAD + NAME_MAX + settings.max_fds * FD_NAME_MAX + 2 * ACCESS_LIST_MAX * _ID_COST
+
+
+def _uid_listing(settings: Settings, connections: int, joins: int) -> int:
+    """What one uid adds to the largest listing: its entries in an LS
+    reply, its sessions (and their rooms) in a WHO reply."""
+    entries = settings.fd_quota * (entry_bytes(settings) + _LISTING_OVERHEAD)
+    sessions = connections * (NICK_MAX + _LISTING_OVERHEAD) + joins * (ROOM_NAME_MAX + 4)
+    return entries + sessions
+
+
+def _request_message(settings: Settings) -> int:
+    """The largest message a worker sends the master: a batch closes at one
+    fragment, plus the client's frame that went past it, plus its envelope."""
+    return FRAGMENT + settings.max_frame_size + _LISTING_OVERHEAD
+
+
+def master_memory_bound(
+    settings: Settings, workers: int, nofile: int = 1 << 20, rooms: int = MAX_ROOMS
+) -> MemoryBound:
+    """The master's worst case above its baseline (``nofile``: the workers'
+    fd limit, which sets the default connection budget; ``rooms``: how many
+    rooms can exist, the daemon's limit, or the sum of the room budgets of
+    the uids that create rooms if that is less).
+
+    Daemon-wide: per worker, what its channel queues (the kill line, plus
+    the message that crossed it, the largest the master builds) and the one
+    message being reassembled from it; the hub's rooms, each with a full
+    history (history is not budgeted per uid: the daemon's room limit
+    times ``--history-size`` messages of ``--max-message`` bytes). Per uid:
+    its parked waiters, its stored entries, its chat sessions and
+    memberships, and what they add to the largest listing reply."""
+    largest = max(history_page(settings), rooms_listing(MAX_ROOMS))
+    fixed = {
+        "channel backlog per worker (64 MiB kill line + one message)": workers
+        * (max(MAX_CHANNEL_BACKLOG, settings.channel_byte_budget) + largest),
+        "message from each worker being reassembled": workers * _request_message(settings),
+        "rooms with full history (daemon-wide)": min(rooms, MAX_ROOMS)
+        * (_ROOM_COST + settings.history_size * _history_entry(settings)),
+    }
+
+    def uid_terms(factor: int) -> dict[str, int]:
+        connections = uidbudgets.connection_limit(settings, nofile) * factor
+        joins = settings.joins_per_uid * factor
+        return {
+            "parked waiters": settings.waiters_per_uid * factor * _WAITER_COST,
+            "stored entries": settings.fd_quota * entry_bytes(settings),
+            "chat sessions": connections * _SESSION_COST,
+            "room memberships": joins * _MEMBERSHIP_COST,
+            "its share of the largest listing (LS, WHO)": _uid_listing(settings, connections, joins),
+        }
+
+    return MemoryBound(fixed, uid_terms(1), uid_terms(settings.privileged_budget_factor))
+
+
+def worker_memory_bound(settings: Settings, connections: int) -> MemoryBound:
+    """A worker's worst case above its baseline with ``connections`` open.
+
+    Daemon-wide: per connection its output (cut off past ``--max-outbuf``),
+    its objects, and the requests it may have waiting to go to the master
+    when the master stops reading this worker (``MAX_IN_FLIGHT`` frames);
+    the one message from the master being reassembled (the largest the
+    master builds plus the batch it closed: far below the channel's
+    ``MESSAGE_MAX``, which is a check, not what a worker can be made to
+    hold). Per uid: its partly received frames (``--partial-bytes-per-uid``
+    plus the read that passed it, never more than one frame per
+    connection) and its GET replicas (its stored entries)."""
+    from ipcd.services.chat import MAX_IN_FLIGHT  # noqa: PLC0415 (that module imports this one)
+
+    largest = max(history_page(settings), rooms_listing(MAX_ROOMS))
+    fixed = {
+        "output per connection (--max-outbuf)": connections * settings.max_outbuf,
+        "connection objects": connections * _CONNECTION_COST,
+        "requests waiting for the master (256 frames per connection)": connections
+        * MAX_IN_FLIGHT
+        * settings.max_frame_size,
+        "message from the master being reassembled": largest + FRAGMENT,
+    }
+
+    def uid_terms(factor: int) -> dict[str, int]:
+        partial = settings.partial_bytes_per_uid * factor + READ_BUFFER_SIZE
+        return {
+            "partly received frames": min(partial, connections * settings.max_frame_size),
+            "GET replicas of its entries": settings.fd_quota * entry_bytes(settings),
+        }
+
+    return MemoryBound(fixed, uid_terms(1), uid_terms(settings.privileged_budget_factor))

@@ -437,4 +437,4 @@ def test_budgets_follow_the_settings() -> None:
     assert master_fd_bound(default, workers=2, stored=16, baseline=11) == 11 + 16 + 2 * (256 + 16)
     assert worker_fd_bound(default, connections=3, baseline=8) == 8 + 3 * (1 + 64 + 16)
     assert worker_fd_bound(default, connections=3, baseline=8, stored=5) == 8 + 5 + 3 * (1 + 64 + 16)
-    assert largest_reply(default) == 100 * (16 * 1024 * 6 + 256)
+    assert largest_reply(default) == 100 * (16 * 1024 * 2 + 256)  # `"` sent as `\"`: controls are stripped
