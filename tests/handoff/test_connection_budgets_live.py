@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import select
 import signal
 import socket
@@ -31,7 +30,7 @@ import pytest
 from ipcd.client import Client, ConnectionLost
 from ipcd.protocol import NEED_DATA, ErrorCode, FrameDecoder, Op, decode_error, encode_header
 from tests.daemon import Daemon, ipcctl, rss_kib
-from tests.handoff.test_uid_budgets_live import served_meanwhile, warm_up
+from tests.handoff.test_uid_budgets_live import b_is_served, hold_until_told, warm_up
 from tests.handoff.users import FdLedger, FdUsers, StartDaemon, as_user, ipcctl_as, start_as
 
 pytest_plugins = ["tests.handoff.users"]
@@ -52,12 +51,6 @@ WORKER_RSS_TOLERANCE = 6 << 20
 # -- what the attacker's child does -------------------------------------------------
 
 
-def _hold_until_told(ready_w: int, leave_r: int, report: dict[str, Any]) -> None:
-    os.write(ready_w, json.dumps(report).encode())
-    os.close(ready_w)
-    os.read(leave_r, 1)  # EOF once the test closes its end
-
-
 def open_connections(socket_dir: str, count: int, ready_w: int, leave_r: int) -> dict[str, Any]:
     """Open ``count`` connections one after the other and echo on each;
     hold the ones served."""
@@ -74,7 +67,7 @@ def open_connections(socket_dir: str, count: int, ready_w: int, leave_r: int) ->
             continue
         held.append(client)
     report = {"served": len(held), "refusals": refusals}
-    _hold_until_told(ready_w, leave_r, report)
+    hold_until_told(ready_w, leave_r, report)
     for client in held:
         client.close()
     return report
@@ -116,7 +109,7 @@ def hold_partial_frames(socket_dir: str, count: int, ready_w: int, leave_r: int)
             sock.sendall(encode_header(Op.ECHO, 1, FRAME - 16) + body)
         except OSError:
             broken += 1  # cut off while sending: its parting words are read below
-    _hold_until_told(ready_w, leave_r, {"sent": count, "broken_while_sending": broken})
+    hold_until_told(ready_w, leave_r, {"sent": count, "broken_while_sending": broken})
     # The test has seen the daemon settle: a connection that was cut off is
     # readable (its ERROR frame and EOF); one still held has nothing to read.
     readable = select.select(socks, [], [], 0)[0]
@@ -134,18 +127,6 @@ def hold_partial_frames(socket_dir: str, count: int, ready_w: int, leave_r: int)
 
 def worker_rss(daemon: Daemon) -> int:
     return sum(rss_kib(pid) for pid in daemon.worker_pids()) * 1024
-
-
-def b_is_served(daemon: Daemon, user: pwd.struct_passwd, room: str) -> None:
-    outcome = as_user(user, served_meanwhile, str(daemon.socket_dir), room)
-    assert outcome.ok, outcome
-    assert outcome.value == {
-        "echo": b"still here",
-        "seq": 1,
-        "text": "hello from b",
-        "got": b"fd of b",
-        "again": 1,
-    }
 
 
 def echo_large(socket_dir: str) -> int:

@@ -43,7 +43,7 @@ CONNECTIONS = 20
 # -- what the attacker's child does -------------------------------------------------
 
 
-def _hold_until_told(ready_w: int, leave_r: int, report: dict[str, Any]) -> None:
+def hold_until_told(ready_w: int, leave_r: int, report: dict[str, Any]) -> None:
     os.write(ready_w, json.dumps(report).encode())
     os.close(ready_w)
     os.read(leave_r, 1)  # EOF once the test closes its end
@@ -76,7 +76,7 @@ def park_waiters(socket_dir: str, per_connection: int, ready_w: int, leave_r: in
                 key = f"{ErrorCode(code).name}: {message.split(': ')[0]}"
                 refusals[key] = refusals.get(key, 0) + 1
     report = {"budget": budget, "refusals": refusals}
-    _hold_until_told(ready_w, leave_r, report)
+    hold_until_told(ready_w, leave_r, report)
     for client in clients:
         client.close()
     return report
@@ -98,7 +98,7 @@ def join_new_rooms(socket_dir: str, per_connection: int, ready_w: int, leave_r: 
                 refusals[key] = refusals.get(key, 0) + 1
                 last = exc.message
     report = {"joined": joined, "refusals": refusals, "last": last}
-    _hold_until_told(ready_w, leave_r, report)
+    hold_until_told(ready_w, leave_r, report)
     for client in clients:
         client.close()
     return report
@@ -137,6 +137,19 @@ def served_meanwhile(socket_dir: str, room: str) -> dict[str, Any]:
 
 
 # -- the test's side --------------------------------------------------------------------
+
+
+def b_is_served(daemon: Daemon, user: pwd.struct_passwd, room: str) -> None:
+    """User b's echo, chat and hand-off, run as b, all work."""
+    outcome = as_user(user, served_meanwhile, str(daemon.socket_dir), room)
+    assert outcome.ok, outcome
+    assert outcome.value == {
+        "echo": b"still here",
+        "seq": 1,
+        "text": "hello from b",
+        "got": b"fd of b",
+        "again": 1,
+    }
 
 
 @contextmanager
@@ -214,15 +227,7 @@ def test_parked_waiters_stop_at_the_uid_budget_and_others_are_served(
                 "stored_fds": 0,
             }
             for round_ in range(2):
-                outcome = as_user(b, served_meanwhile, str(daemon.socket_dir), f"b-{attack}-{round_}")
-                assert outcome.ok, outcome
-                assert outcome.value == {
-                    "echo": b"still here",
-                    "seq": 1,
-                    "text": "hello from b",
-                    "got": b"fd of b",
-                    "again": 1,
-                }
+                b_is_served(daemon, b, f"b-{attack}-{round_}")
             shown = ipcctl(daemon.socket_dir, "status")
             assert shown.returncode == 0, shown.stderr
             row = next(
