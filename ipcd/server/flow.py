@@ -119,12 +119,6 @@ def worker_fd_bound(settings: Settings, connections: int, baseline: int, stored:
     return baseline + stored + connections * (1 + settings.connection_fd_budget + settings.max_fds)
 
 
-def channel_memory_bound(settings: Settings) -> int:
-    """Bytes the master queues at worst for one worker because of that
-    worker's own requests: the byte budget plus the reply that crossed it."""
-    return settings.channel_byte_budget + largest_reply(settings)
-
-
 # What one item of a per-uid table costs in Python objects, rounded up from
 # what tests/handoff/test_uid_budgets_live.py measured (a parked waiter about
 # 850 bytes, a room with one membership about 910): a bound, not a guess.
