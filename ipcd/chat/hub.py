@@ -532,13 +532,6 @@ class Hub:
             for reply in replies:
                 out.answer(worker, Answer(0, reply, dgram=sender.dgram))
 
-    @staticmethod
-    def _reply(sender: Sender, frame: bytes, out: Outbox) -> None:
-        if sender.conn:
-            out.reply(sender.worker, sender.conn, frame)
-        else:
-            out.answer(sender.worker, Answer(0, frame, dgram=sender.dgram))
-
     def _msg(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
         target_nick = check_nick(args.get("to"), "to")
         text = _text(args.get("text"), self.limits.max_text)

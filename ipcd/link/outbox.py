@@ -113,13 +113,7 @@ class Outbox:
         """A floating reply for a stream connection: one that changes nothing
         the worker indexes (a SAY reply). Consecutive ones to the same
         connection travel as one answer."""
-        lane = self._lanes.get(worker) or self._lane(worker)
-        joined = lane.floating.get(conn)
-        if joined is None:
-            lane.floating[conn] = [frame]
-        else:
-            joined.append(frame)
-        self.size += len(frame)
+        self.reply_many(worker, conn, [frame], len(frame))
 
     def reply_many(self, worker: int, conn: int, frames: list[bytes], size: int) -> None:
         """:meth:`reply` for several frames in order (``size`` bytes together)."""

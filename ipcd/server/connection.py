@@ -249,22 +249,8 @@ class Connection:
         if not count:
             return 0
         worker.stats.frames += count
-        if self._out is None:  # nothing queued: try the socket directly
-            try:
-                sent = self.sock.send(reply)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self.close(f"write failed: {exc.strerror}")
-                return nbytes
-            if sent == len(reply):
-                self.last_progress = worker.loop.now
-                return sent
-            self._head_started = sent > 0  # the queue starts mid-frame: a cut-off keeps it whole
-            self.send_frame(bytes(reply[sent:]))
-        else:
-            self.send_frame(reply)
-        return len(reply)
+        self.send_now(reply)
+        return nbytes if self.closed else len(reply)
 
     def _after_read(self) -> None:
         if self._out:
@@ -342,11 +328,11 @@ class Connection:
                 f"outbound buffer passed {self.worker.settings.max_outbuf} bytes: the client is not reading",
             )
 
-    def deliver(self, data: bytes) -> None:
-        """Frames for a member (a room delivery): written at once when
-        nothing is queued, as the echo fast path does. A delivery is the
-        same bytes for every member of the room, so what a member costs is
-        one send, not a queue entry and a flush at the end of the pass."""
+    def send_now(self, data: bytes | bytearray) -> None:
+        """Frames written at once when nothing is queued (an echo run, a
+        room delivery: the same bytes for every member), so they cost one
+        send, not a queue entry and a flush at the end of the pass; what the
+        socket does not take is queued as :meth:`send_frame` would."""
         if self._out is not None or self.closed:
             self.send_frame(data)
             return
@@ -361,7 +347,7 @@ class Connection:
             self.last_progress = self.worker.now
         if sent < len(data):
             self._head_started = sent > 0  # the queue starts mid-frame: a cut-off keeps it whole
-            self.send_frame(data[sent:] if sent else data)
+            self.send_frame(bytes(data[sent:]) if sent else data)
 
     def send_error(self, request_id: int, code: ErrorCode, message: str) -> None:
         self.send_frame(encode_frame(Op.ERROR, request_id, encode_error(code, message)))

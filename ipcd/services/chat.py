@@ -312,7 +312,7 @@ class ChatRouter:
             connections = self.worker.connections
             targets = [c for c in (connections.get(i) for i in delivery.conns) if c is not None]
         for conn in list(targets):
-            conn.deliver(frames)  # the same bytes object for every member
+            conn.send_now(frames)  # the same bytes object for every member
 
     def _index(self, conn: Connection, room: str, joined: bool) -> None:
         state = conn.chat
