@@ -100,9 +100,18 @@ def _check_seconds(value: float, what: str, *, positive: bool) -> None:
 
 
 class _Closing:
-    """Context-manager plumbing both clients share."""
+    """What both clients share: where the daemon is, whom to trust there,
+    and the context-manager plumbing."""
 
     sock: socket.socket
+
+    def _locate(
+        self, socket_dir: str | Path | None, socket_name: str, timeout: float | None, daemon_uid: int | None
+    ) -> None:
+        self.socket_dir = Path(socket_dir) if socket_dir is not None else default_socket_dir()
+        self.path = self.socket_dir / socket_name
+        self.timeout = timeout
+        self.trust = DaemonTrust(self.socket_dir, self.path, daemon_uid)
 
     def __enter__(self) -> Self:
         return self
@@ -126,10 +135,7 @@ class Client(_Closing):
         *,
         daemon_uid: int | None = None,
     ) -> None:
-        self.socket_dir = Path(socket_dir) if socket_dir is not None else default_socket_dir()
-        self.path = self.socket_dir / STREAM_SOCKET
-        self.timeout = timeout
-        self.trust = DaemonTrust(self.socket_dir, self.path, daemon_uid)
+        self._locate(socket_dir, STREAM_SOCKET, timeout, daemon_uid)
         self._ids = itertools.count(1)
         self._decoder = FrameDecoder(max_frame_size=1 << 30)
         self._buffer: bytearray | None = None  # for reads, made on the first
@@ -500,10 +506,7 @@ class DatagramClient(_Closing):
         *,
         daemon_uid: int | None = None,
     ) -> None:
-        self.socket_dir = Path(socket_dir) if socket_dir is not None else default_socket_dir()
-        self.path = self.socket_dir / DGRAM_SOCKET
-        self.timeout = timeout
-        self.trust = DaemonTrust(self.socket_dir, self.path, daemon_uid)
+        self._locate(socket_dir, DGRAM_SOCKET, timeout, daemon_uid)
         try:
             owner = os.lstat(self.path).st_uid
         except OSError as exc:
