@@ -172,6 +172,13 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "N",
     ),
     OptionSpec(
+        "history_bytes_per_uid",
+        _size,
+        "Bytes of one uid's messages kept in room history; past it its oldest kept messages "
+        "(and older ones of their rooms) are trimmed (default 64M).",
+        "BYTES",
+    ),
+    OptionSpec(
         "connections_per_uid",
         _positive_int,
         "Connections one uid may hold open at once (default 4096, or an eighth of what the workers' "
@@ -228,6 +235,7 @@ class Settings:
     waiters_per_uid: int = 1024
     rooms_per_uid: int = 1000
     joins_per_uid: int = 1024
+    history_bytes_per_uid: int = 64 << 20
     connections_per_uid: int = 0  # 0: not set, see ipcd.server.uidbudgets.connection_limit
     partial_bytes_per_uid: int = 16 << 20
     privileged_budget_factor: int = 4

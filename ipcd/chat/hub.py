@@ -30,14 +30,17 @@ slow-consumer bound through its own requests.
 Identity comes from the kernel (SO_PEERCRED / SCM_CREDENTIALS, forwarded by
 the worker): a message carries its sender's uid whatever nick they chose.
 
-Rooms are shared by all users, so each uid has two budgets
+Rooms are shared by all users, so each uid has budgets
 (:class:`~ipcd.budgets.UidBudget`): the rooms it created that still exist
 (``rooms_per_uid``, a fraction of ``max_rooms``: no uid can fill the daemon's
-table) and the memberships its connections hold (``joins_per_uid``). Both
-are charged where a room is created or joined, never per message: a SAY
-pays only when it creates a room. A uid at its room budget first forgets
-its own least recently used room without members; only if all its rooms
-are in use is it refused.
+table) and the memberships its connections hold (``joins_per_uid``), both
+charged where a room is created or joined; a SAY pays for those only when
+it creates a room. A uid at its room budget first forgets its own least
+recently used room without members; only if all its rooms are in use is it
+refused. The bytes of history its messages keep (``history_bytes_per_uid``)
+are charged to the poster once per run of posts to a room
+(:mod:`ipcd.chat.keptbytes`, which trims a poster over budget so that each
+room's history stays a gap-free suffix).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from typing import Any, Final
 
 from ipcd.budgets import UidBudget
 from ipcd.chat.idlerooms import IdleRooms
+from ipcd.chat.keptbytes import Kept, KeptBytes
 from ipcd.link.outbox import Deliveries, Outbox, Staged
 from ipcd.link.records import Answer, Out, Post, Sender, ServiceError
 from ipcd.protocol import (
@@ -85,7 +89,6 @@ Member = tuple[int, int]  # (worker pid, connection id)
 Args = dict[str, Any]  # a request body
 # (meta for the worker, reply body: to encode, or encoded already)
 Result = tuple[dict[str, Any], dict[str, Any] | bytes]
-Kept = tuple[int, bytes]  # a message in a room's history: its seq and its MESSAGE frame
 
 # A MESSAGE body and a SAY reply, made of parts encoded once (keys sorted, as
 # encode_json writes them): sender, room, seq, text, ts, uid.
@@ -110,6 +113,7 @@ class Limits:
     reply_budget: int = 1 << 20  # bytes of history per reply or replay: a quarter of --max-outbuf
     rooms_per_uid: int = 1000  # rooms a uid created that still exist: a tenth of max_rooms
     joins_per_uid: int = 1024  # memberships all of a uid's connections hold together
+    history_bytes_per_uid: int = 64 << 20  # bytes of one uid's messages kept in history
     privileged_factor: int = 4  # root and the daemon's uid: this many times the per-uid budgets
 
 
@@ -234,6 +238,7 @@ class Hub:
         self.created = UidBudget("rooms", 0, "--rooms-per-uid")  # rooms that exist, per creator uid
         self.joined = UidBudget("room memberships", 0, "--joins-per-uid")  # per member uid
         self.idle = IdleRooms()  # which of its rooms a uid at its budget forgets first
+        self.kept: KeptBytes[Room] = KeptBytes(UidBudget("bytes of history", 0, "--history-bytes-per-uid"))
         self.limits = limits or Limits()
         self.rooms: dict[str, Room] = {}
         self.messages = 0  # room and private messages sent; also the rooms' eviction clock
@@ -251,7 +256,12 @@ class Hub:
     def limits(self, limits: Limits) -> None:
         """New limits (a reload): the budgets follow; what is held stays held."""
         self._limits = limits
-        for budget, limit in ((self.created, limits.rooms_per_uid), (self.joined, limits.joins_per_uid)):
+        budgets = (
+            (self.created, limits.rooms_per_uid),
+            (self.joined, limits.joins_per_uid),
+            (self.kept.budget, limits.history_bytes_per_uid),
+        )
+        for budget, limit in budgets:
             budget.limit = limit
             budget.privileged_factor = limits.privileged_factor
 
@@ -306,6 +316,8 @@ class Hub:
             held.setdefault(uid, {})["rooms"] = count
         for uid, count in self.joined.held.items():
             held.setdefault(uid, {})["joins"] = count
+        for uid, count in self.kept.budget.held.items():
+            held.setdefault(uid, {})["history_bytes"] = count
         return held
 
     # -- sessions ----------------------------------------------------------
@@ -348,9 +360,7 @@ class Hub:
                 raise ChatError(
                     ErrorCode.LIMIT_EXCEEDED, f"the daemon holds {len(self.rooms)} rooms: its limit"
                 )
-            room = self.rooms[name] = Room(
-                name, history=deque(maxlen=self.limits.history), last_used=self.messages, creator=uid
-            )
+            room = self.rooms[name] = Room(name, last_used=self.messages, creator=uid)
             if uid is not None:
                 self.created.charge(uid)
                 self.idle.may_be_idle(room, self.rooms, self.created.limit_for(uid))  # a SAY's is
@@ -358,6 +368,7 @@ class Hub:
 
     def _forget(self, room: Room) -> None:
         del self.rooms[room.name]
+        self.kept.forgotten(room)
         if room.creator is not None:
             self.created.release(room.creator)
             if not self.created.held[room.creator]:
@@ -460,7 +471,7 @@ class Hub:
         # The notice went before the reply (the joiner's worker indexes it only
         # from the reply on); the replay goes after it on the same ordered
         # channel, before any new message.
-        self._deliver_to(sender.worker, sender.conn, [frame for _, frame in replay], later)
+        self._deliver_to(sender.worker, sender.conn, [frame for _, frame, _ in replay], later)
         result = {
             "room": name,
             "nick": session.nick,
@@ -498,7 +509,7 @@ class Hub:
         for request_id, name, text_json in Post.decode_run(body):
             if room is None or name != room.name:
                 if frames:
-                    out.to_room_many(room.name, room.workers, frames, frames_size)  # type: ignore[union-attr]
+                    self._kept(room, uid, frames, frames_size, out)  # type: ignore[arg-type]
                     frames, frames_size = [], 0
                 try:
                     room = rooms.get(name) or self._room(name, create=True, uid=uid)
@@ -516,7 +527,7 @@ class Hub:
             sender_json = session.nick_json if session is not None else user_name_json(uid, now)
             message = _MESSAGE % (sender_json, room.name_json, seq, text_json, ts_json, uid)
             frame = _PACK_HEAD(MAGIC, VERSION, Op.MESSAGE, 0, 0, 0, 0, len(message)) + message
-            room.history.append((seq, frame))
+            room.history.append((seq, frame, uid))
             room.last_used = self.messages = self.messages + 1
             frames.append(frame)
             frames_size += len(frame)
@@ -525,12 +536,19 @@ class Hub:
             replies.append(reply)
             replies_size += len(reply)
         if frames and room is not None:
-            out.to_room_many(room.name, room.workers, frames, frames_size)
+            self._kept(room, uid, frames, frames_size, out)
         if conn:
             out.reply_many(worker, conn, replies, replies_size)
         else:
             for reply in replies:
                 out.answer(worker, Answer(0, reply, dgram=sender.dgram))
+
+    def _kept(self, room: Room, uid: int, frames: list[bytes], size: int, out: Outbox) -> None:
+        """A run's messages to one room, now in its history: charged to the
+        poster (trimming its oldest if it is past its history budget), and
+        to the outbox."""
+        self.kept.kept(room, uid, len(frames), size, self.limits.history)
+        out.to_room_many(room.name, room.workers, frames, size)
 
     def _msg(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
         target_nick = check_nick(args.get("to"), "to")
@@ -601,7 +619,7 @@ class Hub:
         if more:
             head["before"] = page[0][0]
         # The kept MESSAGE bodies as they are, not parsed and encoded again.
-        messages = b",".join(frame[HEADER.size :] for _, frame in page)
+        messages = b",".join(frame[HEADER.size :] for _, frame, _ in page)
         return {}, encode_json(head)[:-1] + b',"messages":[' + messages + b"]}"
 
     def _page(self, room: Room, count: int, before: int | None) -> tuple[list[Kept], bool]:
@@ -612,7 +630,7 @@ class Hub:
             return [], False
         kept = list(room.history) if before is None else [k for k in room.history if k[0] < before]
         wanted = kept[-count:]
-        fit = newest_that_fit([len(frame) for _, frame in wanted], self.limits.reply_budget)
+        fit = newest_that_fit([len(frame) for _, frame, _ in wanted], self.limits.reply_budget)
         return wanted[len(wanted) - fit :], fit < len(wanted)
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 
 from ipcd.chat.hub import Limits
+from ipcd.chat.keptbytes import ENTRY_COST
 from ipcd.handoff.bodies import ACCESS_LIST_MAX, FD_NAME_MAX, NAME_MAX
 from ipcd.link.framing import FRAGMENT
 from ipcd.protocol.chat import NAME_MAX as ROOM_NAME_MAX
@@ -198,18 +199,17 @@ def master_memory_bound(
 
     Daemon-wide: per worker, what its channel queues (the kill line, plus
     the message that crossed it, the largest the master builds) and the one
-    message being reassembled from it; the hub's rooms, each with a full
-    history (history is not budgeted per uid: the daemon's room limit
-    times ``--history-size`` messages of ``--max-message`` bytes). Per uid:
-    its parked waiters, its stored entries, its chat sessions and
-    memberships, and what they add to the largest listing reply."""
+    message being reassembled from it; the hub's rooms. Per uid: its parked
+    waiters, its stored entries, its chat sessions and memberships, what
+    they add to the largest listing reply, and the history it posted (kept
+    messages are charged to their poster: ipcd.chat.keptbytes). History is
+    also never more than ``rooms x --history-size`` messages in all."""
     largest = max(history_page(settings), rooms_listing(MAX_ROOMS))
     fixed = {
         "channel backlog per worker (64 MiB kill line + one message)": workers
         * (max(MAX_CHANNEL_BACKLOG, settings.channel_byte_budget) + largest),
         "message from each worker being reassembled": workers * _request_message(settings),
-        "rooms with full history (daemon-wide)": min(rooms, MAX_ROOMS)
-        * (_ROOM_COST + settings.history_size * _history_entry(settings)),
+        "rooms (daemon-wide; their history is charged to its posters)": min(rooms, MAX_ROOMS) * _ROOM_COST,
     }
 
     def uid_terms(factor: int) -> dict[str, int]:
@@ -220,6 +220,9 @@ def master_memory_bound(
             "stored entries": settings.fd_quota * entry_bytes(settings),
             "chat sessions": connections * _SESSION_COST,
             "room memberships": joins * _MEMBERSHIP_COST,
+            "history it posted (--history-bytes-per-uid, plus its newest message)": (
+                settings.history_bytes_per_uid * factor + _history_entry(settings) + ENTRY_COST
+            ),
             "its share of the largest listing (LS, WHO)": _uid_listing(settings, connections, joins),
         }
 

@@ -72,6 +72,7 @@ def _chat_limits(settings: Settings) -> Limits:
         reply_budget=settings.reply_budget,
         rooms_per_uid=settings.rooms_per_uid,
         joins_per_uid=settings.joins_per_uid,
+        history_bytes_per_uid=settings.history_bytes_per_uid,
         privileged_factor=settings.privileged_budget_factor,
     )
 

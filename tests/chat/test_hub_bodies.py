@@ -88,7 +88,7 @@ def bad_fields(op: int, body: dict[str, Any]) -> dict[str, set[ErrorCode]]:
 
 def snapshot(hub: Hub) -> Any:
     rooms = {
-        name: (r.topic, r.seq, sorted(r.members), dict(r.workers), [seq for seq, _ in r.history])
+        name: (r.topic, r.seq, sorted(r.members), dict(r.workers), [seq for seq, _, _ in r.history])
         for name, r in hub.rooms.items()
     }
     sessions = {m: (s.nick, s.uid, sorted(s.rooms)) for m, s in hub.sessions.items()}

@@ -11,6 +11,7 @@ import os
 import pytest
 
 from ipcd.chat.hub import Limits
+from ipcd.chat.keptbytes import cost
 from ipcd.protocol import ErrorCode, Op
 from ipcd.protocol.chat import DEFAULT_ROOM
 from tests.chat.test_hub import W1, W2, Conn, HubError, Sim
@@ -160,4 +161,5 @@ def test_joining_and_parting_over_and_over_keeps_the_eviction_order_bounded() ->
         conn.join(name)
     assert "--rooms-per-uid is 4 per uid" in refusal(conn, Op.SAY, room="f", text="x")
     sim.close(conn)
-    assert sim.hub.holdings() == {ATTACKER: {"rooms": 4}}  # their history keeps them
+    kept = sum(cost(entry) for room in sim.hub.rooms.values() for entry in room.history)
+    assert sim.hub.holdings() == {ATTACKER: {"rooms": 4, "history_bytes": kept}}  # their history keeps them

@@ -285,3 +285,62 @@ def test_budgets_set_by_flag_and_what_ipcctl_says_past_one(
         ]
         outcome = as_user(b, served_meanwhile, str(daemon.socket_dir), "b-flagged")
         assert outcome.ok, outcome
+
+
+HISTORY_BUDGET = 4 << 20
+BIG_TEXT = "h" * 8000  # about 8 KiB kept per message
+
+
+def post_big_messages(
+    socket_dir: str, rooms: int, per_room: int, ready_w: int, leave_r: int
+) -> dict[str, Any]:
+    """Post ``per_room`` big messages to each of ``rooms`` fresh rooms: 80 MB
+    of history at 200 x 50 without a budget per uid."""
+    with Client(socket_dir, timeout=10) as client:
+        for r in range(rooms):
+            for _ in range(per_room):
+                client.say(f"big-{r}", BIG_TEXT)
+        newest = client.history(f"big-{rooms - 1}", 1)
+        report = {"newest": [m["seq"] for m in newest], "first": len(client.history("big-0"))}
+        hold_until_told(ready_w, leave_r, report)
+    return report
+
+
+def kept_history(socket_dir: str, room: str) -> list[str]:
+    with Client(socket_dir, timeout=10) as client:
+        return [m["text"] for m in client.history(room)]
+
+
+def post_history(socket_dir: str, room: str, count: int) -> None:
+    with Client(socket_dir, timeout=10) as client:
+        for j in range(count):
+            client.say(room, f"b's message {j}")
+
+
+def test_one_uid_posting_big_messages_everywhere_keeps_only_its_history_budget(
+    start_daemon: StartDaemon, fd_users: FdUsers
+) -> None:
+    daemon = start_daemon("--history-bytes-per-uid", str(HISTORY_BUDGET))
+    a, b = fd_users.other, fd_users.owner
+    assert daemon.status()["limits"]["history_bytes_per_uid"] == HISTORY_BUDGET
+    warm_up(daemon, b)
+    posted = as_user(b, post_history, str(daemon.socket_dir), "b-history", 5)
+    assert posted.ok, posted
+    before = rss_kib(daemon.pid) * 1024
+    with attacking(a, post_big_messages, str(daemon.socket_dir), 200, 50) as report:
+        assert report["newest"] == [50]  # what it posted last is kept
+        assert report["first"] == 0  # its oldest rooms were trimmed for it
+        held = holdings(daemon, a.pw_uid)
+        assert held is not None
+        assert HISTORY_BUDGET - 9000 < held["history_bytes"] <= HISTORY_BUDGET + 9000
+        grown = rss_kib(daemon.pid) * 1024 - before
+        assert grown <= HISTORY_BUDGET + (6 << 20), f"master grew {grown} bytes"
+        print(f"master grew {grown} bytes for a's 80 MB of posts")  # read off a -s run
+        b_is_served(daemon, b, "b-during")
+        kept = as_user(b, kept_history, str(daemon.socket_dir), "b-history")
+        assert kept.ok, kept
+        assert kept.value == [f"b's message {j}" for j in range(5)]  # a room a never posted to
+        table = ipcctl(daemon.socket_dir, "status").stdout
+        rows = {line.split()[1]: line.split() for line in table.splitlines()[-3:]}
+        assert rows[a.pw_name][7:9] == ["4.0", "MiB"], table  # its HISTORY column
+        assert "4.0 MiB of history" in table, table
