@@ -7,7 +7,9 @@ waiters past ``--waiters-per-uid``, rooms past ``--rooms-per-uid`` each
 with a full history of messages whose every byte JSON escapes (past
 ``--history-bytes-per-uid``, so its oldest rooms are trimmed), connections
 each holding an almost complete frame past ``--partial-bytes-per-uid``,
-and members of a room that never read what it delivers. Another client is served
+stored entries at the fd quota, each as large as an entry can be, got
+twice from both workers (their GET copies) and listed, and members of a
+room that never read what it delivers. Another client is served
 meanwhile. Each process's RSS growth (from /proc) must stay under what
 ipcd.server.flow computes for the terms the attack pushed, plus an
 allocator slack; the terms it cannot push quickly (a worker's requests
@@ -18,8 +20,10 @@ against too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +36,7 @@ from ipcd.protocol import NEED_DATA, Op, encode_header
 from ipcd.protocol.messages import encode_json
 from ipcd.server.flow import master_memory_bound, worker_memory_bound
 from ipcd.settings import Settings
-from tests.daemon import Daemon, rss_kib, running_daemon, wait_for
+from tests.daemon import Daemon, children, rss_kib, running_daemon, wait_for
 
 FRAME = 64 << 10
 OUTBUF = 256 << 10
@@ -66,6 +70,12 @@ WAITER_CONNECTIONS = 55
 GETS_PER_CONNECTION = 4  # the fd budget (64) over --max-fds (16): 220 in all, 20 past the budget
 PARTIAL_CONNECTIONS = 60  # 60 almost complete 64 KiB frames: 3.75 MiB without the budget
 SLOW_READERS = 40
+PRIVATE_READERS = 40
+PRIVATE_MESSAGES = (
+    44  # x 8.4 KiB: 370 KiB each, the kernel's share and most of the 256 KiB outbuf (56 cut them off)
+)
+FLOOD_MESSAGES = 10_000  # x 8 KB to a worker that stopped reading: past the 64 MiB kill line
+ENTRIES = 63  # of the default --fd-quota (64): one fd each; the last is the bystander's hand-off
 DELIVERIES = 80  # 80 x 8.4 KiB to each reader: more than the kernel and the outbuf hold
 # What the allocator may add beyond the pushed terms: arenas, the page
 # granularity of RSS, interpreter caches warmed by new code paths.
@@ -150,6 +160,34 @@ def test_each_process_stays_under_its_computed_bound_with_every_budget_pushed(sm
             except OSError:
                 pass  # cut off already: that is the budget at work
 
+        # Stored entries at the fd quota, each as large as an entry can be,
+        # got twice (so both workers may answer from their own copy), and
+        # listed: past the quota a PUT is refused.
+        keeper = Client(daemon.socket_dir, timeout=10)
+        clients.append(keeper)
+        read, write = os.pipe()
+        try:
+            for e in range(ENTRIES):
+                keeper.put(
+                    f"{e:03d}".ljust(128, "e"),
+                    [read],
+                    names=[f"{e:03d}".ljust(255, "n")],
+                    allow_uids=range(70000, 70064),
+                    allow_gids=range(70000, 70064),
+                )
+            with pytest.raises(ServerError, match="LIMIT_EXCEEDED|quota"):
+                keeper.put("two-fds-too-many", [read, read])  # the bystander's one still fits
+        finally:
+            os.close(read)
+            os.close(write)
+        getters = [Client(daemon.socket_dir, timeout=10) for _ in range(2)]
+        clients.extend(getters)
+        for getter in getters:
+            for e in range(ENTRIES):
+                for _ in range(2):
+                    fdpass.close_fds(getter.get(f"{e:03d}".ljust(128, "e")).fds)
+        assert len(keeper.ls()["entries"]) == ENTRIES
+
         # Slow readers: members of a room who never read, sent more than the
         # kernel and --max-outbuf hold (past it they are cut off).
         readers = [Client(daemon.socket_dir, timeout=10) for _ in range(SLOW_READERS)]
@@ -158,6 +196,16 @@ def test_each_process_stays_under_its_computed_bound_with_every_budget_pushed(sm
             reader.join("full-0")
         for _ in range(DELIVERIES):
             chatter.say("full-0", text)
+
+        # Private readers: each is sent its own messages (no buffer shared
+        # with another member), more than the kernel takes, short of the
+        # --max-outbuf cut-off: each connection's output term, for real.
+        private = [Client(daemon.socket_dir, timeout=10) for _ in range(PRIVATE_READERS)]
+        clients.extend(private)
+        for r, reader in enumerate(private):
+            nick = reader.nick(f"private-{r}")
+            for _ in range(PRIVATE_MESSAGES):
+                chatter.msg(nick, text)
 
         status = wait_for(
             lambda: s if (s := daemon.status()) and _held(s, "waiters") == WAITERS else None,
@@ -168,6 +216,9 @@ def test_each_process_stays_under_its_computed_bound_with_every_budget_pushed(sm
         assert PARTIAL <= _held(status, "partial_bytes") <= SETTINGS.workers * (PARTIAL + 256 * 1024)
         _served(daemon, "full-0")
         after = _rss([daemon.pid, *workers])
+        for reader in private:  # they were held, not cut off: each reads all it was sent
+            texts = [reader.next_event(timeout=10).data["text"] for _ in range(PRIVATE_MESSAGES)]
+            assert texts == [text] * PRIVATE_MESSAGES
     finally:
         for sock in held:
             sock.close()
@@ -182,17 +233,24 @@ def test_each_process_stays_under_its_computed_bound_with_every_budget_pushed(sm
         + master.per_uid["parked waiters"]
         + master.per_uid["chat sessions"]
         + master.per_uid["room memberships"]
+        + master.per_uid["stored entries"]
+        + master.per_uid["its share of the largest listing (LS, WHO)"]
     )
     grown = after[daemon.pid] - before[daemon.pid]
     assert grown <= master_pushed + SLACK, f"master grew {grown} bytes, pushed terms {master_pushed}"
     assert grown <= master.total(1)
 
     worker = worker_memory_bound(SETTINGS, connections)
+    # Of the output term, only the connections that were sent output
+    # without reading it (the rest hold none).
     worker_pushed = (
-        worker.fixed["output per connection (--max-outbuf)"]
+        worker_memory_bound(SETTINGS, PRIVATE_READERS + SLOW_READERS).fixed[
+            "output per connection (--max-outbuf)"
+        ]
         + worker.fixed["connection objects"]
         + worker.fixed["message from the master being reassembled"]
         + worker.per_uid["partly received frames"]
+        + worker.per_uid["GET replicas of its entries"]
     )
     for pid in workers:
         grown = after[pid] - before[pid]
@@ -224,3 +282,57 @@ def _held(status: dict[str, object], what: str) -> int:
     uids = status.get("uids") or []
     assert isinstance(uids, list)
     return sum(int(entry.get(what, 0)) for entry in uids if entry.get("uid") == os.geteuid())
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's high-water RSS (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def _served_by(client: Client) -> int:
+    return int(client.status()["served_by"])
+
+
+def test_the_master_holds_at_most_the_kill_line_for_a_worker_that_stopped_reading(socket_dir: Path) -> None:
+    """The channel-backlog term, pushed for real: a worker that stops taking
+    its channel (SIGSTOP) while a room it has a member in is flooded makes
+    the master queue fan-out for it until the kill line, then kill it. The
+    master's peak RSS stays under that term plus the slack; the poster on
+    the other worker is served throughout, and the room's sequence goes on."""
+    with running_daemon(socket_dir, "--workers", "2") as daemon:
+        reader = Client(daemon.socket_dir, timeout=10)
+        poster = Client(daemon.socket_dir, timeout=10)
+        spare: list[Client] = []
+        try:
+            stopped = _served_by(reader)
+            while _served_by(poster) == stopped:  # the poster on the other worker
+                spare.append(poster)
+                poster = Client(daemon.socket_dir, timeout=10)
+            reader.join("flood")
+            assert poster.say("flood", "warm") == 1
+            baseline = rss_kib(daemon.pid) * 1024
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                text = "k" * 8000
+                posted = 0
+                # 80 MB for the stopped worker, past the 64 MiB kill line.
+                for seq in poster.say_many("flood", (text for _ in range(FLOOD_MESSAGES))):
+                    posted = seq
+                wait_for(lambda: stopped not in children(daemon.pid), what="the stopped worker to be killed")
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(stopped, signal.SIGCONT)
+            peak = _peak_rss(daemon.pid) - baseline
+            assert posted == FLOOD_MESSAGES + 1  # after "warm": every post answered, in order
+            assert poster.say("flood", "after") == posted + 1  # and the room goes on
+            bound = master_memory_bound(Settings(workers=2), workers=2).fixed
+            kill_line = bound["channel backlog per worker (64 MiB kill line + one message)"] // 2
+            assert peak <= kill_line + SLACK, f"master peaked {peak} bytes above its baseline"
+            assert "channel backlog" in daemon.log() or "behind" in daemon.log()
+            print(f"master peaked {peak} bytes above its baseline, kill line term {kill_line}")
+        finally:
+            for client in (reader, poster, *spare):
+                client.close()
