@@ -38,6 +38,12 @@ are charged where a room is created or joined, never per message: a SAY
 pays only when it creates a room. A uid at its room budget first forgets
 its own least recently used room without members; only if all its rooms
 are in use is it refused.
+
+Posts (SAY, MSG) are also counted per uid here, daemon-wide
+(:class:`~ipcd.chat.postrate.PostRates`): each worker caps a uid at
+``rate_limit`` on its own, the hub tells a worker to hold a uid whose posts
+over all workers went past it. A post that reaches the hub is never
+refused for its rate.
 """
 
 from __future__ import annotations
@@ -52,9 +58,12 @@ from json.encoder import encode_basestring
 from typing import Any, Final
 
 from ipcd.budgets import UidBudget
+from ipcd.chat.fairshare import BURST_FACTOR
 from ipcd.chat.idlerooms import IdleRooms
+from ipcd.chat.postrate import PostRates
+from ipcd.link.ops import ChannelOp
 from ipcd.link.outbox import Deliveries, Outbox, Staged
-from ipcd.link.records import Answer, Out, Post, Sender, ServiceError
+from ipcd.link.records import Answer, Out, Post, Sender, ServiceError, Throttle
 from ipcd.protocol import (
     ErrorCode,
     Op,
@@ -111,6 +120,7 @@ class Limits:
     rooms_per_uid: int = 1000  # rooms a uid created that still exist: a tenth of max_rooms
     joins_per_uid: int = 1024  # memberships all of a uid's connections hold together
     privileged_factor: int = 4  # root and the daemon's uid: this many times the per-uid budgets
+    rate_limit: float = 5000.0  # posts per second per uid, daemon-wide (bursts of BURST_FACTOR seconds)
 
 
 @dataclasses.dataclass(eq=False)
@@ -234,6 +244,8 @@ class Hub:
         self.created = UidBudget("rooms", 0, "--rooms-per-uid")  # rooms that exist, per creator uid
         self.joined = UidBudget("room memberships", 0, "--joins-per-uid")  # per member uid
         self.idle = IdleRooms()  # which of its rooms a uid at its budget forgets first
+        self.posts = PostRates(Limits.rate_limit, Limits.rate_limit * BURST_FACTOR)  # per poster uid
+        self.clock = time.monotonic  # the posts' rate clock (a test sets its own)
         self.limits = limits or Limits()
         self.rooms: dict[str, Room] = {}
         self.messages = 0  # room and private messages sent; also the rooms' eviction clock
@@ -254,6 +266,7 @@ class Hub:
         for budget, limit in ((self.created, limits.rooms_per_uid), (self.joined, limits.joins_per_uid)):
             budget.limit = limit
             budget.privileged_factor = limits.privileged_factor
+        self.posts.configure(limits.rate_limit, limits.rate_limit * BURST_FACTOR)
 
     # -- entry points ------------------------------------------------------
 
@@ -262,6 +275,8 @@ class Hub:
         if op == Op.SAY:
             self._say(sender, body, out)
             return
+        if op == Op.MSG:
+            self._charge(sender, 1, out)
         later = Staged()  # what the request causes goes after its reply
         try:
             args = parse_body(body)
@@ -495,7 +510,8 @@ class Hub:
         room: Room | None = None
         frames: list[bytes] = []  # for ``room``, not yet in the outbox
         frames_size = 0
-        for request_id, name, text_json in Post.decode_run(body):
+        posts = Post.decode_run(body)
+        for request_id, name, text_json in posts:
             if room is None or name != room.name:
                 if frames:
                     out.to_room_many(room.name, room.workers, frames, frames_size)  # type: ignore[union-attr]
@@ -531,6 +547,14 @@ class Hub:
         else:
             for reply in replies:
                 out.answer(worker, Answer(0, reply, dgram=sender.dgram))
+        self._charge(sender, len(posts), out)
+
+    def _charge(self, sender: Sender, count: int, out: Outbox) -> None:
+        """Posts of the sender's uid, on its daemon-wide rate: its worker is
+        told to hold the uid if it went past (now and then, not per post)."""
+        hold = self.posts.charge(sender.uid, sender.worker, count, self.clock())
+        if hold:
+            out.add(Out(sender.worker, ChannelOp.THROTTLE, Throttle(sender.uid, hold).encode()))
 
     def _msg(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
         target_nick = check_nick(args.get("to"), "to")
