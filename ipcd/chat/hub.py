@@ -306,6 +306,7 @@ class Hub:
     def worker_gone(self, worker: int, out: Deliveries) -> None:
         """Its connections quit, with notices to everyone else (none to the
         dead worker itself: it has no channel any more)."""
+        self.posts.worker_gone(worker)
         for room in self.rooms.values():
             room.workers.pop(worker, None)
         for member in [m for m in self.sessions if m[0] == worker]:

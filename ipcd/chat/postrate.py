@@ -98,6 +98,11 @@ class PostRates:
         posts = self._uids.get(uid)
         return max(0.0, -posts.bucket.available(now)) if posts is not None else 0.0
 
+    def worker_gone(self, worker: int) -> None:
+        """Forget when ``worker`` was told: its pid will not post again."""
+        for posts in self._uids.values():
+            posts.told.pop(worker, None)
+
     def prune(self, now: float) -> None:
         """Drop the uids whose bucket is full again: that forgives nothing."""
         for uid in [uid for uid, posts in self._uids.items() if posts.bucket.full(now)]:

@@ -79,6 +79,14 @@ def test_a_worker_is_told_once_per_interval_whatever_it_sends() -> None:
     assert rates.charge(UID, W1, 1, 0.5) > 0  # and the first again, an interval later
 
 
+def test_a_gone_worker_is_forgotten_and_the_debt_kept() -> None:
+    rates = PostRates(rate=4, burst=8, interval=10.0)
+    assert rates.charge(UID, W1, 12, 0.0) == 1.0
+    rates.worker_gone(W1)
+    assert rates.charge(UID, W1, 0, 0.0) == 1.0  # a new worker with that pid is told at once
+    assert rates.debt(UID, 0.0) == 4
+
+
 def test_a_debtor_is_kept_by_pruning_and_a_paid_up_uid_dropped() -> None:
     rates = PostRates(rate=4, burst=8, prune_above=2)
     rates.charge(UID, W1, 20, 0.0)
