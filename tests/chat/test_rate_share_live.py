@@ -20,15 +20,16 @@ import os
 import pwd
 import select
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ipcd.chat.fairshare import BURST_FACTOR
 from ipcd.client import Client
-from ipcd.protocol import Op, decode_error, encode_json
+from ipcd.protocol import NEED_DATA, Frame, Op, decode_error, encode_json
 from tests.chat.conftest import StartDaemon
 from tests.chat.users import ChatUser
-from tests.handoff.test_uid_budgets_live import _received, b_is_served
+from tests.handoff.test_uid_budgets_live import b_is_served
 from tests.handoff.users import FdLedger, start_as
 
 RATE = 200.0  # --rate-limit: posts per second per uid
@@ -43,6 +44,13 @@ def allowed(seconds: float) -> float:
     throttles' overshoot, docs/security.md). Two per-worker shares would
     give two bursts and twice the rate."""
     return RATE * BURST_FACTOR + 1.5 * RATE * seconds
+
+
+def _received(client: Client) -> Iterator[Frame]:
+    """The frame a readable connection brings, and any more its read buffered."""
+    yield client.receive()
+    while (frame := client.decoder.next_event()) is not NEED_DATA:
+        yield frame
 
 
 def flood(socket_dir: str, ready_w: int, go_r: int) -> dict[str, Any]:
