@@ -25,10 +25,11 @@ The bound. Over any span of ``t`` seconds the uid's posts stay under
 forward before they are told: each worker's own bucket lets its burst
 through once (``(N - 1) * burst`` beyond the master's), and a worker told
 to hold may post ``rate * THROTTLE_INTERVAL`` after the hold ends before it
-is told again; posts in flight on the channels (a channel's latency of
-them) come on top. Every debt is paid by a hold, never forgiven, so the
-uid's daemon-wide rate converges to ``rate``. Time is the caller's (seconds,
-monotonic).
+is told again. So the debt is at most ``(N - 1) * burst + N * rate *
+THROTTLE_INTERVAL``, plus the posts in flight on the channels (a channel's
+latency of them). Every debt is paid by a hold, never forgiven, so the
+uid's daemon-wide rate converges to ``rate``. Time is the caller's
+(seconds, monotonic).
 """
 
 from __future__ import annotations
