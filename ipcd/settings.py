@@ -143,7 +143,7 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
     OptionSpec(
         "rate_limit",
         _positive_float,
-        "Chat posts/s each uid may make (all its connections and datagrams, counted in each worker), "
+        "Chat posts/s each uid may make (all its connections and datagrams, on every worker), "
         "bursts of 2x; a stream past it is slowed down, a datagram refused (default 5000).",
         "N",
     ),

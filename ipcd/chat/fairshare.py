@@ -8,6 +8,13 @@ means is the caller's business: a stream connection is *held* (queued in
 ``Share.waiting`` and not read until tokens are back: backpressure, nothing
 lost), a datagram, which cannot be held, is refused.
 
+A worker counts only what it sees, so a uid whose connections are spread
+over N workers could post N shares; the master counts the uid's posts
+daemon-wide (:mod:`ipcd.chat.postrate`) and, when the uid is in debt there,
+tells the worker to hold it: :meth:`TokenBucket.withhold` makes the
+worker's bucket give no token for that long, and the usual hold (and
+datagram refusal) does the rest.
+
 Held holders wait in FIFO order, and a post of a uid that has holders
 waiting joins the back of that queue even if a token happens to be there,
 so one connection cannot overtake another of the same user.
@@ -27,6 +34,7 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 PRUNE_ABOVE = 1024  # shares kept before full, idle ones are dropped
+BURST_FACTOR = 2.0  # a full share is this many seconds of posts
 
 
 class TokenBucket:
@@ -54,6 +62,22 @@ class TokenBucket:
             return False
         self.tokens -= 1
         return True
+
+    def spend(self, count: int, now: float) -> float:
+        """Spend ``count`` tokens whether or not they are there (the
+        bucket goes into debt: negative); the tokens left."""
+        tokens = self.tokens
+        elapsed = now - self.last
+        if elapsed > 0:  # _refill inlined: the master spends once per run of posts
+            tokens = min(self.burst, tokens + elapsed * self.rate)
+            self.last = now
+        self.tokens = tokens = tokens - count
+        return tokens
+
+    def withhold(self, seconds: float, now: float) -> None:
+        """Give no token for ``seconds`` from ``now`` (or longer, if the
+        bucket was already further down)."""
+        self.tokens = min(self._refill(now), 1 - seconds * self.rate)
 
     def delay(self, now: float) -> float:
         """Seconds until :meth:`take` can succeed (0: now)."""

@@ -41,6 +41,12 @@ refused. The bytes of history its messages keep (``history_bytes_per_uid``)
 are charged to the poster once per run of posts to a room
 (:mod:`ipcd.chat.keptbytes`, which trims a poster over budget so that each
 room's history stays a gap-free suffix).
+
+Posts (SAY, MSG) are also counted per uid here, daemon-wide
+(:class:`~ipcd.chat.postrate.PostRates`): each worker caps a uid at
+``rate_limit`` on its own, the hub tells a worker to hold a uid whose posts
+over all workers went past it. A post that reaches the hub is never
+refused for its rate.
 """
 
 from __future__ import annotations
@@ -55,10 +61,13 @@ from json.encoder import encode_basestring
 from typing import Any, Final
 
 from ipcd.budgets import UidBudget
+from ipcd.chat.fairshare import BURST_FACTOR
 from ipcd.chat.idlerooms import IdleRooms
 from ipcd.chat.keptbytes import Kept, KeptBytes
+from ipcd.chat.postrate import PostRates
+from ipcd.link.ops import ChannelOp
 from ipcd.link.outbox import Deliveries, Outbox, Staged
-from ipcd.link.records import Answer, Out, Post, Sender, ServiceError
+from ipcd.link.records import Answer, Out, Post, Sender, ServiceError, Throttle
 from ipcd.protocol import (
     ErrorCode,
     Op,
@@ -115,6 +124,7 @@ class Limits:
     joins_per_uid: int = 1024  # memberships all of a uid's connections hold together
     history_bytes_per_uid: int = 64 << 20  # bytes of one uid's messages kept in history
     privileged_factor: int = 4  # root and the daemon's uid: this many times the per-uid budgets
+    rate_limit: float = 5000.0  # posts per second per uid, daemon-wide (bursts of BURST_FACTOR seconds)
 
 
 @dataclasses.dataclass(eq=False)
@@ -239,6 +249,8 @@ class Hub:
         self.joined = UidBudget("room memberships", 0, "--joins-per-uid")  # per member uid
         self.idle = IdleRooms()  # which of its rooms a uid at its budget forgets first
         self.kept: KeptBytes[Room] = KeptBytes(UidBudget("bytes of history", 0, "--history-bytes-per-uid"))
+        self.posts = PostRates(Limits.rate_limit, Limits.rate_limit * BURST_FACTOR)  # per poster uid
+        self.clock = time.monotonic  # the posts' rate clock (a test sets its own)
         self.limits = limits or Limits()
         self.rooms: dict[str, Room] = {}
         self.messages = 0  # room and private messages sent; also the rooms' eviction clock
@@ -264,6 +276,7 @@ class Hub:
         for budget, limit in budgets:
             budget.limit = limit
             budget.privileged_factor = limits.privileged_factor
+        self.posts.configure(limits.rate_limit, limits.rate_limit * BURST_FACTOR)
 
     # -- entry points ------------------------------------------------------
 
@@ -272,6 +285,8 @@ class Hub:
         if op == Op.SAY:
             self._say(sender, body, out)
             return
+        if op == Op.MSG:
+            self._charge(sender, 1, out)
         later = Staged()  # what the request causes goes after its reply
         try:
             args = parse_body(body)
@@ -301,6 +316,7 @@ class Hub:
     def worker_gone(self, worker: int, out: Deliveries) -> None:
         """Its connections quit, with notices to everyone else (none to the
         dead worker itself: it has no channel any more)."""
+        self.posts.worker_gone(worker)
         for room in self.rooms.values():
             room.workers.pop(worker, None)
         for member in [m for m in self.sessions if m[0] == worker]:
@@ -506,7 +522,8 @@ class Hub:
         room: Room | None = None
         frames: list[bytes] = []  # for ``room``, not yet in the outbox
         frames_size = 0
-        for request_id, name, text_json in Post.decode_run(body):
+        posts = Post.decode_run(body)
+        for request_id, name, text_json in posts:
             if room is None or name != room.name:
                 if frames:
                     self._kept(room, uid, frames, frames_size, out)  # type: ignore[arg-type]
@@ -542,6 +559,14 @@ class Hub:
         else:
             for reply in replies:
                 out.answer(worker, Answer(0, reply, dgram=sender.dgram))
+        self._charge(sender, len(posts), out)
+
+    def _charge(self, sender: Sender, count: int, out: Outbox) -> None:
+        """Posts of the sender's uid, on its daemon-wide rate: its worker is
+        told to hold the uid if it went past (now and then, not per post)."""
+        hold = self.posts.charge(sender.uid, sender.worker, count, self.clock())
+        if hold:
+            out.add(Out(sender.worker, ChannelOp.THROTTLE, Throttle(sender.uid, hold).encode()))
 
     def _kept(self, room: Room, uid: int, frames: list[bytes], size: int, out: Outbox) -> None:
         """A run's messages to one room, now in its history: charged to the

@@ -17,6 +17,7 @@ class ChannelOp(enum.IntEnum):
     DELIVER = 0x26  # a Deliver record: client-ready frames to copy to a room or to connections
     REPLICA = 0x28  # a Replica record: a stored entry for the worker to serve GETs from (+ its fds)
     UNREPLICA = 0x29  # an Unreplica record: close the copies of a name, then say UNREPLICATED
+    THROTTLE = 0x2A  # a Throttle record: give a uid no chat tokens for a while (ipcd.chat.postrate)
     # worker -> master
     READY = 0x30  # booted; may be sent connections
     LOAD = 0x31  # JSON counters: connections, received, ...

@@ -23,6 +23,7 @@ fed and return, so that neither imports the server.
 from __future__ import annotations
 
 import functools
+import math
 import struct
 from typing import Final, NamedTuple
 
@@ -75,6 +76,8 @@ _GONE: Final = struct.Struct("!Q")
 _POST: Final = struct.Struct("!IHI")  # request id, room and text lengths
 _REPLICA: Final = struct.Struct("!IBHHH")  # owner, public, name length, allow_uids, allow_gids counts
 _UNREPLICA: Final = struct.Struct("!I")  # token
+_THROTTLE: Final = struct.Struct("!Id")  # uid, seconds
+THROTTLE_MAX: Final = 3600.0  # seconds one THROTTLE may hold a uid for
 
 _HANDOUT: Final = 0x01  # the answer to a GET or TAKE: frees the fd reservation made for it
 # The ops answered with fds: the worker reserves fds for each in flight, the
@@ -319,3 +322,23 @@ class Unreplica(NamedTuple):
     def decode(cls, body: bytes) -> Unreplica:
         (token,) = _header(_UNREPLICA, body)
         return cls(token, _text(body[_UNREPLICA.size :]))
+
+
+class Throttle(NamedTuple):
+    """Master -> worker: ``uid`` posted past its daemon-wide share; give it
+    no chat tokens for ``seconds`` (ipcd.chat.postrate)."""
+
+    uid: int
+    seconds: float
+
+    def encode(self) -> bytes:
+        return _THROTTLE.pack(self.uid, min(self.seconds, THROTTLE_MAX))
+
+    @classmethod
+    def decode(cls, body: bytes) -> Throttle:
+        if len(body) != _THROTTLE.size:
+            raise LinkError(f"THROTTLE record of {len(body)} bytes, expected {_THROTTLE.size}")
+        uid, seconds = _THROTTLE.unpack(body)
+        if not (math.isfinite(seconds) and 0 <= seconds <= THROTTLE_MAX):
+            raise LinkError(f"THROTTLE for {seconds} seconds, outside 0 to {THROTTLE_MAX:g}")
+        return cls(uid, seconds)

@@ -74,6 +74,7 @@ def _chat_limits(settings: Settings) -> Limits:
         joins_per_uid=settings.joins_per_uid,
         history_bytes_per_uid=settings.history_bytes_per_uid,
         privileged_factor=settings.privileged_budget_factor,
+        rate_limit=settings.rate_limit,
     )
 
 

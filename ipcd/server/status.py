@@ -7,10 +7,11 @@ import time
 from typing import Any
 
 from ipcd import __version__
+from ipcd.chat.fairshare import BURST_FACTOR
 from ipcd.chat.hub import Limits
 from ipcd.server.flow import MAX_CHANNEL_BACKLOG
 from ipcd.server.pool import WorkerHandle, WorkerPool
-from ipcd.services.chat import BURST_FACTOR, MAX_IN_FLIGHT
+from ipcd.services.chat import MAX_IN_FLIGHT
 from ipcd.settings import READ_BUFFER_SIZE, Settings
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")

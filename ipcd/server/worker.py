@@ -24,7 +24,7 @@ from collections.abc import Callable
 from ipcd import fdpass
 from ipcd.handoff.replica import WorkerReplica
 from ipcd.link.ops import ChannelOp
-from ipcd.link.records import LinkError, Replica, Unreplica
+from ipcd.link.records import LinkError, Replica, Throttle, Unreplica
 from ipcd.protocol import (
     ErrorCode,
     Frame,
@@ -254,6 +254,13 @@ class Worker:
         elif op == ChannelOp.UNREPLICA:
             self.replica.drop(Unreplica.decode(record.body).name)
             self._send_to_master(ChannelOp.UNREPLICATED, record.body)  # closed: the master may answer
+        elif op == ChannelOp.THROTTLE:
+            try:
+                throttle = Throttle.decode(record.body)
+            except LinkError as exc:
+                log.error("worker %d: bad THROTTLE from master: %s", os.getpid(), exc)
+                return
+            self.chat.throttle(throttle.uid, throttle.seconds)
         elif op == ChannelOp.HEARTBEAT:
             self._send_to_master(ChannelOp.HEARTBEAT_ACK)
         elif op == ChannelOp.STATUS_RESULT:

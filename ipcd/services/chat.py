@@ -19,7 +19,10 @@ timer finds tokens again or replies come back; then the held frame is
 forwarded and the connection goes on with what it had already received. So
 nothing is lost or reordered, and one user's pipelined flood can neither
 outrun its share nor fill the master's queue ahead of other users. A datagram
-cannot be held: past the share it is answered with RATE_LIMITED.
+cannot be held: past the share it is answered with RATE_LIMITED. The share
+here counts what this worker sees; the hub counts the uid over all workers
+and sends THROTTLE when it went past (ipcd.chat.postrate): the uid's bucket
+then gives no token for that long, and the same hold applies.
 
 The same hold keeps a GET or TAKE within the connection's fd budget
 (ipcd.server.flow): each one in flight reserves ``max_fds`` until its
@@ -39,7 +42,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ipcd import fdpass
-from ipcd.chat.fairshare import FairShares, Share
+from ipcd.chat.fairshare import BURST_FACTOR, FairShares, Share
 from ipcd.fdpass import Credentials
 from ipcd.link.ops import ChannelOp
 from ipcd.link.records import HANDOUT_OPS, Answer, Deliver, Forward, Gone, Post
@@ -59,7 +62,6 @@ CHAT_OPS = (Op.NICK, Op.JOIN, Op.PART, Op.SAY, Op.MSG, Op.ROOMS, Op.WHO, Op.TOPI
 RATED_OPS = (Op.SAY, Op.MSG)
 MAX_IN_FLIGHT = 256  # a connection's forwarded requests not yet answered, before it is held
 RESUME_IN_FLIGHT = MAX_IN_FLIGHT // 2  # ... and read again once this few remain
-BURST_FACTOR = 2.0  # a full share is this many seconds of posts
 RUN_MAX = 256  # SAYs in one forwarded run (MAX_IN_FLIGHT bounds it anyway)
 RUN_BYTES = 48 * 1024  # ... and their bytes: a run stays within one channel fragment
 MIN_HOLD = 0.01  # a held uid waits at least this long: tokens come back in batches, not one wake-up each
@@ -226,6 +228,14 @@ class ChatRouter:
             conn.release()
         if waiting:
             self._schedule(share)
+
+    def throttle(self, uid: int, seconds: float) -> None:
+        """The hub says ``uid`` posted past its daemon-wide share: no token
+        for it here for ``seconds``. Holders already waiting stay queued: a
+        wake-up due sooner finds no token and schedules the next one."""
+        now = self.worker.now
+        share = self.shares.get(uid, now)
+        share.bucket.withhold(seconds, now)
 
     def forward_datagram(self, frame: Frame, creds: Credentials | None, address: str | bytes | None) -> None:
         """A datagram SAY: posted as its sender's uid, answered at its address."""

@@ -4,13 +4,25 @@ decoders are the one place where another process's bytes come in)."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ipcd.link.records import Answer, Deliver, Forward, Gone, LinkError, Post, Replica, Unreplica
+from ipcd.link.records import (
+    THROTTLE_MAX,
+    Answer,
+    Deliver,
+    Forward,
+    Gone,
+    LinkError,
+    Post,
+    Replica,
+    Throttle,
+    Unreplica,
+)
 
 U32 = st.integers(0, 2**32 - 1)
 CONN = st.integers(0, 2**63)
@@ -56,7 +68,8 @@ REPLICAS = st.builds(
     body=st.binary(max_size=512),
 )
 UNREPLICAS = st.builds(Unreplica, token=U32, name=NAME)
-RECORDS = st.one_of(FORWARDS, ANSWERS, DELIVERIES, GONES, REPLICAS, UNREPLICAS)
+THROTTLES = st.builds(Throttle, uid=U32, seconds=st.floats(0, THROTTLE_MAX))
+RECORDS = st.one_of(FORWARDS, ANSWERS, DELIVERIES, GONES, REPLICAS, UNREPLICAS, THROTTLES)
 DECODERS: list[Callable[[bytes], object]] = [
     Forward.decode,
     Answer.decode,
@@ -64,12 +77,13 @@ DECODERS: list[Callable[[bytes], object]] = [
     Gone.decode,
     Replica.decode,
     Unreplica.decode,
+    Throttle.decode,
 ]
 
 
 @given(RECORDS)
 def test_every_record_comes_back_unchanged(
-    record: Forward | Answer | Deliver | Gone | Replica | Unreplica,
+    record: Forward | Answer | Deliver | Gone | Replica | Unreplica | Throttle,
 ) -> None:
     assert type(record).decode(record.encode()) == record
 
@@ -121,6 +135,15 @@ def test_corpus_of_known_forms() -> None:
         bytes.fromhex("000003e8 01 0001 0001 0000") + bytes.fromhex("00000007") + b"e{}"
     )
     assert Unreplica(3, "e").encode() == b"\x00\x00\x00\x03e"
+    assert Throttle(1000, 0.5).encode() == bytes.fromhex("000003e8 3fe0000000000000")
+    assert Throttle(1000, 1e9).encode() == Throttle(1000, THROTTLE_MAX).encode()  # a hold is bounded
+
+
+@pytest.mark.parametrize("seconds", [float("nan"), float("inf"), -1.0, THROTTLE_MAX * 2])
+def test_a_throttle_for_no_sensible_time_is_refused(seconds: float) -> None:
+    raw = Throttle(1000, 0).encode()[:4] + struct.pack("!d", seconds)
+    with pytest.raises(LinkError, match="THROTTLE for"):
+        Throttle.decode(raw)
 
 
 POSTS = st.lists(
