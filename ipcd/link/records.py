@@ -75,6 +75,10 @@ _GONE: Final = struct.Struct("!Q")
 _POST: Final = struct.Struct("!IHI")  # request id, room and text lengths
 _REPLICA: Final = struct.Struct("!IBHHH")  # owner, public, name length, allow_uids, allow_gids counts
 _UNREPLICA: Final = struct.Struct("!I")  # token
+# A FORWARD's bytes besides the client's frame body, at most: its header,
+# the supplementary groups the worker reads (up to 256, ipcd.fdpass) and a
+# datagram's return address (a sun_path, 108 bytes).
+FORWARD_ENVELOPE_MAX: Final = _FORWARD.size + 4 * 256 + 108
 
 _HANDOUT: Final = 0x01  # the answer to a GET or TAKE: frees the fd reservation made for it
 # The ops answered with fds: the worker reserves fds for each in flight, the
