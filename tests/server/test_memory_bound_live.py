@@ -187,7 +187,7 @@ def test_each_process_stays_under_its_computed_bound_with_every_budget_pushed(sm
         worker.fixed["output per connection (--max-outbuf)"]
         + worker.fixed["connection objects"]
         + worker.fixed["message from the master being reassembled"]
-        + worker.per_uid["partly received frames"]
+        + worker.per_uid["frames received, not served (partial or held)"]
     )
     for pid in workers:
         grown = after[pid] - before[pid]
