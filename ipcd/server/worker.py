@@ -303,6 +303,7 @@ class Worker:
     def _report_due(self) -> bool:
         if self.loop.now - self._last_report < _REPORT_INTERVAL:
             return False
+        self.chat.forwarded.advance(self.channel.written)  # written since the last forward
         reported = (
             self.stats.frames,
             self.stats.datagrams,
@@ -319,6 +320,7 @@ class Worker:
             load["closed_uids"] = {str(uid): n for uid, n in self._closed_uids.items()}
         if self.partial.held or self._reported[2]:
             load["partial"] = {str(uid): n for uid, n in self.partial.held.items()}
+        self.chat.forwarded.advance(self.channel.written)
         forwarding = self.chat.forwarded.budget.held
         if forwarding or self._reported[3]:
             load["forwarding"] = {str(uid): n for uid, n in forwarding.items()}
