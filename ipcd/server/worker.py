@@ -303,14 +303,18 @@ class Worker:
     def _report_due(self) -> bool:
         if self.loop.now - self._last_report < _REPORT_INTERVAL:
             return False
-        self.chat.forwarded.advance(self.channel.written)  # written since the last forward
-        reported = (
-            self.stats.frames,
-            self.stats.datagrams,
-            self.partial.held,
-            self.chat.forwarded.budget.held,
-        )
+        reported = (self.stats.frames, self.stats.datagrams, self.partial.held, self._forwarding())
         return reported != self._reported
+
+    def _forwarding(self) -> dict[int, int]:
+        """Bytes per uid of requests waiting for the master, for LOAD: none
+        unless the channel has a backlog (a batch about to go at the end of
+        this pass is not waiting, and no report would follow to say so)."""
+        if not self.channel.has_backlog:
+            return {}
+        forwarded = self.chat.forwarded
+        forwarded.advance(self.channel.written)
+        return dict(forwarded.budget.held)
 
     def _report_load(self) -> None:
         """Connection counts at once (routing needs them); other counters at
@@ -320,8 +324,7 @@ class Worker:
             load["closed_uids"] = {str(uid): n for uid, n in self._closed_uids.items()}
         if self.partial.held or self._reported[2]:
             load["partial"] = {str(uid): n for uid, n in self.partial.held.items()}
-        self.chat.forwarded.advance(self.channel.written)
-        forwarding = self.chat.forwarded.budget.held
+        forwarding = self._forwarding()
         if forwarding or self._reported[3]:
             load["forwarding"] = {str(uid): n for uid, n in forwarding.items()}
         if self._send_to_master(ChannelOp.LOAD, encode_json(load)):
