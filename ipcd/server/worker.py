@@ -410,12 +410,15 @@ class Worker:
 
     # -- status ------------------------------------------------------------
 
-    def query_status(self, conn: Connection, request_id: int) -> None:
+    def query_status(self, conn: Connection, request_id: int) -> bool:
+        """Ask the master for STATUS on behalf of ``conn``; False if it could not be asked."""
         token = next(self._ids)
         self._status_waiters[token] = (conn.id, request_id)
         if not self._send_to_master(ChannelOp.STATUS_QUERY, request_id=token):
             del self._status_waiters[token]
             conn.send_error(request_id, ErrorCode.INTERNAL, "the master did not take the status query")
+            return False
+        return True
 
     def _deliver_status(self, token: int, body: bytes) -> None:
         waiter = self._status_waiters.pop(token, None)

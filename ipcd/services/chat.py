@@ -57,7 +57,7 @@ from ipcd.server.flow import FdBudget
 from ipcd.server.forwarded import FORWARD_ADVICE, ForwardLedger, forward_budget
 
 if TYPE_CHECKING:
-    from ipcd.server.connection import Connection
+    from ipcd.server.connection import Connection, Retry
     from ipcd.server.worker import Worker
     from ipcd.services import StreamHandler
 
@@ -70,6 +70,7 @@ RESUME_IN_FLIGHT = MAX_IN_FLIGHT // 2  # ... and read again once this few remain
 BURST_FACTOR = 2.0  # a full share is this many seconds of posts
 RUN_MAX = 256  # SAYs in one forwarded run (MAX_IN_FLIGHT bounds it anyway)
 RUN_BYTES = 48 * 1024  # ... and their bytes: a run stays within one channel fragment
+STATUS_QUERY_COST = 256  # what a STATUS query waiting for the master costs: record, queue entry, waiter
 MIN_HOLD = 0.01  # a held uid waits at least this long: tokens come back in batches, not one wake-up each
 
 
@@ -136,12 +137,7 @@ class ChatRouter:
         except OSError:
             fdpass.close_fds(frame.fds)
             return  # the peer is already gone
-        forwarded = self.forwarded
-        forwarded.advance(self.worker.channel.written)
-        if not forwarded.admits(creds.uid):
-            state.forward_wait = True
-            self._forward_held.setdefault(creds.uid, deque()).append(conn)
-            conn.hold(frame, retry)
+        if self._held_for_budget(conn, state, creds.uid, frame, retry):
             return  # wake_forwarders releases it
         post = None
         if frame.op == Op.SAY:
@@ -186,6 +182,38 @@ class ChatRouter:
         forwarded.mark(uid, nbytes, channel.queued, channel.sealed)
         if channel.written != forwarded.written:
             forwarded.advance(channel.written)  # the post filled a batch, and it went at once
+
+    def _held_for_budget(
+        self, conn: Connection, state: ChatState, uid: int, frame: Frame, retry: Retry
+    ) -> bool:
+        """Hold ``frame`` if ``uid``'s requests waiting for the master are
+        past its forward budget (ipcd.server.forwarded)."""
+        forwarded = self.forwarded
+        forwarded.advance(self.worker.channel.written)
+        if forwarded.admits(uid):
+            return False
+        state.forward_wait = True
+        self._forward_held.setdefault(uid, deque()).append(conn)
+        conn.hold(frame, retry)
+        return True
+
+    def query_status(self, conn: Connection, frame: Frame) -> None:
+        """A STATUS request, which the master answers: it waits in the
+        channel like a forwarded request and counts against the same budget
+        (``STATUS_QUERY_COST`` each), or a connection could pipeline queries
+        without end while the master does not read this worker."""
+        state = conn.chat
+        if state is None:
+            state = conn.chat = ChatState()
+        try:
+            uid = conn.creds.uid
+        except OSError:
+            return  # the peer is already gone
+        if self._held_for_budget(conn, state, uid, frame, self.query_status):
+            return
+        self.close_run()  # what came before goes first
+        if self.worker.query_status(conn, frame.request_id):
+            self._charge_posted(uid, STATUS_QUERY_COST)
 
     def wake_forwarders(self) -> bool:
         """Read again the connections held for their uid's forward budget

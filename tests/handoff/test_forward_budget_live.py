@@ -209,3 +209,70 @@ def test_requests_waiting_for_the_master_stop_at_the_uid_budget(
         raise AssertionError(json.dumps(daemon.status()["uids"])) from None
     assert all(held.get("forward_bytes", 0) == 0 for held in gone["uids"]), gone["uids"]
     print(f"worker grew {grown} bytes with a's {total} bytes of requests")
+
+
+STATUS_BUDGET = 256 << 10
+STATUS_QUERIES = 3000  # 256 bytes each against the budget: 1024 fit
+
+
+def pipeline_status(socket_dir: str, ready_w: int, go_r: int) -> dict[str, Any]:
+    """Send every STATUS query at once, say so, then read the answers once
+    the test lets the master go on."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(20)
+    sock.connect(f"{socket_dir}/stream.sock")
+    sock.sendall(encode_frame(Op.ECHO, 1 << 30, b"hello"))
+    assert sock.recv(64)
+    os.write(ready_w, b"connected")
+    os.read(go_r, 1)  # the master is stopped now
+    sock.sendall(b"".join(encode_frame(Op.STATUS, i + 1, b"") for i in range(STATUS_QUERIES)))
+    os.write(ready_w, b"sent")
+    os.close(ready_w)
+    decoder = FrameDecoder(1 << 24)
+    ids = []
+    while len(ids) < STATUS_QUERIES:
+        chunk = sock.recv(1 << 20)
+        assert chunk, "the daemon closed a's connection"
+        decoder.receive_data(chunk)
+        while (frame := decoder.next_event()) is not NEED_DATA:
+            assert frame.op == Op.STATUS_REPLY, frame
+            ids.append(frame.request_id)
+    sock.close()
+    return {"in_order_once": ids == list(range(1, STATUS_QUERIES + 1))}
+
+
+def test_status_queries_waiting_for_the_master_count_against_the_budget(
+    start_daemon: StartDaemon, fd_users: FdUsers
+) -> None:
+    """STATUS is answered by the master too, and was counted nowhere: one
+    connection could pipeline queries without end while the master did not
+    read its worker."""
+    daemon = start_daemon("--forward-bytes-per-uid", str(STATUS_BUDGET), workers=1)
+    a, b = fd_users.other, fd_users.owner
+    (worker,) = daemon.worker_pids()
+    stream = str(daemon.stream_path)
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pending = start_as(a, pipeline_status, str(daemon.socket_dir), ready_w, go_r, keep=(ready_w, go_r))
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        assert select.select([ready_r], [], [], 30)[0], "a did not connect in 30 s"
+        assert os.read(ready_r, 9) == b"connected", f"a failed: {pending.result(5)}"
+        wait_for(lambda: connections_in(worker, stream) == (1, 1), what="the worker reading a")
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            os.close(go_w)
+            go_w = -1
+            assert select.select([ready_r], [], [], 20)[0], "a could not send its queries"
+            wait_for(lambda: connections_in(worker, stream) == (1, 0), what="the worker to stop reading a")
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        b_is_served(daemon, b, "b-status")
+    finally:
+        os.close(ready_r)
+        if go_w >= 0:
+            os.close(go_w)
+    outcome = pending.result(60)
+    assert outcome.ok, outcome
+    assert outcome.value == {"in_order_once": True}
