@@ -17,15 +17,18 @@ nothing waiting for a.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import select
 import signal
 import socket
+import struct
+import termios
 import time
 from typing import Any
 
-from ipcd.protocol import NEED_DATA, FrameDecoder, Op, encode_frame
+from ipcd.protocol import NEED_DATA, ErrorCode, FrameDecoder, Op, decode_error, encode_frame
 from ipcd.protocol.messages import encode_json
 from ipcd.server.forwarded import forward_bound
 from ipcd.settings import READ_BUFFER_SIZE, Settings
@@ -229,7 +232,7 @@ def pipeline_status(socket_dir: str, ready_w: int, go_r: int) -> dict[str, Any]:
     os.write(ready_w, b"sent")
     os.close(ready_w)
     decoder = FrameDecoder(1 << 24)
-    ids = []
+    ids: list[int] = []
     while len(ids) < STATUS_QUERIES:
         chunk = sock.recv(1 << 20)
         assert chunk, "the daemon closed a's connection"
@@ -276,3 +279,127 @@ def test_status_queries_waiting_for_the_master_count_against_the_budget(
     outcome = pending.result(60)
     assert outcome.ok, outcome
     assert outcome.value == {"in_order_once": True}
+
+
+HELD_CONNECTIONS = 256
+LARGE = 200 << 10  # a frame that fits one read of the worker's: it is never partly received for long
+PARTIAL_BUDGET = 4 << 20
+FORWARDED = (1 << 20) // LARGE + 1  # requests forwarded before the 1 MiB forward budget holds a
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes sent on ``sock`` that its peer has not read (SIOCOUTQ)."""
+    try:
+        (unread,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))
+    except OSError:
+        return 0  # closed by the daemon: nothing more will be read
+    return int(unread)
+
+
+def one_large_request_each(socket_dir: str, ready_w: int, go_r: int) -> dict[str, Any]:
+    """On each connection one large request (200 KiB), sent while the
+    master is stopped; then what became of each: answered, or cut off."""
+    socks = []
+    for _ in range(HELD_CONNECTIONS):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(f"{socket_dir}/stream.sock")
+        sock.sendall(encode_frame(Op.ECHO, 1 << 30, b"hello"))
+        assert sock.recv(64)
+        socks.append(sock)
+    os.write(ready_w, b"connected")
+    os.read(go_r, 1)  # the master is stopped now
+    request = encode_frame(Op.HISTORY, 1, encode_json({"count": 1, "pad": "p" * (LARGE - 64)}))
+    for sock in socks:
+        with contextlib.suppress(OSError):  # cut off while sending: read below
+            sock.sendall(request)
+    # Once the worker has read every byte sent (or closed the connection),
+    # what it holds is final: say so.
+    deadline = time.monotonic() + 20
+    while any(_unread(sock) for sock in socks) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the kernel has no event for "the peer read it all"
+    os.write(ready_w, b"sent")
+    os.close(ready_w)
+    fates: dict[str, int] = {}
+    for sock in socks:
+        sock.settimeout(30)  # answered once the master goes on
+        decoder = FrameDecoder(1 << 24)
+        fate = "EOF"
+        while fate == "EOF":
+            try:
+                chunk = sock.recv(1 << 20)
+            except ConnectionResetError:
+                break
+            except TimeoutError:
+                fate = "no answer"
+                break
+            if not chunk:
+                break
+            decoder.receive_data(chunk)
+            while (frame := decoder.next_event()) is not NEED_DATA:
+                fate = (
+                    "answered"
+                    if frame.op != Op.ERROR
+                    else f"ERROR {ErrorCode(decode_error(frame.body)[0]).name}"
+                )
+        fates[fate] = fates.get(fate, 0) + 1
+        sock.close()
+    return fates
+
+
+def test_frames_held_on_many_connections_count_against_the_partial_budget(
+    start_daemon: StartDaemon, fd_users: FdUsers
+) -> None:
+    """Every connection held back keeps the frame it could not pass on.
+    Past the forward budget each of a's connections holds one, up to
+    --max-frame-size: uncounted, 256 connections with a 200 KiB request
+    each made the worker grow by 52.8 MB. They count with the partial
+    frames, so past that budget the connection whose read brought it there
+    is cut off (OVER_BUDGET); the others are answered once the master goes on."""
+    daemon = start_daemon(
+        "--forward-bytes-per-uid", "1M", "--partial-bytes-per-uid", str(PARTIAL_BUDGET), workers=1
+    )
+    a, b = fd_users.other, fd_users.owner
+    warm_up(daemon, b)
+    (worker,) = daemon.worker_pids()
+    stream = str(daemon.stream_path)
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pending = start_as(a, one_large_request_each, str(daemon.socket_dir), ready_w, go_r, keep=(ready_w, go_r))
+    os.close(ready_w)
+    os.close(go_r)
+    settings = Settings(forward_bytes_per_uid=1 << 20, partial_bytes_per_uid=PARTIAL_BUDGET)
+    try:
+        assert select.select([ready_r], [], [], 30)[0], "a did not connect in 30 s"
+        assert os.read(ready_r, 9) == b"connected", f"a failed: {pending.result(5)}"
+        every = (HELD_CONNECTIONS, HELD_CONNECTIONS)
+        wait_for(lambda: connections_in(worker, stream) == every, what="the worker reading a's connections")
+        before = rss_kib(worker) * 1024
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            os.close(go_w)
+            go_w = -1
+            assert select.select([ready_r], [], [], 20)[0], "a could not send its requests"
+            # Each of a's connections is forwarded (the first few: it waits for
+            # its answer, watched), held (not watched) or cut off (closed).
+            kept, watched = connections_in(worker, stream)
+            # The ones forwarded wait for their answers; the held ones are not read.
+            assert watched < kept, (kept, watched)
+            grown = rss_kib(worker) * 1024 - before
+            bound = forward_bound(settings) + PARTIAL_BUDGET + READ_BUFFER_SIZE
+            assert grown <= bound + SLACK, f"the worker grew {grown} bytes holding a's frames (bound {bound})"
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        b_is_served(daemon, b, "b-held")
+    finally:
+        os.close(ready_r)
+        if go_w >= 0:
+            os.close(go_w)
+    outcome = pending.result(60)
+    assert outcome.ok, outcome
+    fates = outcome.value
+    assert fates == {"answered": kept, "ERROR OVER_BUDGET": HELD_CONNECTIONS - kept}, fates
+    # Forwarded (and a couple more the channel's socket buffer took from the
+    # ledger), plus those held within the partial-frame budget.
+    assert kept <= FORWARDED + 2 + (PARTIAL_BUDGET + READ_BUFFER_SIZE) // LARGE + 1, fates
+    print(f"worker grew {grown} bytes; a's connections: {fates}")
