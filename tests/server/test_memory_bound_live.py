@@ -9,10 +9,10 @@ each holding an almost complete frame past ``--partial-bytes-per-uid``,
 and members of a room that never read what it delivers. Another client is served
 meanwhile. Each process's RSS growth (from /proc) must stay under what
 ipcd.server.flow computes for the terms the attack pushed, plus an
-allocator slack; the terms it cannot push quickly (a worker's requests
-waiting for a master that stopped reading it, the 64 MiB fan-out kill
-line, listings) are in the full bound, which the growth is checked
-against too.
+allocator slack; the terms it cannot push quickly (the 64 MiB fan-out
+kill line, listings) are in the full bound, which the growth is checked
+against too. A worker's requests waiting for a master that does not read
+it are pushed by tests/handoff/test_forward_budget_live.py.
 """
 
 from __future__ import annotations
