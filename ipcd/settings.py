@@ -193,6 +193,13 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "BYTES",
     ),
     OptionSpec(
+        "forward_bytes_per_uid",
+        _size,
+        "Bytes of requests one uid's connections may have waiting in each worker to reach the "
+        "master; past it they are not read until the master catches up (default 16M).",
+        "BYTES",
+    ),
+    OptionSpec(
         "privileged_budget_factor",
         _positive_int,
         "Root and the daemon's own uid get this many times each per-uid budget above (default 4).",
@@ -238,6 +245,7 @@ class Settings:
     history_bytes_per_uid: int = 64 << 20
     connections_per_uid: int = 0  # 0: not set, see ipcd.server.uidbudgets.connection_limit
     partial_bytes_per_uid: int = 16 << 20
+    forward_bytes_per_uid: int = 16 << 20
     privileged_budget_factor: int = 4
     stop_timeout: float = 10.0
     worker_timeout: float = 30.0

@@ -282,7 +282,9 @@ def status(opts: Options) -> None:
             "held per uid (budget of each: "
             f"{limits.get('connections_per_uid', '?')} connections, "
             f"{_human_bytes(limits['partial_bytes_per_uid']) if 'partial_bytes_per_uid' in limits else '?'}"
-            " of partial frames per worker, "
+            " of partial frames and "
+            f"{_human_bytes(limits['forward_bytes_per_uid']) if 'forward_bytes_per_uid' in limits else '?'}"
+            " of requests for the master per worker, "
             f"{limits.get('rooms_per_uid', '?')} rooms, {limits.get('joins_per_uid', '?')} joins, "
             f"{_human_bytes(limits['history_bytes_per_uid']) if 'history_bytes_per_uid' in limits else '?'}"
             " of history, "
@@ -290,13 +292,15 @@ def status(opts: Options) -> None:
             f"root and the daemon's uid {limits.get('privileged_budget_factor', '?')}x that, fds excepted):"
         )
         click.echo(
-            f"{'UID':>8}  {'USER':<16} {'CONNS':>6} {'PARTIAL':>8} {'ROOMS':>6} {'JOINS':>6} {'HISTORY':>8} "
+            f"{'UID':>8}  {'USER':<16} {'CONNS':>6} {'PARTIAL':>8} {'FORWARD':>8} {'ROOMS':>6} {'JOINS':>6} "
+            f"{'HISTORY':>8} "
             f"{'WAITERS':>8} {'FDS':>5}"
         )
         for held in holders:
             click.echo(
                 f"{held['uid']:>8}  {_user_name(held['uid']):<16} {held.get('connections', 0):>6} "
-                f"{_human_bytes(held.get('partial_bytes', 0)):>8} {held['rooms']:>6} {held['joins']:>6} "
+                f"{_human_bytes(held.get('partial_bytes', 0)):>8} "
+                f"{_human_bytes(held.get('forward_bytes', 0)):>8} {held['rooms']:>6} {held['joins']:>6} "
                 f"{_human_bytes(held.get('history_bytes', 0)):>8} "
                 f"{held['waiters']:>8} {held['stored_fds']:>5}"
             )

@@ -78,6 +78,10 @@ _REPLICA: Final = struct.Struct("!IBHHH")  # owner, public, name length, allow_u
 _UNREPLICA: Final = struct.Struct("!I")  # token
 _THROTTLE: Final = struct.Struct("!Id")  # uid, seconds
 THROTTLE_MAX: Final = 3600.0  # seconds one THROTTLE may hold a uid for
+# A FORWARD's bytes besides the client's frame body, at most: its header,
+# the supplementary groups the worker reads (up to 256, ipcd.fdpass) and a
+# datagram's return address (a sun_path, 108 bytes).
+FORWARD_ENVELOPE_MAX: Final = _FORWARD.size + 4 * 256 + 108
 
 _HANDOUT: Final = 0x01  # the answer to a GET or TAKE: frees the fd reservation made for it
 # The ops answered with fds: the worker reserves fds for each in flight, the

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from ipcd import fdpass
 from ipcd.link.framing import FRAGMENT, RECORD_MAX, Reassembler, batch_body, fragment, unbatch
 from ipcd.link.ops import ChannelOp
-from ipcd.protocol import ErrorCode, Frame, RemoteProtocolError, decode_record, encode_frame
+from ipcd.protocol import HEADER_SIZE, ErrorCode, Frame, RemoteProtocolError, decode_record, encode_frame
 
 # How messages become records (fragments, batches) is ipcd.link.framing.
 
@@ -29,13 +29,16 @@ MASTER_BATCH_FDS = 16  # fds one batch from the master may carry (see Channel.ba
 
 
 class _Posted:
-    """A record waiting to be sent, with the fds it owns."""
+    """A record waiting to be sent, with the fds it owns; ``mark``: the
+    channel's ``queued`` offset written once it is (0: the record is not
+    the last of its message)."""
 
-    __slots__ = ("fds", "record")
+    __slots__ = ("fds", "mark", "record")
 
-    def __init__(self, record: bytes, fds: tuple[int, ...]) -> None:
+    def __init__(self, record: bytes, fds: tuple[int, ...], mark: int = 0) -> None:
         self.record = record
         self.fds = fds
+        self.mark = mark
 
 
 class ChannelClosed(Exception):
@@ -59,6 +62,12 @@ class Channel:
         self._batch_bytes = 0
         self._batch_fd_list: list[int] = []  # the batched messages' fds, in order (owned)
         self._inbox: deque[Frame] = deque()  # unpacked from a received BATCH
+        # Offsets in the stream of posted messages, for who must know when
+        # theirs is written (ipcd.server.forwarded): bytes posted so far, up
+        # to where records were formed, and up to where they were written.
+        self.queued = 0
+        self.sealed = 0
+        self.written = 0
 
     @classmethod
     def pair(cls) -> tuple[Channel, Channel]:
@@ -79,6 +88,7 @@ class Channel:
         queued record or lands between the fragments of one. ``fds`` become
         the channel's, as with :meth:`post`. Raises :class:`ChannelClosed`."""
         self.flush()
+        self.queued += HEADER_SIZE + len(body)
         self._send_message(op, body, request_id, fds)
 
     def post(self, op: ChannelOp, body: bytes = b"", request_id: int = 0, fds: Sequence[int] = ()) -> None:
@@ -100,6 +110,7 @@ class Channel:
         record = encode_frame(op, request_id, body, nfds=len(fds))
         self._batch.append(record)
         self._batch_bytes += len(record)
+        self.queued += len(record)
         if fds:
             batched.extend(fds)
         if self._batch_bytes >= FRAGMENT or len(batched) >= self.batch_fds > 0:
@@ -123,13 +134,19 @@ class Channel:
         self._batch_fd_list.clear()
         self._batch_bytes = 0
         if alone:
-            self._post_record(_Posted(body, fds))
+            self.sealed = self.queued
+            self._post_record(_Posted(body, fds, self.queued))
         else:
             self._send_message(ChannelOp.BATCH, body, 0, fds)
 
     def _send_message(self, op: ChannelOp, body: bytes, request_id: int, fds: Sequence[int]) -> None:
-        for index, record in enumerate(fragment(op, request_id, body, len(fds))):
-            self._post_record(_Posted(record, tuple(fds) if index == 0 else ()))
+        """Post the records of one message; the last is marked with the
+        ``queued`` offset it completes (everything posted so far)."""
+        records = fragment(op, request_id, body, len(fds))
+        last = len(records) - 1
+        self.sealed = mark = self.queued
+        for index, record in enumerate(records):
+            self._post_record(_Posted(record, tuple(fds) if index == 0 else (), mark if index == last else 0))
 
     def _post_record(self, pending: _Posted) -> None:
         if self._backlog:
@@ -155,6 +172,8 @@ class Channel:
             # record (its requester times out), never the process.
             log.error("dropping a channel record: %s", exc.strerror)
         fdpass.close_fds(pending.fds)  # the kernel holds its own references now
+        if pending.mark:
+            self.written = pending.mark
 
     @property
     def has_backlog(self) -> bool:
@@ -191,6 +210,7 @@ class Channel:
             fdpass.close_fds(self._backlog.popleft().fds)
         self._backlog = None
         self.backlog_bytes = 0
+        self.written = self.sealed  # gone: nothing formed waits any more
 
     def drain(
         self,
@@ -269,5 +289,6 @@ class Channel:
         self._batch.clear()
         self._batch_fd_list.clear()
         self.drop_backlog()
+        self.sealed = self.written = self.queued  # the batch is dropped too
         fdpass.close_fds(self._reassembler.take_pending_fds())
         self.sock.close()

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 from ipcd import fdpass
 from ipcd.log import peer_fields
 from ipcd.protocol import (
+    HEADER_SIZE,
     NEED_DATA,
     ErrorCode,
     Frame,
@@ -197,8 +198,16 @@ class Connection:
             decoder = self.decoder = FrameDecoder(worker.settings.max_frame_size)
         decoder.receive_data(worker.read_view[start:nbytes], fds, truncated)
         self._dispatch_decoded(decoder)
-        if decoder.buffered != self.partial and not self.closed:
-            self._charge_partial(decoder.buffered, check=True)
+        unserved = decoder.buffered + self._held_bytes()
+        if unserved != self.partial and not self.closed:
+            self._charge_partial(unserved, check=True)
+
+    def _held_bytes(self) -> int:
+        """A held frame is received and not served, like the decoder's bytes:
+        it counts against the same budget (one per connection otherwise
+        escapes every bound: a uid's many connections, each holding one)."""
+        held = self._held
+        return 0 if held is None else HEADER_SIZE + len(held[0].body)
 
     def _charge_partial(self, buffered: int, check: bool = False) -> None:
         """Charge what the decoder buffers to the uid (see uidbudgets); a
@@ -288,8 +297,10 @@ class Connection:
             return
         if self.decoder is not None:
             self._dispatch_decoded(self.decoder)
-            if self.decoder is not None and self.decoder.buffered != self.partial:
-                self._charge_partial(self.decoder.buffered)
+            if self.decoder is not None:
+                unserved = self.decoder.buffered + self._held_bytes()
+                if unserved != self.partial:
+                    self._charge_partial(unserved)
         else:
             self._after_read()
 

@@ -15,9 +15,12 @@ queue or allocate without bound. Each hop waits for the next one instead:
 - **worker -> master.** The master reads a worker's channel only while
   what it has queued for that worker (the channel's backlog) is under a
   byte and an fd budget. Past either, it stops reading that worker: its
-  requests wait in the worker (and its connections' in-flight caps hold
-  the clients) until the worker has taken the backlog. Replies to a
-  worker's own requests can thus never pile up in the master.
+  requests wait in the worker until the worker has taken the backlog.
+  Replies to a worker's own requests can thus never pile up in the
+  master. What waits in the worker is bounded per uid: past
+  ``--forward-bytes-per-uid`` of its requests not yet written to the
+  master, a uid's connections are held (ipcd.server.forwarded), and the
+  connections' in-flight caps hold each client too.
 - **what is left.** Deliveries a worker's members get because of other
   workers' requests (room fan-out) are not held back by that worker; a
   worker that falls ``MAX_CHANNEL_BACKLOG`` behind on them is killed (its
@@ -44,6 +47,7 @@ from ipcd.link.framing import FRAGMENT
 from ipcd.protocol.chat import NAME_MAX as ROOM_NAME_MAX
 from ipcd.protocol.chat import NICK_MAX, TOPIC_MAX
 from ipcd.server import uidbudgets
+from ipcd.server.forwarded import largest_forward
 from ipcd.settings import READ_BUFFER_SIZE, Settings
 
 MAX_CHANNEL_BACKLOG = 64 << 20  # a worker this far behind on fan-out is killed
@@ -232,31 +236,35 @@ def master_memory_bound(
 def worker_memory_bound(settings: Settings, connections: int) -> MemoryBound:
     """A worker's worst case above its baseline with ``connections`` open.
 
-    Daemon-wide: per connection its output (cut off past ``--max-outbuf``),
-    its objects, and the requests it may have waiting to go to the master
-    when the master stops reading this worker (``MAX_IN_FLIGHT`` frames);
-    the one message from the master being reassembled (the largest the
-    master builds plus the batch it closed: far below the channel's
-    ``MESSAGE_MAX``, which is a check, not what a worker can be made to
-    hold). Per uid: its partly received frames (``--partial-bytes-per-uid``
-    plus the read that passed it, never more than one frame per
-    connection) and its GET replicas (its stored entries)."""
+    Daemon-wide: per connection its output (cut off past ``--max-outbuf``)
+    and its objects; the one message from the master being reassembled (the
+    largest the master builds plus the batch it closed: far below the
+    channel's ``MESSAGE_MAX``, which is a check, not what a worker can be
+    made to hold). Per uid: its frames received and not served, partly
+    received or held (``--partial-bytes-per-uid`` plus the read that passed
+    it, never more than a frame held and one being received per
+    connection); its requests waiting to reach the master when the master
+    does not read this worker (``--forward-bytes-per-uid`` plus the request
+    that crossed it, never more than ``MAX_IN_FLIGHT`` per connection); and
+    its GET replicas (its stored entries)."""
     from ipcd.services.chat import MAX_IN_FLIGHT  # noqa: PLC0415 (that module imports this one)
 
     largest = max(history_page(settings), rooms_listing(MAX_ROOMS))
     fixed = {
         "output per connection (--max-outbuf)": connections * settings.max_outbuf,
         "connection objects": connections * _CONNECTION_COST,
-        "requests waiting for the master (256 frames per connection)": connections
-        * MAX_IN_FLIGHT
-        * settings.max_frame_size,
         "message from the master being reassembled": largest + FRAGMENT,
     }
+    in_flight = connections * MAX_IN_FLIGHT * largest_forward(settings)
 
     def uid_terms(factor: int) -> dict[str, int]:
         partial = settings.partial_bytes_per_uid * factor + READ_BUFFER_SIZE
+        forward = settings.forward_bytes_per_uid * factor + largest_forward(settings)
         return {
-            "partly received frames": min(partial, connections * settings.max_frame_size),
+            "frames received, not served (partial or held)": min(
+                partial, connections * 2 * settings.max_frame_size
+            ),
+            "requests waiting for the master": min(forward, in_flight),
             "GET replicas of its entries": settings.fd_quota * entry_bytes(settings),
         }
 

@@ -481,12 +481,14 @@ class Master:
                 load = decode_json(record.body)
                 closed = {int(u): int(n) for u, n in load.pop("closed_uids", {}).items()}
                 partial = {int(u): int(n) for u, n in load.pop("partial", {}).items()}
+                forwarding = {int(u): int(n) for u, n in load.pop("forwarding", {}).items()}
                 handle.load = {k: int(v) for k, v in load.items()}
             except (RemoteProtocolError, TypeError, ValueError, AttributeError):
                 log.error("malformed load report from worker %d", handle.pid)
                 return
             self.connections.closed(handle.pid, closed)
             self.connections.partial_reported(handle.pid, partial)
+            self.connections.forwarding_reported(handle.pid, forwarding)
         elif record.op == ChannelOp.GONE:
             self.hublink.connection_gone(handle, record.body)
         elif record.op == ChannelOp.UNREPLICATED:

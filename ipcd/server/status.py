@@ -17,7 +17,16 @@ from ipcd.settings import READ_BUFFER_SIZE, Settings
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 MAX_ROOMS = Limits.max_rooms
 # What STATUS shows each uid holding.
-HOLDINGS = ("connections", "partial_bytes", "rooms", "joins", "history_bytes", "waiters", "stored_fds")
+HOLDINGS = (
+    "connections",
+    "partial_bytes",
+    "forward_bytes",
+    "rooms",
+    "joins",
+    "history_bytes",
+    "waiters",
+    "stored_fds",
+)
 
 
 def uid_holdings(*parts: dict[int, dict[str, int]]) -> list[dict[str, Any]]:
@@ -82,6 +91,7 @@ def limits(settings: Settings) -> dict[str, Any]:
         "history_bytes_per_uid": settings.history_bytes_per_uid,
         "connections_per_uid": settings.connections_per_uid,  # the master puts the one in force
         "partial_bytes_per_uid": settings.partial_bytes_per_uid,
+        "forward_bytes_per_uid": settings.forward_bytes_per_uid,
         "privileged_budget_factor": settings.privileged_budget_factor,
         "privileged_uids": sorted({0, os.geteuid()}),
         "send_timeout": settings.send_timeout,

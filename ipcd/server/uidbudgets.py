@@ -89,6 +89,7 @@ class ConnectionLedger:
         self.budget = UidBudget("connections", limit, "--connections-per-uid", privileged_factor)
         self._by_worker: dict[int, Counter[int]] = {}
         self._partial: dict[int, dict[int, int]] = {}  # worker pid -> its last report, uid -> bytes
+        self._forwarding: dict[int, dict[int, int]] = {}  # the same for requests waiting to reach us
         self._logged: dict[int, float] = {}  # uid -> when its refusals were last logged
         self.refused = 0
 
@@ -133,26 +134,38 @@ class ConnectionLedger:
             self.budget.release(uid, taken)
 
     def partial_reported(self, worker: int, partial: Mapping[int, int]) -> None:
-        if partial:
-            self._partial[worker] = dict(partial)
-        else:
-            self._partial.pop(worker, None)
+        _keep_report(self._partial, worker, partial)
+
+    def forwarding_reported(self, worker: int, forwarding: Mapping[int, int]) -> None:
+        """``worker``'s bytes per uid of requests waiting in its channel
+        (ipcd.server.forwarded), as of its last LOAD record."""
+        _keep_report(self._forwarding, worker, forwarding)
 
     def worker_gone(self, worker: int) -> None:
         """Its connections died with it."""
         self._partial.pop(worker, None)
+        self._forwarding.pop(worker, None)
         held = self._by_worker.pop(worker, None)
         if held:
             for uid, count in held.items():
                 self.budget.release(uid, count)
 
     def holdings(self) -> dict[int, dict[str, int]]:
-        """For STATUS: each uid's connections and partial-frame bytes."""
+        """For STATUS: each uid's connections, partial-frame bytes and bytes
+        of requests waiting in the workers to reach the master."""
         held: dict[int, dict[str, int]] = {
             uid: {"connections": count} for uid, count in self.budget.held.items()
         }
-        for partial in self._partial.values():
-            for uid, count in partial.items():
-                entry = held.setdefault(uid, {})
-                entry["partial_bytes"] = entry.get("partial_bytes", 0) + count
+        for key, reports in (("partial_bytes", self._partial), ("forward_bytes", self._forwarding)):
+            for report in reports.values():
+                for uid, count in report.items():
+                    entry = held.setdefault(uid, {})
+                    entry[key] = entry.get(key, 0) + count
         return held
+
+
+def _keep_report(reports: dict[int, dict[int, int]], worker: int, report: Mapping[int, int]) -> None:
+    if report:
+        reports[worker] = dict(report)
+    else:
+        reports.pop(worker, None)

@@ -100,7 +100,7 @@ class Worker:
         self._load_dirty = True
         self._load_timer = False
         self._last_report = 0.0
-        self._reported: tuple[int, int, dict[int, int]] = (0, 0, {})
+        self._reported: tuple[int, int, dict[int, int], dict[int, int]] = (0, 0, {}, {})
         self.partial = partial_budget(settings)  # bytes of partly received frames per uid (uidbudgets)
         self._closed_uids: Counter[int] = Counter()  # closes not yet reported: the master counts per uid
         self._status_waiters: dict[int, tuple[int, int]] = {}  # token -> (conn id, request id)
@@ -137,6 +137,10 @@ class Worker:
             self.chat.close_run()  # the pass's SAYs of one connection, as one record
             if self.channel.has_pending:
                 self._flush_channel()
+            while self.chat.wake_forwarders():  # the writes made room: what they read goes now
+                self.chat.close_run()
+                if self.channel.has_pending:
+                    self._flush_channel()
         try:
             self.chat.close_run()
             self.channel.flush()  # last words: GONE for the connections closed on the way out
@@ -306,7 +310,18 @@ class Worker:
     def _report_due(self) -> bool:
         if self.loop.now - self._last_report < _REPORT_INTERVAL:
             return False
-        return (self.stats.frames, self.stats.datagrams, self.partial.held) != self._reported
+        reported = (self.stats.frames, self.stats.datagrams, self.partial.held, self._forwarding())
+        return reported != self._reported
+
+    def _forwarding(self) -> dict[int, int]:
+        """Bytes per uid of requests waiting for the master, for LOAD: none
+        unless the channel has a backlog (a batch about to go at the end of
+        this pass is not waiting, and no report would follow to say so)."""
+        if not self.channel.has_backlog:
+            return {}
+        forwarded = self.chat.forwarded
+        forwarded.advance(self.channel.written)
+        return dict(forwarded.budget.held)
 
     def _report_load(self) -> None:
         """Connection counts at once (routing needs them); other counters at
@@ -316,10 +331,18 @@ class Worker:
             load["closed_uids"] = {str(uid): n for uid, n in self._closed_uids.items()}
         if self.partial.held or self._reported[2]:
             load["partial"] = {str(uid): n for uid, n in self.partial.held.items()}
+        forwarding = self._forwarding()
+        if forwarding or self._reported[3]:
+            load["forwarding"] = {str(uid): n for uid, n in forwarding.items()}
         if self._send_to_master(ChannelOp.LOAD, encode_json(load)):
             self._load_dirty = False
             self._last_report = self.loop.now
-            self._reported = (self.stats.frames, self.stats.datagrams, dict(self.partial.held))
+            self._reported = (
+                self.stats.frames,
+                self.stats.datagrams,
+                dict(self.partial.held),
+                dict(forwarding),
+            )
             self._closed_uids.clear()
 
     # -- connections -------------------------------------------------------
@@ -394,12 +417,15 @@ class Worker:
 
     # -- status ------------------------------------------------------------
 
-    def query_status(self, conn: Connection, request_id: int) -> None:
+    def query_status(self, conn: Connection, request_id: int) -> bool:
+        """Ask the master for STATUS on behalf of ``conn``; False if it could not be asked."""
         token = next(self._ids)
         self._status_waiters[token] = (conn.id, request_id)
         if not self._send_to_master(ChannelOp.STATUS_QUERY, request_id=token):
             del self._status_waiters[token]
             conn.send_error(request_id, ErrorCode.INTERNAL, "the master did not take the status query")
+            return False
+        return True
 
     def _deliver_status(self, token: int, body: bytes) -> None:
         waiter = self._status_waiters.pop(token, None)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def _status(worker: Worker, conn: Connection, frame: Frame) -> None:
-    worker.query_status(conn, frame.request_id)
+    worker.chat.query_status(conn, frame)  # held, like a forwarded request, past the uid's budget
 
 
 STREAM: dict[int, StreamHandler] = {Op.STATUS: _status}

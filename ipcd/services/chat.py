@@ -31,6 +31,12 @@ answers the client has not read yet count too. A client that pipelines
 GETs and never reads is held once that budget is used, instead of making
 the master dup and this worker queue fds without end; it goes on when the
 kernel has taken fds (Connection tells :meth:`ChatRouter.fds_sent`).
+
+And it keeps each uid's requests waiting in the channel for the master
+within ``--forward-bytes-per-uid`` (ipcd.server.forwarded): a request of a
+uid past it is held, its connection queued per uid, until the channel's
+writes bring the uid down again (:meth:`ChatRouter.wake_forwarders`, each
+loop pass); a datagram past it is answered with RATE_LIMITED.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -50,9 +57,10 @@ from ipcd.protocol import ErrorCode, Frame, Op, RemoteProtocolError, encode_erro
 from ipcd.protocol.chat import prepare_say
 from ipcd.server.channel import ChannelClosed
 from ipcd.server.flow import FdBudget
+from ipcd.server.forwarded import FORWARD_ADVICE, ForwardLedger, forward_budget
 
 if TYPE_CHECKING:
-    from ipcd.server.connection import Connection
+    from ipcd.server.connection import Connection, Retry
     from ipcd.server.worker import Worker
     from ipcd.services import StreamHandler
 
@@ -64,13 +72,14 @@ MAX_IN_FLIGHT = 256  # a connection's forwarded requests not yet answered, befor
 RESUME_IN_FLIGHT = MAX_IN_FLIGHT // 2  # ... and read again once this few remain
 RUN_MAX = 256  # SAYs in one forwarded run (MAX_IN_FLIGHT bounds it anyway)
 RUN_BYTES = 48 * 1024  # ... and their bytes: a run stays within one channel fragment
+STATUS_QUERY_COST = 256  # what a STATUS query waiting for the master costs: record, queue entry, waiter
 MIN_HOLD = 0.01  # a held uid waits at least this long: tokens come back in batches, not one wake-up each
 
 
 class ChatState:
     """Per-connection chat state, created on the connection's first forwarded op."""
 
-    __slots__ = ("fd_requests", "fd_wait", "granted", "in_flight", "rooms", "waiting")
+    __slots__ = ("fd_requests", "fd_wait", "forward_wait", "granted", "in_flight", "rooms", "waiting")
 
     def __init__(self) -> None:
         self.rooms: set[str] = set()
@@ -79,6 +88,7 @@ class ChatState:
         self.fd_wait = False  # held until the fd budget has room for the next GET or TAKE
         self.waiting = False  # held in its uid's queue for a token
         self.granted = False  # the uid's queue gave the held post its token already
+        self.forward_wait = False  # held until its uid's requests waiting for the master are fewer
 
 
 class _Run:
@@ -90,7 +100,7 @@ class _Run:
         self.conn = conn
         self.creds = creds
         self.posts: list[bytes] = []
-        self.size = 0
+        self.size = 0  # also what is charged to the uid's forward budget until the run is posted
 
 
 class ChatRouter:
@@ -101,6 +111,8 @@ class ChatRouter:
         self.shares: FairShares[Connection] = FairShares(rate, rate * BURST_FACTOR)
         self.fd_budget = FdBudget.from_settings(worker.settings)
         self._run: _Run | None = None  # SAYs of one connection not yet forwarded
+        self.forwarded = ForwardLedger(forward_budget(worker.settings))
+        self._forward_held: dict[int, deque[Connection]] = {}  # uid -> its connections held for it
 
     # -- requests ----------------------------------------------------------
 
@@ -127,6 +139,8 @@ class ChatRouter:
         except OSError:
             fdpass.close_fds(frame.fds)
             return  # the peer is already gone
+        if self._held_for_budget(conn, state, creds.uid, frame, retry):
+            return  # wake_forwarders releases it
         post = None
         if frame.op == Op.SAY:
             try:
@@ -153,10 +167,79 @@ class ChatRouter:
         forward = Forward(
             conn.id, frame.request_id, frame.op, creds.uid, creds.gid, creds.pid, frame.body, groups
         )
-        if self._post(ChannelOp.FORWARD, forward.encode(), conn, frame.request_id, frame.fds):
+        body = forward.encode()
+        if self._post(ChannelOp.FORWARD, body, conn, frame.request_id, frame.fds):
+            self._charge_posted(creds.uid, len(body))
             state.in_flight += 1
             if fd_op:
                 state.fd_requests += 1
+
+    def _charge_posted(self, uid: int, nbytes: int, charged: int = 0) -> None:
+        """``uid``'s request of ``nbytes`` (``charged`` of them already) was
+        just posted: it waits for the master until the channel writes it."""
+        channel = self.worker.channel
+        forwarded = self.forwarded
+        if nbytes > charged:
+            forwarded.charge(uid, nbytes - charged)
+        forwarded.mark(uid, nbytes, channel.queued, channel.sealed)
+        if channel.written != forwarded.written:
+            forwarded.advance(channel.written)  # the post filled a batch, and it went at once
+
+    def _held_for_budget(
+        self, conn: Connection, state: ChatState, uid: int, frame: Frame, retry: Retry
+    ) -> bool:
+        """Hold ``frame`` if ``uid``'s requests waiting for the master are
+        past its forward budget (ipcd.server.forwarded)."""
+        forwarded = self.forwarded
+        forwarded.advance(self.worker.channel.written)
+        if forwarded.admits(uid):
+            return False
+        state.forward_wait = True
+        self._forward_held.setdefault(uid, deque()).append(conn)
+        conn.hold(frame, retry)
+        return True
+
+    def query_status(self, conn: Connection, frame: Frame) -> None:
+        """A STATUS request, which the master answers: it waits in the
+        channel like a forwarded request and counts against the same budget
+        (``STATUS_QUERY_COST`` each), or a connection could pipeline queries
+        without end while the master does not read this worker."""
+        state = conn.chat
+        if state is None:
+            state = conn.chat = ChatState()
+        try:
+            uid = conn.creds.uid
+        except OSError:
+            return  # the peer is already gone
+        if self._held_for_budget(conn, state, uid, frame, self.query_status):
+            return
+        self.close_run()  # what came before goes first
+        if self.worker.query_status(conn, frame.request_id):
+            self._charge_posted(uid, STATUS_QUERY_COST)
+
+    def wake_forwarders(self) -> bool:
+        """Read again the connections held for their uid's forward budget
+        once the channel's writes took the uid down to half of it: in
+        turn, while it is under budget (a released one that crosses it is
+        held again, behind the others). True if any was released."""
+        if not self._forward_held:
+            return False
+        forwarded = self.forwarded
+        forwarded.advance(self.worker.channel.written)
+        released = False
+        for uid in [uid for uid in self._forward_held if forwarded.resumes(uid)]:
+            held = self._forward_held[uid]
+            while held and forwarded.admits(uid):
+                conn = held.popleft()
+                state = conn.chat
+                if conn.closed or state is None or not state.forward_wait:
+                    continue  # it closed while held
+                state.forward_wait = False
+                conn.release()
+                released = True
+            if not held:
+                del self._forward_held[uid]
+        return released
 
     def _checked_say(self, request_id: int, body: bytes) -> bytes:
         """A SAY body checked here, where workers share the work, and sent on
@@ -176,6 +259,7 @@ class ChatRouter:
             run = self._run = _Run(conn, creds)
         run.posts.append(post)
         run.size += len(post)
+        self.forwarded.charge(creds.uid, len(post))  # admitted by forward(): it counts from now
         if len(run.posts) >= RUN_MAX or run.size >= RUN_BYTES:
             self.close_run()
 
@@ -185,9 +269,11 @@ class ChatRouter:
             return
         creds = run.creds
         forward = Forward(run.conn.id, 0, Op.SAY, creds.uid, creds.gid, creds.pid, b"".join(run.posts))
+        body = forward.encode()
         try:
-            self.worker.channel.post(ChannelOp.FORWARD, forward.encode())
+            self.worker.channel.post(ChannelOp.FORWARD, body)
         except ChannelClosed:
+            self.forwarded.budget.release(creds.uid, run.size)
             state = run.conn.chat
             for post in Post.decode_run(forward.body):
                 run.conn.send_error(
@@ -195,6 +281,8 @@ class ChatRouter:
                 )
                 if state is not None and state.in_flight:
                     state.in_flight -= 1
+            return
+        self._charge_posted(creds.uid, len(body), run.size)
 
     def _retry_grouped(self, conn: Connection, frame: Frame) -> None:
         self.forward(conn, frame, with_groups=True)
@@ -249,6 +337,16 @@ class ChatRouter:
                 error = encode_frame(Op.ERROR, frame.request_id, encode_error(exc.code, exc.message))
                 self.worker.reply_datagram(addr, error)
             return
+        forwarded = self.forwarded
+        forwarded.advance(self.worker.channel.written)
+        if not forwarded.admits(creds.uid):
+            if addr:  # a datagram cannot be held: say why it was not posted
+                refusal = forwarded.budget.refusal(creds.uid, FORWARD_ADVICE)
+                error = encode_frame(
+                    Op.ERROR, frame.request_id, encode_error(ErrorCode.RATE_LIMITED, refusal)
+                )
+                self.worker.reply_datagram(addr, error)
+            return
         if not self.shares.get(creds.uid, self.worker.now).take(self.worker.now):
             if addr:
                 limit = self.worker.settings.rate_limit
@@ -260,7 +358,9 @@ class ChatRouter:
                 self.worker.reply_datagram(addr, error)
             return
         forward = Forward(0, frame.request_id, frame.op, creds.uid, creds.gid, creds.pid, body, dgram=addr)
-        self._post(ChannelOp.FORWARD, forward.encode(), None, frame.request_id)
+        encoded = forward.encode()
+        if self._post(ChannelOp.FORWARD, encoded, None, frame.request_id):
+            self._charge_posted(creds.uid, len(encoded))
 
     def _post(
         self, op: ChannelOp, body: bytes, conn: Connection | None, request_id: int, fds: tuple[int, ...] = ()
@@ -308,6 +408,8 @@ class ChatRouter:
             conn.release()
 
     def _may_resume(self, conn: Connection, state: ChatState) -> bool:
+        if state.forward_wait:
+            return False  # its uid's forward budget releases it (wake_forwarders)
         if state.fd_wait:
             return self.fd_budget.resumes(conn.out_fds, state.fd_requests)
         return state.in_flight <= RESUME_IN_FLIGHT

@@ -167,6 +167,8 @@ def test_one_uid_cannot_hold_every_connection(start_daemon: StartDaemon, fd_user
                 "uid": a.pw_uid,
                 "connections": CONNECTION_BUDGET,
                 "partial_bytes": 0,
+                "forward_bytes": 0,
+                "history_bytes": 0,
                 "rooms": 0,
                 "joins": 0,
                 "waiters": 0,

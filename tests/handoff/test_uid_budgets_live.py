@@ -221,6 +221,8 @@ def test_parked_waiters_stop_at_the_uid_budget_and_others_are_served(
                 "uid": a.pw_uid,
                 "connections": CONNECTIONS,
                 "partial_bytes": 0,
+                "forward_bytes": 0,
+                "history_bytes": 0,
                 "rooms": 0,
                 "joins": 0,
                 "waiters": 1024,
@@ -233,7 +235,19 @@ def test_parked_waiters_stop_at_the_uid_budget_and_others_are_served(
             row = next(
                 line.split() for line in shown.stdout.splitlines() if line.split()[:1] == [str(a.pw_uid)]
             )
-            assert row == [str(a.pw_uid), a.pw_name, str(CONNECTIONS), "0", "B", "0", "0", "1024", "0"]
+            empty = ["0", "B"]  # "0 B" of partial frames, of requests for the master, of history
+            assert row == [
+                str(a.pw_uid),
+                a.pw_name,
+                str(CONNECTIONS),
+                *empty,
+                *empty,
+                "0",
+                "0",
+                *empty,
+                "1024",
+                "0",
+            ]
         rss.append(back_to_baseline(daemon, ledger, a.pw_uid))
         assert daemon.status()["store"]["waiters"] == 0
     check_memory_returned(rss)
@@ -342,5 +356,5 @@ def test_one_uid_posting_big_messages_everywhere_keeps_only_its_history_budget(
         assert kept.value == [f"b's message {j}" for j in range(5)]  # a room a never posted to
         table = ipcctl(daemon.socket_dir, "status").stdout
         rows = {line.split()[1]: line.split() for line in table.splitlines()[-3:]}
-        assert rows[a.pw_name][7:9] == ["4.0", "MiB"], table  # its HISTORY column
+        assert rows[a.pw_name][9:11] == ["4.0", "MiB"], table  # its HISTORY column
         assert "4.0 MiB of history" in table, table

@@ -65,6 +65,21 @@ def test_a_dead_workers_connections_are_released_with_it() -> None:
     assert ledger.holdings() == {}
 
 
+def test_bytes_waiting_for_the_master_are_summed_over_workers_and_go_with_them() -> None:
+    ledger = ConnectionLedger(limit=3, privileged_factor=1)
+    ledger.passed(W1, A)
+    ledger.forwarding_reported(W1, {A: 1000})
+    ledger.forwarding_reported(W2, {A: 24, B: 5})
+    ledger.partial_reported(W2, {B: 7})
+    assert ledger.holdings() == {
+        A: {"connections": 1, "forward_bytes": 1024},
+        B: {"partial_bytes": 7, "forward_bytes": 5},
+    }
+    ledger.forwarding_reported(W2, {})  # all written: the worker's last report says so
+    ledger.worker_gone(W1)
+    assert ledger.holdings() == {B: {"partial_bytes": 7}}
+
+
 def test_refusals_are_logged_once_per_interval_per_uid() -> None:
     ledger = ConnectionLedger(limit=1, privileged_factor=1)
     assert ledger.should_log(A, 100.0)
