@@ -326,7 +326,8 @@ class Hub:
         return {"rooms": len(self.rooms), "chatters": len(self.sessions), "messages": self.messages}
 
     def holdings(self) -> dict[int, dict[str, int]]:
-        """Per uid, what it holds here: rooms it created, memberships."""
+        """Per uid, what it holds here: rooms it created, memberships, bytes
+        of history, and posts beyond its rate share not paid back yet."""
         held: dict[int, dict[str, int]] = {}
         for uid, count in self.created.held.items():
             held.setdefault(uid, {})["rooms"] = count
@@ -334,6 +335,8 @@ class Hub:
             held.setdefault(uid, {})["joins"] = count
         for uid, count in self.kept.budget.held.items():
             held.setdefault(uid, {})["history_bytes"] = count
+        for uid, debt in self.posts.debts(self.clock()).items():
+            held.setdefault(uid, {})["rate_debt"] = debt
         return held
 
     # -- sessions ----------------------------------------------------------

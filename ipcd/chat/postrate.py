@@ -99,6 +99,15 @@ class PostRates:
         posts = self._uids.get(uid)
         return max(0.0, -posts.bucket.available(now)) if posts is not None else 0.0
 
+    def debts(self, now: float) -> dict[int, int]:
+        """Every uid in debt, with its posts beyond its share (rounded up)."""
+        debts: dict[int, int] = {}
+        for uid, posts in self._uids.items():
+            tokens = posts.bucket.available(now)
+            if tokens < 0:
+                debts[uid] = int(-tokens) + 1
+        return debts
+
     def worker_gone(self, worker: int) -> None:
         """Forget when ``worker`` was told: its pid will not post again."""
         for posts in self._uids.values():

@@ -24,6 +24,7 @@ HOLDINGS = (
     "rooms",
     "joins",
     "history_bytes",
+    "rate_debt",
     "waiters",
     "stored_fds",
 )

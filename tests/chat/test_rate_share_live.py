@@ -29,6 +29,7 @@ from ipcd.client import Client
 from ipcd.protocol import NEED_DATA, Frame, Op, decode_error, encode_json
 from tests.chat.conftest import StartDaemon
 from tests.chat.users import ChatUser
+from tests.daemon import wait_for
 from tests.handoff.test_uid_budgets_live import b_is_served
 from tests.handoff.users import FdLedger, start_as
 
@@ -106,6 +107,10 @@ def test_one_uid_on_every_worker_gets_one_share_and_another_uid_is_served(
         assert len(spread) == 2
         assert min(spread) >= CONNECTIONS // 4, f"a's connections per worker: {spread}"
         os.write(go_w, b"g")
+        wait_for(
+            lambda: any(h["uid"] == a.pw_uid and h["rate_debt"] > 0 for h in daemon.status()["uids"]),
+            what="a's posts past its share to show in STATUS",
+        )
         b_is_served(daemon, b, "b-meanwhile")
         b_done = time.monotonic()
     finally:

@@ -223,6 +223,7 @@ def test_parked_waiters_stop_at_the_uid_budget_and_others_are_served(
                 "partial_bytes": 0,
                 "forward_bytes": 0,
                 "history_bytes": 0,
+                "rate_debt": 0,
                 "rooms": 0,
                 "joins": 0,
                 "waiters": 1024,
@@ -245,6 +246,7 @@ def test_parked_waiters_stop_at_the_uid_budget_and_others_are_served(
                 "0",
                 "0",
                 *empty,
+                "0",  # posts past its rate share
                 "1024",
                 "0",
             ]
