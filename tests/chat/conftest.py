@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.chat.users import Actor, ChatUser, make_users, remove_users
+from tests import sharedusers
+from tests.chat.users import Actor, ChatUser
 from tests.daemon import Daemon
 
 USER_NAMES = ["ipcd-chat-a", "ipcd-chat-b", "ipcd-chat-c"]
@@ -19,12 +20,9 @@ StartDaemon = Callable[..., Daemon]
 @pytest.fixture(scope="session")
 def chat_users() -> Iterator[list[ChatUser]]:
     """Three real users (made with useradd if missing; removed at the end
-    only if this session made them)."""
-    users, made = make_users(USER_NAMES)
-    try:
-        yield users
-    finally:
-        remove_users(made)
+    only if this session made them and no other session uses them)."""
+    with sharedusers.users(USER_NAMES) as users:
+        yield [ChatUser(user.pw_name, user.pw_uid, user.pw_gid) for user in users]
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import select
 import signal
 import socket
@@ -32,7 +31,6 @@ from typing import Any, NamedTuple
 from ipcd.client import Client, ClientError, DatagramClient, RequestTimeout, ServerError
 from tests.daemon import Daemon, holder_of, wait_for
 
-ALREADY_EXISTS = 9  # useradd's exit code
 Event = tuple[str, dict[str, Any]]  # a ChatEvent's (kind, data), as pickled back
 
 
@@ -40,28 +38,6 @@ class ChatUser(NamedTuple):
     name: str
     uid: int
     gid: int
-
-
-def make_users(names: list[str]) -> tuple[list[ChatUser], list[str]]:
-    """The users, created if missing; also the names this call created."""
-    made = []
-    for name in names:
-        result = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert result.returncode in (0, ALREADY_EXISTS), result.stderr
-        if result.returncode == 0:
-            made.append(name)
-    users = [ChatUser(name, pwd.getpwnam(name).pw_uid, pwd.getpwnam(name).pw_gid) for name in names]
-    return users, made
-
-
-def remove_users(names: list[str]) -> None:
-    for name in names:
-        subprocess.run(["userdel", name], capture_output=True, check=False)
 
 
 def nicks_in(daemon: Daemon, room: str) -> list[str]:

@@ -25,7 +25,6 @@ it in ``pytest_plugins``, so the session's users are made once): fixtures
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import grp
 import io
 import os
@@ -47,14 +46,13 @@ import pytest
 
 from ipcd.cli.ipcctl import cli
 from ipcd.client import ClientError, ServerError
+from tests import sharedusers
 from tests.daemon import Daemon, fd_count, fd_targets, wait_for
 
 OWNER = "ipcd-fd-owner"
 FRIEND = "ipcd-fd-friend"
 OTHER = "ipcd-fd-other"
 GROUP = "ipcd-fd-group"
-ALREADY_EXISTS = 9  # useradd/groupadd exit code
-_LOCKED = (1, 10)  # another useradd holds /etc/passwd or /etc/group: try again
 
 
 # -- users -------------------------------------------------------------------------
@@ -70,39 +68,21 @@ class FdUsers(NamedTuple):
 _created: list[tuple[str, str]] = []  # ("user" | "group", name) made by this session
 
 
-def _admin(*argv: str) -> int:
-    """Run useradd/groupadd/usermod; retry while another one holds the lock."""
-    deadline = time.monotonic() + 20
-    while True:
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if result.returncode in (0, ALREADY_EXISTS):
-            return result.returncode
-        if result.returncode not in _LOCKED or time.monotonic() > deadline:
-            raise AssertionError(f"{' '.join(argv)} exited {result.returncode}: {result.stderr}")
-        time.sleep(0.1)  # a lock held by another process: nothing to wait on but time
-
-
 def ensure_users() -> FdUsers:
     """The three users and the group, created if missing (idempotent)."""
-    if _admin("groupadd", "--system", GROUP) == 0:
+    if sharedusers.admin("groupadd", "--system", GROUP) == 0:
         _created.append(("group", GROUP))
     for name in (OWNER, FRIEND, OTHER):
         argv = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name]
         if name == FRIEND:
             argv[1:1] = ["--groups", GROUP]
-        if _admin(*argv) == 0:
+        if sharedusers.admin(*argv) == 0:
             _created.append(("user", name))
     if FRIEND not in grp.getgrnam(GROUP).gr_mem:  # a friend left by someone else
-        _admin("usermod", "--append", "--groups", GROUP, FRIEND)
+        sharedusers.admin("usermod", "--append", "--groups", GROUP, FRIEND)
     users = FdUsers(pwd.getpwnam(OWNER), pwd.getpwnam(FRIEND), pwd.getpwnam(OTHER), grp.getgrnam(GROUP))
     assert users.group.gr_gid not in (users.friend.pw_gid, users.other.pw_gid, users.owner.pw_gid)
     return users
-
-
-# Every pytest session that uses the users holds this lock shared; a session
-# removes the users it made only if it can then take it alone, so one
-# session's teardown never deletes them under another's running tests.
-_USERS_LOCK = Path("/run/ipcd-test-users.lock")
 
 
 def remove_created() -> None:
@@ -115,18 +95,9 @@ def remove_created() -> None:
 @pytest.fixture(scope="session")
 def fd_users() -> Iterator[FdUsers]:
     """Session-wide users; removed at the end only if this session made them
-    and no other session is using them (then they are left for it)."""
-    with open(_USERS_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_SH)
-        try:
-            yield ensure_users()
-        finally:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                _created.clear()  # another session still runs tests as them
-            else:
-                remove_created()
+    and no other session is using them (tests.sharedusers)."""
+    with sharedusers.shared(lambda: (ensure_users(), remove_created)) as users:
+        yield users
 
 
 StartDaemon = Callable[..., Daemon]

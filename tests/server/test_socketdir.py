@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from ipcd.client import Client, DatagramClient
+from tests import sharedusers
 from tests.daemon import IPCD, Daemon, wait_for
 
 OTHER_USER = "ipcd-test-other"
@@ -109,19 +110,10 @@ def connect_as(path: Path, uid: int, gid: int, groups: list[int]) -> int:
 
 @pytest.fixture(scope="session")
 def other_user() -> Iterator[pwd.struct_passwd]:
-    """A real second user (removed at the end if this session made it)."""
-    made = subprocess.run(
-        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert made.returncode in (0, ALREADY_EXISTS), made.stderr
-    try:
-        yield pwd.getpwnam(OTHER_USER)
-    finally:
-        if made.returncode == 0:
-            subprocess.run(["userdel", OTHER_USER], capture_output=True, check=False)
+    """A real second user (removed at the end if this session made it and
+    no other session uses it)."""
+    with sharedusers.users([OTHER_USER]) as (user,):
+        yield user
 
 
 @pytest.fixture(scope="session")
