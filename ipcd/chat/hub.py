@@ -50,7 +50,7 @@ import pwd
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from json.encoder import encode_basestring
 from typing import Any, Final
 
