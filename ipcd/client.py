@@ -310,12 +310,24 @@ class Client(_Closing):
     def nick(self, nick: str) -> str:
         return str(self.call(Op.NICK, nick=nick)["nick"])
 
-    def join(self, room: str, history: int = 0) -> dict[str, Any]:
+    def join(self, room: str, history: int = 0, after: int | None = None) -> dict[str, Any]:
         """Join ``room``; the last ``history`` messages follow as events,
         oldest first, then new ones. The daemon replays as many as fit its
         output buffer and says where it stopped (``more``, ``before``): the
         older rest is fetched here with HISTORY and queued ahead of the
-        replay, so the reply's ``history`` counts every message that follows."""
+        replay, so the reply's ``history`` counts every message that follows.
+
+        With ``after`` (a seq) instead, every kept message after it follows,
+        then the new ones: a subscriber resuming where it stopped. The rest
+        past the replay is fetched with HISTORY ``after`` and queued between
+        the replay and the new messages; the reply's ``gone`` is then the
+        list of ranges ``[first, last]`` of seqs after ``after`` that the
+        daemon no longer keeps (empty: nothing was missed). If the room's
+        seq is below ``after`` the daemon numbers it anew (it lost its
+        history): the reply says ``reset`` and what it kept of the new
+        numbering follows instead."""
+        if after is not None:
+            return self._resume(room, after)
         reply = self.call(Op.JOIN, room=room, history=history or None)
         if reply.get("more"):
             at = len(self.events)  # the replay comes after the reply: none of it is queued yet
@@ -326,6 +338,41 @@ class Client(_Closing):
             reply["history"] = replayed + len(older)
             reply["more"] = False
             del reply["before"]
+        return reply
+
+    def _resume(self, room: str, after: int) -> dict[str, Any]:
+        reply = self.call(Op.JOIN, room=room, after=after)
+        gone: list[list[int]] = [list(reply["gone"])] if "gone" in reply else []
+        last_seq = int(reply["seq"])
+        rest: list[dict[str, Any]] = []
+        if last_seq < after:
+            # The room numbers anew (the daemon lost its history): what it
+            # kept of the new numbering is new to us.
+            reply["reset"] = True
+            rest = self.history(room, after=0, gone=gone)
+        elif reply.get("more"):
+            rest = self.history(room, last_seq - int(reply["after"]), after=int(reply["after"]), gone=gone)
+        rest = [m for m in rest if m["seq"] <= last_seq]  # newer ones come as events
+        if rest:
+            # Every replayed frame came before the HISTORY replies (one ordered
+            # stream), and new messages have seqs above the JOIN's: the rest
+            # goes between them.
+            at = next(
+                (
+                    i
+                    for i, frame in enumerate(self.events)
+                    if frame.op == Op.MESSAGE
+                    and (data := decode_json(frame.body))["room"] == room
+                    and data["seq"] > last_seq
+                ),
+                len(self.events),
+            )
+            for offset, message in enumerate(rest):
+                self.events.insert(at + offset, Frame(Op.MESSAGE, 0, encode_json(message)))
+            reply["history"] = int(reply["history"]) + len(rest)
+        reply["more"] = False
+        reply.pop("after", None)
+        reply["gone"] = gone
         return reply
 
     def part(self, room: str) -> None:
@@ -362,11 +409,24 @@ class Client(_Closing):
     def topic(self, room: str, topic: str | None = None) -> str:
         return str(self.call(Op.TOPIC, room=room, topic=topic)["topic"])
 
-    def history(self, room: str, count: int | None = None, before: int | None = None) -> list[dict[str, Any]]:
+    def history(
+        self,
+        room: str,
+        count: int | None = None,
+        before: int | None = None,
+        *,
+        after: int | None = None,
+        gone: list[list[int]] | None = None,
+    ) -> list[dict[str, Any]]:
         """The last ``count`` messages of ``room`` (None: all the daemon
         keeps), below seq ``before`` if given, oldest first. A reply holds
         what fits the daemon's output buffer and says if more remain; this
-        asks page after page and returns them all."""
+        asks page after page and returns them all. With ``after`` instead:
+        the first ``count`` (None: all) kept messages after that seq, oldest
+        first; the ranges of seqs after it no longer kept are appended to
+        ``gone`` if given."""
+        if after is not None:
+            return self._history_after(room, count, after, gone if gone is not None else [])
         pages: list[list[dict[str, Any]]] = []
         remaining = count
         while True:
@@ -381,6 +441,21 @@ class Client(_Closing):
                 if remaining <= 0:
                     break
         return [message for page in reversed(pages) for message in page]
+
+    def _history_after(
+        self, room: str, count: int | None, after: int, gone: list[list[int]]
+    ) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = []
+        while count is None or len(messages) < count:
+            remaining = None if count is None else count - len(messages)
+            reply = self.call(Op.HISTORY, room=room, count=remaining, after=after)
+            if "gone" in reply:
+                gone.append(list(reply["gone"]))
+            messages += reply["messages"]
+            if not reply.get("more") or not reply["messages"]:
+                break
+            after = int(reply["after"])
+        return messages
 
     # -- fd hand-off ------------------------------------------------------------
 

@@ -18,14 +18,18 @@ exponential backoff (0.05 s doubling to 2 s) for as long as the daemon stays
 unreachable, takes the same nick and joins the same rooms. ``on_status``
 hears one line when the connection is lost and one when it is back.
 
-No message is delivered twice. Room messages carry a per-room sequence
-number without gaps, so the subscription keeps, per room, a *floor*: the
-highest ``seq`` already delivered (or skipped at the first join). Rejoining
-asks for the room's history and drops every message at or below the floor,
-which also fills the gap of the outage from the history the daemon keeps.
-Messages older than that history are lost, and ``on_status`` says how many.
-A daemon that restarted numbers its rooms from 1 again: a new master pid,
-or a room whose last ``seq`` is below the floor, resets that floor.
+No message is delivered twice and none is skipped silently. Room messages
+carry a per-room sequence number without gaps, so the subscription keeps,
+per room, a *floor*: the highest ``seq`` already delivered (or skipped at
+the first join, or given as ``since``). Rejoining resumes after the floor
+(JOIN with ``after``): the daemon replays every message it still keeps
+after it, then the new ones, so the outage's gap is filled from the
+daemon's history (which survives a daemon restart when the daemon keeps a
+state). Messages it no longer keeps are reported as ranges to ``on_gone``
+(by default a line to ``on_status``). A room whose last ``seq`` is below
+the floor is numbered anew (a daemon that lost its history): its floor is
+reset, and what it kept of the new numbering is delivered. Every event is
+also checked against the floor, so a duplicate can never get through.
 
 Only the first connection's errors reach the caller as they are (no daemon
 at all is a mistake to report, not an outage to wait out), and refusals
@@ -38,7 +42,7 @@ joined and nicks taken through the subscription are kept across reconnects.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -57,7 +61,6 @@ from ipcd.protocol.chat import DEFAULT_ROOM
 
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 2.0
-_REPLAY_ALL = 1 << 20  # "all the history you keep": the daemon caps it at its history size
 _NICK_PATIENCE = 20  # reconnects that may find our old nick still held by the old connection
 # Refusals that only say the daemon is between two states: a worker that
 # cannot reach its master answers UNAVAILABLE (chat) or INTERNAL (status)
@@ -65,6 +68,7 @@ _NICK_PATIENCE = 20  # reconnects that may find our old nick still held by the o
 _TRANSIENT = frozenset((ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL, ErrorCode.SHUTTING_DOWN))
 
 StatusCallback = Callable[[str], None]
+GoneCallback = Callable[[str, int, int], None]  # room, first and last seq no longer kept
 
 
 class Subscription:
@@ -79,10 +83,12 @@ class Subscription:
         *,
         nick: str | None = None,
         history: int = 0,
+        since: Mapping[str, int] | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         reconnect: bool = True,
         patience: float | None = None,
         on_status: StatusCallback | None = None,
+        on_gone: GoneCallback | None = None,
         daemon_uid: int | None = None,
     ) -> None:
         self.socket_dir = socket_dir
@@ -94,11 +100,12 @@ class Subscription:
         self.reconnect = reconnect
         self.patience = patience
         self.on_status = on_status or (lambda _line: None)
+        self.on_gone = on_gone or self._say_gone
         self.reconnects = 0
-        self._floors: dict[str, int] = {}  # room -> highest seq delivered or skipped
-        self._daemon_pid: int | None = None
+        # room -> highest seq delivered or skipped; a room given ``since`` resumes after it
+        self._floors: dict[str, int] = dict(since or {})
         self._nick_refusals = 0
-        self._client: Client | None = self._subscribe(history, first=True)
+        self._client: Client | None = self._subscribe(history)
 
     def __enter__(self) -> Self:
         return self
@@ -149,7 +156,7 @@ class Subscription:
         reply = self.client.join(room, history=history)
         if room not in self.rooms:
             self.rooms.append(room)
-        self._set_floor(room, int(reply["seq"]), int(reply["history"]), fresh=True)
+        self._floors[room] = int(reply["seq"]) - int(reply["history"])  # the replay is above it
         self.nick = str(reply["nick"])
         return reply
 
@@ -166,19 +173,22 @@ class Subscription:
 
     # -- connecting ----------------------------------------------------------
 
-    def _subscribe(self, history: int, first: bool) -> Client:
-        """A new connection with our nick, in our rooms; replayed history
-        follows as events."""
+    def _subscribe(self, history: int) -> Client:
+        """A new connection with our nick, in our rooms: a room joined before
+        resumes after its floor, a new one replays its last ``history``
+        messages; they follow as events."""
         client = Client(self.socket_dir, self.timeout, daemon_uid=self.daemon_uid)
         try:
-            daemon_pid = int(client.status()["pid"])
-            restarted = self._daemon_pid is not None and daemon_pid != self._daemon_pid
-            self._daemon_pid = daemon_pid
             if self.nick:
                 self.nick = client.nick(self.nick)
             for room in self.rooms:
-                reply = client.join(room, history=history)
-                self._set_floor(room, int(reply["seq"]), int(reply["history"]), first or restarted)
+                floor = self._floors.get(room)
+                if floor is None:
+                    reply = client.join(room, history=history)
+                    self._floors[room] = int(reply["seq"]) - int(reply["history"])
+                else:
+                    reply = client.join(room, after=floor)
+                    self._resumed(room, floor, reply)
                 self.nick = str(reply["nick"])
         except BaseException:
             client.close()
@@ -190,7 +200,7 @@ class Subscription:
         delay = BACKOFF_FIRST
         while True:
             try:
-                self._client = self._subscribe(_REPLAY_ALL, first=False)
+                self._client = self._subscribe(0)
             except (DaemonUnreachable, ConnectionLost, RequestTimeout) as exc:
                 cause = cause or (exc if isinstance(exc, ConnectionLost) else ConnectionLost(str(exc)))
             except ServerError as exc:
@@ -223,16 +233,19 @@ class Subscription:
 
     # -- no duplicates -------------------------------------------------------
 
-    def _set_floor(self, room: str, last_seq: int, replayed: int, fresh: bool) -> None:
-        first_replayed = last_seq - replayed  # the replay is seqs first_replayed+1 .. last_seq
-        floor = self._floors.get(room)
-        if fresh or floor is None or last_seq < floor:
-            self._floors[room] = first_replayed  # a first join, or the daemon numbers anew
-            return
-        if first_replayed > floor:
-            missed = first_replayed - floor
-            self.on_status(f"{missed} messages in {room} were missed: older than the daemon's history")
-            self._floors[room] = first_replayed
+    def _resumed(self, room: str, floor: int, reply: dict[str, Any]) -> None:
+        if reply.get("reset"):
+            self.on_status(
+                f"{room} is numbered anew from seq 1 (the daemon lost its history): "
+                f"what it kept after {floor} before that is gone"
+            )
+            self._floors[room] = 0
+        for first, last in reply["gone"]:
+            self.on_gone(room, first, last)
+
+    def _say_gone(self, room: str, first: int, last: int) -> None:
+        span = f"message {first}" if first == last else f"messages {first}-{last}"
+        self.on_status(f"{span} of {room} are no longer kept by the daemon: missed")
 
     def _is_new(self, event: ChatEvent) -> bool:
         if event.kind != "message":

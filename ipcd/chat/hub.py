@@ -56,11 +56,12 @@ import pwd
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from json.encoder import encode_basestring
 from typing import Any, Final
 
 from ipcd.budgets import UidBudget
+from ipcd.chat import pages
 from ipcd.chat.fairshare import BURST_FACTOR
 from ipcd.chat.idlerooms import IdleRooms
 from ipcd.chat.keptbytes import Kept, KeptBytes
@@ -162,18 +163,6 @@ class Room:
     @property
     def idle(self) -> bool:
         return not self.members
-
-
-def newest_that_fit(sizes: Sequence[int], budget: int) -> int:
-    """How many of the last of ``sizes`` fit in ``budget`` bytes together:
-    a page of history is its newest messages. At least one (if there is
-    one), so a message larger than the budget still pages through."""
-    total = 0
-    for taken, size in enumerate(reversed(sizes)):
-        total += size
-        if taken and total > budget:
-            return taken
-    return len(sizes)
 
 
 class ChatError(ServiceError):
@@ -467,6 +456,9 @@ class Hub:
     def _join(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
         name = check_room(args.get("room", DEFAULT_ROOM))
         want_history = check_count(args.get("history"), self.limits.history, "history")
+        after = check_cursor(args.get("after"), "after")
+        if after is not None and args.get("history") is not None:
+            raise ChatError(ErrorCode.BAD_REQUEST, "give history (the newest N) or after (a seq), not both")
         session = self._session(sender)
         # Checked before the room is created, so a refused join leaves no empty room behind.
         if name not in session.rooms and len(session.rooms) >= self.limits.rooms_per_connection:
@@ -486,22 +478,30 @@ class Hub:
             room.workers[sender.worker] += 1
             session.rooms.add(name)
             self.joined.charge(session.uid)
-        replay, more = self._page(room, want_history, None)
-        # The notice went before the reply (the joiner's worker indexes it only
-        # from the reply on); the replay goes after it on the same ordered
-        # channel, before any new message.
-        self._deliver_to(sender.worker, sender.conn, [frame for _, frame, _ in replay], later)
-        result = {
+        result: dict[str, Any] = {
             "room": name,
             "nick": session.nick,
             "topic": room.topic,
             "seq": room.seq,
             "members": sorted(s.nick for s in room.members.values()),
-            "history": len(replay),
-            "more": more,
         }
-        if more:
-            result["before"] = replay[0][0]  # HISTORY pages on from here
+        if after is None:
+            replay, more = pages.newest_before(room.history, want_history, None, self.limits.reply_budget)
+            if more:
+                result["before"] = replay[0][0]  # HISTORY pages on from here, towards the oldest
+        else:
+            resumed = pages.after(room.history, room.seq, after, len(room.history), self.limits.reply_budget)
+            replay, more = resumed.kept, resumed.more
+            if resumed.next_after is not None:
+                result["after"] = resumed.next_after  # HISTORY pages on from here, towards the newest
+            if resumed.gone is not None:
+                result["gone"] = list(resumed.gone)
+        # The notice went before the reply (the joiner's worker indexes it only
+        # from the reply on); the replay goes after it on the same ordered
+        # channel, before any new message.
+        self._deliver_to(sender.worker, sender.conn, [frame for _, frame, _ in replay], later)
+        result["history"] = len(replay)
+        result["more"] = more
         return {"join": name}, result
 
     def _part(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
@@ -641,25 +641,26 @@ class Hub:
         name = check_room(args.get("room", DEFAULT_ROOM))
         count = check_count(args.get("count", self.limits.history), self.limits.history, "count")
         before = check_cursor(args.get("before"), "before")
+        after = check_cursor(args.get("after"), "after")
+        if before is not None and after is not None:
+            raise ChatError(ErrorCode.BAD_REQUEST, "give before or after, not both")
         room = self._room(name, create=False)  # every field checked first: a bad one is BAD_REQUEST
-        page, more = self._page(room, count, before)
-        head: dict[str, Any] = {"room": room.name, "more": more}
-        if more:
-            head["before"] = page[0][0]
+        head: dict[str, Any] = {"room": room.name}
+        if after is None:
+            page, more = pages.newest_before(room.history, count, before, self.limits.reply_budget)
+            if more:
+                head["before"] = page[0][0]
+        else:
+            resumed = pages.after(room.history, room.seq, after, count, self.limits.reply_budget)
+            page, more = resumed.kept, resumed.more
+            if resumed.next_after is not None:
+                head["after"] = resumed.next_after
+            if resumed.gone is not None:
+                head["gone"] = list(resumed.gone)
+        head["more"] = more
         # The kept MESSAGE bodies as they are, not parsed and encoded again.
         messages = b",".join(frame[HEADER.size :] for _, frame, _ in page)
         return {}, encode_json(head)[:-1] + b',"messages":[' + messages + b"]}"
-
-    def _page(self, room: Room, count: int, before: int | None) -> tuple[list[Kept], bool]:
-        """The last ``count`` messages with a seq below ``before`` (of all,
-        when None), oldest first, cut to the newest that fit the reply
-        budget; and whether the budget left any of them out."""
-        if not count:
-            return [], False
-        kept = list(room.history) if before is None else [k for k in room.history if k[0] < before]
-        wanted = kept[-count:]
-        fit = newest_that_fit([len(frame) for _, frame, _ in wanted], self.limits.reply_budget)
-        return wanted[len(wanted) - fit :], fit < len(wanted)
 
 
 _HANDLERS: dict[int, Callable[[Hub, Sender, Args, Outbox, Staged], Result]] = {

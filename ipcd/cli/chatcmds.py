@@ -148,6 +148,14 @@ def send(opts: Options, room: str | None, to: str | None, dgram: bool, text: tup
     help="First replay the last N messages of each room.",
 )
 @click.option(
+    "--since",
+    "since_args",
+    multiple=True,
+    metavar="[ROOM=]SEQ",
+    help="Resume after SEQ: first print every message the daemon still keeps with a higher seq "
+    "(the last seq a previous listen printed), then the new ones. ROOM=SEQ for one room; repeatable.",
+)
+@click.option(
     "--nick", metavar="NICK", default=None, help="Listen under this nick (default: your user name)."
 )
 @click.option("--notices/--no-notices", default=False, help="Also print joins, parts and topic changes.")
@@ -165,6 +173,7 @@ def listen(
     rooms: tuple[str, ...],
     count: int | None,
     history: int,
+    since_args: tuple[str, ...],
     nick: str | None,
     notices: bool,
     reconnect: bool,
@@ -174,18 +183,34 @@ def listen(
 
     When the connection is lost, listen says so on stderr, connects again
     (retrying while the daemon is away), rejoins the same rooms with the same
-    nick and goes on without printing any message twice. --count counts
-    across reconnects."""
+    nick and resumes after the last message it printed: nothing is printed
+    twice or skipped. Messages the daemon no longer keeps are named on
+    stderr (and with --json as a {"type": "gone", "room", "first", "last"}
+    line). --count counts messages across reconnects."""
+    rooms = rooms or (DEFAULT_ROOM,)
+    if history and since_args:
+        raise click.UsageError("give --history or --since, not both")
+    since = parse_since(since_args, rooms)
 
     def status(line: str) -> None:
         click.echo(f"ipcctl: {line}", err=True)
 
+    def gone(room: str, first: int, last: int) -> None:
+        span = f"message {first}" if first == last else f"messages {first}-{last}"
+        status(f"{span} of {room} are no longer kept by the daemon: missed")
+        if opts.json:
+            click.echo(
+                json.dumps({"type": "gone", "room": room, "first": first, "last": last}, sort_keys=True)
+            )
+
     seen = 0
     subscription = Subscription(
         opts.socket_dir,
-        rooms or (DEFAULT_ROOM,),
+        rooms,
         nick=nick,
         history=history,
+        since=since,
+        on_gone=gone,
         timeout=opts.timeout,
         reconnect=reconnect,
         on_status=status,
@@ -202,6 +227,28 @@ def listen(
             click.echo(json_line(event) if opts.json else format_event(event))
             if event.kind != "notice":
                 seen += 1
+
+
+def parse_since(args: tuple[str, ...], rooms: tuple[str, ...]) -> dict[str, int]:
+    """``--since`` values: ``SEQ`` for every room, ``ROOM=SEQ`` for one."""
+    since: dict[str, int] = {}
+    every: int | None = None
+    for arg in args:
+        room, _, seq = arg.rpartition("=")
+        if not seq.isdigit():
+            raise click.BadParameter(
+                f"{arg!r} is not SEQ or ROOM=SEQ (a seq is 0 or more)", param_hint="--since"
+            )
+        if not room:
+            every = int(seq)
+        elif room not in rooms:
+            raise click.BadParameter(f"{room!r} is not one of the rooms listened to", param_hint="--since")
+        else:
+            since[room] = int(seq)
+    if every is not None:
+        for room in rooms:
+            since.setdefault(room, every)
+    return since
 
 
 def json_line(event: ChatEvent) -> str:

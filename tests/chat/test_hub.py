@@ -19,7 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipcd.chat.hub import Hub, Limits, Out, Outbox, Sender, newest_that_fit
+from ipcd.chat.hub import Hub, Limits, Out, Outbox, Sender
+from ipcd.chat.pages import newest_that_fit
 from ipcd.link.ops import ChannelOp
 from ipcd.link.records import Answer, Deliver, Post
 from ipcd.protocol import (

@@ -194,8 +194,9 @@ def test_messages_beyond_the_history_are_said_to_be_missed(
         finally:
             os.kill(listener.proc.pid, signal.SIGCONT)
         assert listener.wait_exit() == 0, listener.err
-        assert texts(listener) == ["a", "d", "e"]
-        assert "ipcctl: 2 messages in ops were missed: older than the daemon's history" in listener.err
+        assert {"type": "gone", "room": ROOM, "first": 2, "last": 3} in listener.messages()
+        assert [m["text"] for m in listener.messages() if m["type"] == "message"] == ["a", "d", "e"]
+        assert "ipcctl: messages 2-3 of ops are no longer kept by the daemon: missed" in listener.err
     finally:
         assert daemon.stop() == 0
 
