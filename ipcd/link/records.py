@@ -72,7 +72,8 @@ _FORWARD: Final = struct.Struct("!QIBIIIHH")  # conn, rid, op, uid, gid, pid, ng
 _ANSWER: Final = struct.Struct("!QBIHHH")  # conn, flags, replies, join, part, dgram lengths
 _DELIVER: Final = struct.Struct("!BI")  # kind, room length or number of connections
 _GONE: Final = struct.Struct("!Q")
-_POST: Final = struct.Struct("!IHI")  # request id, room and text lengths
+_POST: Final = struct.Struct("!IHI")  # request id, room length (| _WITH_ID), text length
+_WITH_ID: Final = 0x8000  # in a post's room length: a message id follows the room (a byte of length, the id)
 _REPLICA: Final = struct.Struct("!IBHHH")  # owner, public, name length, allow_uids, allow_gids counts
 _UNREPLICA: Final = struct.Struct("!I")  # token
 
@@ -231,17 +232,27 @@ class Deliver(NamedTuple):
 
 class Post(NamedTuple):
     """One SAY checked by the worker (:func:`ipcd.protocol.chat.prepare_say`):
-    its request id, the room, and the text as the JSON string literal every
-    MESSAGE made of it holds. A forwarded SAY's body is a run of these (all
-    of one connection, in order): a pipelined burst is one record."""
+    its request id, the room, the text as the JSON string literal every
+    MESSAGE made of it holds, and the client's message id (b"": none). A
+    forwarded SAY's body is a run of these (all of one connection, in
+    order): a pipelined burst is one record. A post without an id is
+    encoded as before ids existed; one with an id flags it in the room's
+    length (rooms are at most 64 bytes), so decoding the common post costs
+    one test more."""
 
     request_id: int
     room: str
     text_json: bytes
+    message_id: bytes = b""
 
     def encode(self) -> bytes:
         name = self.room.encode()
-        return b"".join((_POST.pack(self.request_id, len(name), len(self.text_json)), name, self.text_json))
+        if not self.message_id:
+            return b"".join(
+                (_POST.pack(self.request_id, len(name), len(self.text_json)), name, self.text_json)
+            )
+        head = _POST.pack(self.request_id, len(name) | _WITH_ID, len(self.text_json))
+        return b"".join((head, name, bytes((len(self.message_id),)), self.message_id, self.text_json))
 
     @staticmethod
     def decode_run(body: bytes) -> list[Post]:
@@ -251,12 +262,27 @@ class Post(NamedTuple):
             if size - pos < head:
                 raise LinkError(f"a post of {size - pos} bytes, shorter than its {head}-byte header")
             request_id, nroom, ntext = _POST.unpack_from(body, pos)
+            if nroom & _WITH_ID:
+                post, pos = Post._with_id(body, pos + head, request_id, nroom & ~_WITH_ID, ntext)
+                posts.append(post)
+                continue
             room_end = pos + head + nroom
             pos = room_end + ntext
             if pos > size:
                 raise LinkError(f"a run of posts ends at {size} bytes, a post needs {pos}")
             posts.append(Post(request_id, _text(body[room_end - nroom : room_end]), body[room_end:pos]))
         return posts
+
+    @staticmethod
+    def _with_id(body: bytes, start: int, request_id: int, nroom: int, ntext: int) -> tuple[Post, int]:
+        """The post with an id whose room starts at ``start``, and where it ends."""
+        room, pos = _take(body, start, nroom)
+        nid, pos = _take(body, pos, 1)
+        message_id, pos = _take(body, pos, nid[0])
+        if not message_id:
+            raise LinkError("a post flagged with a message id has an empty one")
+        text, end = _take(body, pos, ntext)
+        return Post(request_id, _text(room), text, message_id), end
 
 
 class Gone(NamedTuple):
