@@ -331,9 +331,13 @@ class Client(_Closing):
     def part(self, room: str) -> None:
         self.call(Op.PART, room=room)
 
-    def say(self, room: str, text: str) -> int:
-        """Post to a room (no need to join); returns the message's sequence number."""
-        return int(self.call(Op.SAY, room=room, text=text)["seq"])
+    def say(self, room: str, text: str, message_id: str | None = None) -> int:
+        """Post to a room (no need to join); returns the message's sequence
+        number. With ``message_id`` the post may be sent again (on this or
+        another connection) after a lost acknowledgement: the daemon posts
+        it once and answers a resend with the same seq. To have that done
+        for you, see :class:`ipcd.publisher.Publisher`."""
+        return int(self.call(Op.SAY, room=room, text=text, id=message_id)["seq"])
 
     def msg(self, to: str, text: str) -> int:
         return int(self.call(Op.MSG, to=to, text=text)["seq"])
