@@ -37,7 +37,7 @@ from __future__ import annotations
 import selectors
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Final, Generic, NamedTuple, Self, TypeVar
 
@@ -108,12 +108,25 @@ class AckWindow(Generic[T]):
         """The tags of every request in flight, in the order sent, answered or not."""
         return [tag for _, tag in self._order]
 
-    def take_all(self) -> list[T]:
-        """:meth:`tags`, and the window is empty afterwards (to send them again elsewhere)."""
-        tags = self.tags()
-        self._order.clear()
-        self._replies.clear()
-        return tags
+    def unanswered(self) -> list[T]:
+        """The tags of the requests in flight still without an answer, in order."""
+        return [tag for request_id, tag in self._order if self._replies[request_id] is None]
+
+    def renumber(self, next_id: Callable[[], int]) -> list[tuple[int, T]]:
+        """Give every request in flight a new id from ``next_id`` (to go on
+        over another connection), keeping the order and the answers already
+        filed; the unanswered ones with their new ids, to send again."""
+        order, replies = self._order, self._replies
+        self._order, self._replies = deque(), {}
+        again = []
+        for request_id, tag in order:
+            new_id = next_id()
+            frame = replies[request_id]
+            self._order.append((new_id, tag))
+            self._replies[new_id] = frame
+            if frame is None:
+                again.append((new_id, tag))
+        return again
 
     def stranded(self) -> list[tuple[T, Frame]]:
         """Answered requests still behind an unanswered one, in order: once
@@ -243,13 +256,14 @@ class Poster(Generic[T]):
 
     def resume(self, client: Client) -> None:
         """Go on over ``client``, a new connection after the old one was lost
-        (and closed by the caller): every post not acknowledged yet is
-        queued again, in the order first sent, with the same message ids.
-        Raises ValueError, changing nothing, if one of them has no message
-        id: it cannot be sent again without maybe posting it twice."""
-        if not all(sent.resendable for sent in self.acks.tags()):
+        (and closed by the caller): every post still without an answer is
+        queued again, in the order first sent, with the same message ids;
+        answers already read (a refusal behind an unanswered post) are kept
+        for their turn, not asked again. Raises ValueError, changing
+        nothing, if a post to resend has no message id: it cannot be sent
+        again without maybe posting it twice."""
+        if not all(sent.resendable for sent in self.acks.unanswered()):
             raise ValueError("a post without a message id was in flight: it cannot be sent again safely")
-        pending = self.acks.take_all()
         if self._selector is not None:
             self._selector.close()
             self._selector = None
@@ -258,8 +272,8 @@ class Poster(Generic[T]):
         self._out = bytearray()
         self._lost = None
         self.last_progress = time.monotonic()
-        for sent in pending:
-            self._send(sent)
+        for request_id, sent in self.acks.renumber(client.next_request_id):
+            self._out += encode_frame(sent.op, request_id, sent.body)
 
     def recover(self, lost: ClientError) -> None:
         """After ``lost`` (read or flush raised ConnectionLost, or no answer

@@ -136,7 +136,7 @@ class Publisher(Poster[T]):
         """After ``lost``: connect again (with backoff) and resend what is
         unacknowledged; raises the last failure once the outage has lasted
         ``retry_for`` seconds, or at once if ``lost`` is not an outage."""
-        if not isinstance(lost, _OUTAGE) or not all(sent.resendable for sent in self.acks.tags()):
+        if not isinstance(lost, _OUTAGE) or not all(sent.resendable for sent in self.acks.unanswered()):
             raise lost  # not an outage; or a post without an id (a MSG) would be resent
         now = time.monotonic()
         if self._outage_since is None:

@@ -21,7 +21,7 @@ import signal
 import struct
 import subprocess
 import termios
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -56,6 +56,10 @@ def room_seq(daemon: Daemon) -> int | None:
 def unread(pipe: IO[bytes]) -> int:
     """Bytes written to ``pipe`` that its reader has not read yet."""
     return int(struct.unpack("i", fcntl.ioctl(pipe.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+
+
+def partly_posted(daemon: Daemon, before: int) -> Callable[[], bool]:
+    return lambda: (room_seq(daemon) or 0) > before
 
 
 def kill_every_worker(daemon: Daemon) -> None:
@@ -170,7 +174,7 @@ def test_a_piped_send_across_worker_kills_and_reloads_posts_every_line_once_in_o
             stdin.write(chunk)
             stdin.flush()
             wait_for(lambda: unread(stdin) == 0, 20.0, "send to read its input")
-            wait_for(lambda s=start: (room_seq(daemon) or 0) > s, 30.0, "some of the chunk to be posted")
+            wait_for(partly_posted(daemon, start), 30.0, "some of the chunk to be posted")
             if (start // CHUNK) % 3 == 0:
                 kill_every_worker(daemon)
             else:
