@@ -550,8 +550,9 @@ class Hub:
         frames: list[bytes] = []  # for ``room``, not yet in the outbox
         frames_size = 0
         for request_id, name, text_json, message_id in Post.decode_run(body):
+            now = time.time()
             if message_id:
-                duplicate = self._posted_already(uid, message_id, request_id)
+                duplicate = self._posted_already(uid, message_id, request_id, now)
                 if duplicate is not None:
                     replies.append(duplicate)
                     replies_size += len(duplicate)
@@ -568,7 +569,6 @@ class Hub:
                     replies.append(error)
                     replies_size += len(error)
                     continue
-            now = time.time()
             ts, ts_json = self._ts
             if now - ts >= _TS_STEP or now < ts:  # formatting a float is a good part of the cost
                 ts, ts_json = self._ts = (now, repr(now).encode())
@@ -604,10 +604,10 @@ class Hub:
             for reply in replies:
                 out.answer(worker, Answer(0, reply, dgram=sender.dgram))
 
-    def _posted_already(self, uid: int, message_id: bytes, request_id: int) -> bytes | None:
+    def _posted_already(self, uid: int, message_id: bytes, request_id: int, now: float) -> bytes | None:
         """The reply to a SAY whose id ``uid`` posted within the window
         (the original outcome, marked duplicate), or None: post it."""
-        posted = self.recent_ids.get(uid, message_id, time.time())
+        posted = self.recent_ids.get(uid, message_id, now)
         if posted is None:
             return None
         reply = _DUPLICATE_REPLY % (posted.room_json, posted.seq, posted.ts_json)

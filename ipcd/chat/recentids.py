@@ -85,9 +85,10 @@ class RecentIds:
             ids = self._by_uid[uid] = OrderedDict()
         ids[message_id] = posted
         ids.move_to_end(message_id)  # a restored id met again is the newest
-        while len(ids) > self.per_uid:
+        while len(ids) > self.per_uid:  # one, unless a reload lowered the bound
             ids.popitem(last=False)
-        self._expire(uid, ids, posted.at)
+        # Older entries are dropped by the next get(), which the hub makes
+        # before every remember(): not twice per post.
 
     def restore(self, entries: Iterable[tuple[int, bytes, Posted]]) -> None:
         """Remember ``(uid, message id, posted)`` entries, such as those of

@@ -276,13 +276,17 @@ class Post(NamedTuple):
     @staticmethod
     def _with_id(body: bytes, start: int, request_id: int, nroom: int, ntext: int) -> tuple[Post, int]:
         """The post with an id whose room starts at ``start``, and where it ends."""
-        room, pos = _take(body, start, nroom)
-        nid, pos = _take(body, pos, 1)
-        message_id, pos = _take(body, pos, nid[0])
-        if not message_id:
-            raise LinkError("a post flagged with a message id has an empty one")
-        text, end = _take(body, pos, ntext)
-        return Post(request_id, _text(room), text, message_id), end
+        room_end = start + nroom
+        id_start = room_end + 1
+        if id_start > len(body):
+            raise LinkError(f"a run of posts ends at {len(body)} bytes, a post needs {id_start}")
+        id_end = id_start + body[room_end]
+        end = id_end + ntext
+        if end > len(body) or id_end == id_start:
+            raise LinkError(
+                f"a post with a message id of {id_end - id_start} bytes needs {end}, has {len(body)}"
+            )
+        return Post(request_id, _text(body[start:room_end]), body[id_end:end], body[id_start:id_end]), end
 
 
 class Gone(NamedTuple):
