@@ -27,7 +27,7 @@ from typing import IO
 
 import pytest
 
-from ipcd.client import ClientError, ConnectionLost
+from ipcd.client import ClientError, ConnectionLost, DaemonUnreachable
 from ipcd.publisher import Publisher
 from tests.cli.test_listen_reconnect import ROOM, Listener, listen
 from tests.daemon import IPCCTL, Daemon, children, fd_targets, holder_of, wait_for
@@ -277,3 +277,24 @@ def test_a_send_that_gives_up_names_the_lines_not_acknowledged(short_tmp: Path, 
         assert last.startswith("ipcctl: cannot connect to "), last
         assert "lines 4-6 (2 messages) not acknowledged: they may or may not have been posted" in last
         assert re.search(r"send them again with --id-prefix [0-9a-f]{16}$", last), last
+
+
+def test_a_publisher_gives_up_after_retry_for_and_tells_what_was_not_acknowledged(short_tmp: Path) -> None:
+    daemon = Daemon(short_tmp / "s", workers=1).start()
+    try:
+        statuses: list[str] = []
+        with Publisher[str](daemon.socket_dir, retry_for=0.5, on_status=statuses.append) as publisher:
+            assert publisher.say_one(ROOM, "acknowledged", "first") == 1
+            for pid in children(daemon.pid):
+                os.kill(pid, signal.SIGSTOP)  # takes the posts, answers nothing
+            publisher.say(ROOM, "lost 1", "second")
+            publisher.say(ROOM, "lost 2", "third")
+            publisher.flush()
+            daemon.kill_all()
+            with pytest.raises(DaemonUnreachable):
+                list(publisher.drain())
+            assert publisher.unacknowledged() == ["second", "third"]
+        assert statuses == [statuses[0]]
+        assert statuses[0].startswith("connection lost (")
+    finally:
+        daemon.kill_all()

@@ -59,7 +59,8 @@ def test_ids_are_per_uid_not_global(sim: Sim) -> None:
     alice, bob = sim.connect(W1, uid=70000), sim.connect(W2, uid=70001)
     assert say(alice, "r", "from alice", "1")["seq"] == 1
     reply = say(bob, "r", "from bob", "1")
-    assert reply["seq"] == 2 and "duplicate" not in reply
+    assert reply["seq"] == 2
+    assert "duplicate" not in reply
 
 
 def test_the_same_uid_on_another_connection_and_worker_is_still_a_duplicate(sim: Sim) -> None:

@@ -283,7 +283,8 @@ def test_a_retrying_send_reports_the_line_over_the_frame_limit_and_posts_the_res
     sent = ipcctl(daemon.socket_dir, "send", "-r", "r", input=piped)
     assert sent.returncode == 1, sent.stderr  # a line was refused
     refusals = [line for line in sent.stderr.splitlines() if "refused" in line]
-    assert len(refusals) == 1 and refusals[0].startswith("ipcctl: line 2: the daemon refused: frame of ")
+    assert len(refusals) == 1
+    assert refusals[0].startswith("ipcctl: line 2: the daemon refused: frame of ")
     with daemon.client() as client:
         assert [m["text"] for m in client.history("r")] == ["short", "after it"]
 
