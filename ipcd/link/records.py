@@ -258,11 +258,12 @@ class Post(NamedTuple):
     def decode_run(body: bytes) -> list[Post]:
         posts = []
         pos, size, head = 0, len(body), _POST.size
+        unpack, with_id = _POST.unpack_from, _WITH_ID  # locals: this loop runs once per message
         while pos < size:
             if size - pos < head:
                 raise LinkError(f"a post of {size - pos} bytes, shorter than its {head}-byte header")
-            request_id, nroom, ntext = _POST.unpack_from(body, pos)
-            if nroom & _WITH_ID:
+            request_id, nroom, ntext = unpack(body, pos)
+            if nroom & with_id:
                 post, pos = Post._with_id(body, pos + head, request_id, nroom & ~_WITH_ID, ntext)
                 posts.append(post)
                 continue
