@@ -575,7 +575,14 @@ class DatagramClient(_Closing):
         self.request(Op.PING, payload)
         return time.perf_counter() - start
 
-    def say(self, room: str, text: str) -> int:
-        """Post to a room as this process's uid (like logger(1) to syslog)."""
-        reply = self.request(Op.SAY, encode_json({"room": room, "text": text}))
+    def say(self, room: str, text: str, message_id: str | None = None) -> int:
+        """Post to a room as this process's uid (like logger(1) to syslog).
+        A datagram can be lost either way: with ``message_id``, sending it
+        again after a RequestTimeout does not post it twice."""
+        args = (
+            {"room": room, "text": text}
+            if message_id is None
+            else {"id": message_id, "room": room, "text": text}
+        )
+        reply = self.request(Op.SAY, encode_json(args))
         return int(decode_json(reply.body)["seq"])

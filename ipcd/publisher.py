@@ -120,6 +120,18 @@ class Publisher(Poster[T]):
         """Post ``text`` to ``room`` with ``message_id``, or the next id of this publisher."""
         super().say(room, text, tag, message_id or self.next_id())
 
+    def say_when_connected(self, room: str, text: str, tag: T, message_id: str | None = None) -> None:
+        """:meth:`say`, after recovering first if the connection was found
+        lost (say raises then: a caller with its own loop recovers itself,
+        as its selector must follow the new connection)."""
+        while True:
+            try:
+                self.say(room, text, tag, message_id)
+            except _OUTAGE as exc:
+                self.recover(exc)
+            else:
+                return
+
     def unacknowledged(self) -> list[T]:
         """The tags of the posts in flight, in order: after giving up, the
         ones that may or may not have been posted."""
@@ -181,12 +193,12 @@ class Publisher(Poster[T]):
         for tag, text in texts:
             while not self.can_post:
                 yield from self.wait()
-            self.say(room, text, tag)
+            self.say_when_connected(room, text, tag)
         yield from self.drain()
 
     def say_one(self, room: str, text: str, tag: T) -> int:
         """Post one message and wait for it; its seq (ServerError if refused)."""
-        self.say(room, text, tag)
+        self.say_when_connected(room, text, tag)
         acks = list(self.drain())
         assert len(acks) == 1
         return acks[0].seq

@@ -145,25 +145,26 @@ def _stream(
         selector.register(poster, selectors.EVENT_READ)
         watching_input = False
         while True:
-            while queued and poster.can_post:
-                line = queued.popleft()
-                if to is not None:
-                    poster.msg(to, line.text, line)
-                else:
-                    poster.say(room, line.text, line, message_id(line.number) if message_id else None)
-            poster.flush()  # what was just posted, in one write
-            if splitter.at_end and not queued and not poster.in_flight:
-                return
-            want_input = not splitter.at_end and len(queued) < poster.acks.size
-            if want_input != watching_input:
-                if want_input:
-                    selector.register(fd, selectors.EVENT_READ)
-                else:
-                    selector.unregister(fd)
-                watching_input = want_input
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if poster.wants_write else 0)
-            selector.modify(poster, events)
             try:
+                while queued and poster.can_post:
+                    line = queued[0]  # taken off once posted: a lost connection raises first
+                    if to is not None:
+                        poster.msg(to, line.text, line)
+                    else:
+                        poster.say(room, line.text, line, message_id(line.number) if message_id else None)
+                    queued.popleft()
+                poster.flush()  # what was just posted, in one write
+                if splitter.at_end and not queued and not poster.in_flight:
+                    return
+                want_input = not splitter.at_end and len(queued) < poster.acks.size
+                if want_input != watching_input:
+                    if want_input:
+                        selector.register(fd, selectors.EVENT_READ)
+                    else:
+                        selector.unregister(fd)
+                    watching_input = want_input
+                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if poster.wants_write else 0)
+                selector.modify(poster, events)
                 for ack in _step(poster, selector, timeout, fd, splitter, queued):
                     report(ack.tag, None if ack.error else ack.seq, ack.error)
             except (ConnectionLost, RequestTimeout) as lost:

@@ -110,6 +110,24 @@ def waiting_in_poll(pid: int) -> bool:
         return fh.read() in ("do_epoll_wait", "poll_schedule_timeout.constprop.0", "do_sys_poll")
 
 
+def forwarded(proc: subprocess.Popen[bytes], workers: list[int]) -> Callable[[], bool]:
+    """Whether the sender has read all its input and sent it, and the
+    workers have read it all and are back waiting (so they forwarded it)."""
+    assert proc.stdin is not None
+    stdin = proc.stdin
+
+    def check() -> bool:
+        return (
+            unread(stdin) == 0
+            and waiting_in_poll(proc.pid)
+            and (side := daemon_side(proc.pid)) is not None
+            and side[1] == 0
+            and all(waiting_in_poll(pid) for pid in workers)
+        )
+
+    return check
+
+
 def lose_answers(daemon: Daemon, proc: subprocess.Popen[bytes], lines: bytes) -> None:
     """Make posts whose answers cannot reach the sender: the master is
     stopped while the sender sends ``lines`` and its worker forwards them,
@@ -123,17 +141,7 @@ def lose_answers(daemon: Daemon, proc: subprocess.Popen[bytes], lines: bytes) ->
         stdin.write(lines)
         stdin.flush()
         workers = children(daemon.pid)
-
-        def forwarded() -> bool:
-            return (
-                unread(stdin) == 0
-                and waiting_in_poll(proc.pid)
-                and (side := daemon_side(proc.pid)) is not None
-                and side[1] == 0
-                and all(waiting_in_poll(pid) for pid in workers)
-            )
-
-        wait_for(forwarded, 20.0, "the sender's posts to be forwarded to the stopped master")
+        wait_for(forwarded(proc, workers), 20.0, "the sender's posts to be forwarded to the stopped master")
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
     finally:
@@ -196,6 +204,67 @@ def test_a_piped_send_across_worker_kills_and_reloads_posts_every_line_once_in_o
             proc.kill()
             proc.wait(10)
         assert daemon.stop() == 0
+
+
+def test_lines_after_a_loss_found_with_the_last_acknowledgements_are_posted(daemon: Daemon) -> None:
+    """The sender reads its last acknowledgements and the end of the
+    connection in one go, with a new line waiting on its input: that line
+    must go out on a new connection, not be dropped. (The sender is stopped
+    while its worker answers and then dies.)"""
+    proc = sender(daemon)
+    assert proc.stdin is not None
+    stdin = proc.stdin
+    try:
+        stdin.write(b"one\n")
+        stdin.flush()
+        wait_for(lambda: room_seq(daemon) == 1, 15.0, "the first line")
+        worker = daemon_worker_of(daemon, proc.pid)
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            stdin.write(b"two\n")
+            stdin.flush()
+            wait_for(forwarded(proc, [worker]), 20.0, "line two to be forwarded to the stopped master")
+            os.kill(proc.pid, signal.SIGSTOP)
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        try:
+            wait_for(lambda: room_seq(daemon) == 2, 15.0, "line two to be posted")
+            wait_for(
+                lambda: sender_side_unread(proc.pid) > 0 and waiting_in_poll(worker),
+                15.0,
+                "the answer to be waiting, unread, at the stopped sender",
+            )
+            os.kill(worker, signal.SIGKILL)
+            daemon.settled_status(lambda s: worker not in {w["pid"] for w in s["workers"]})
+            stdin.write(b"three\n")
+            stdin.flush()
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, err.decode()
+    with daemon.client() as client:
+        assert [m["text"] for m in client.history(ROOM)] == ["one", "two", "three"]
+
+
+def sender_side_unread(sender_pid: int) -> int:
+    """Bytes waiting in the sender's own end of its connection."""
+    mine = socket_inodes(sender_pid)
+    out = subprocess.run(["ss", "-x", "-a", "-n"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[5].isdigit() and int(fields[5]) in mine and fields[7] != "0":
+            return int(fields[2])
+    return 0
+
+
+def daemon_worker_of(daemon: Daemon, sender_pid: int) -> int:
+    side = wait_for(lambda: daemon_side(sender_pid), 10.0, "the sender's connection")
+    (worker,) = holder_of(side[0], children(daemon.pid))
+    return worker
 
 
 def test_posts_made_but_not_acknowledged_are_answered_as_duplicates_on_a_new_connection(
