@@ -20,7 +20,9 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ipcd.client import ClientError, RequestTimeout
 from ipcd.publisher import Publisher
@@ -65,6 +67,16 @@ def running_workers(daemon: Daemon) -> list[int] | None:
         return None  # the status request met a dying worker: ask again
 
 
+def replaced(victim: int, workers: int) -> Callable[[dict[str, Any]], bool]:
+    """Whether a status shows ``victim`` gone and a full pool running again."""
+
+    def check(status: dict[str, Any]) -> bool:
+        pids = {w["pid"] for w in status["workers"]}
+        return victim not in pids and sum(w["state"] == "running" for w in status["workers"]) == workers
+
+    return check
+
+
 def test_every_acknowledged_message_reaches_every_subscriber_once_in_order_across_worker_kills(
     socket_dir: Path,
 ) -> None:
@@ -85,15 +97,14 @@ def test_every_acknowledged_message_reaches_every_subscriber_once_in_order_acros
                     publisher.say_when_connected(room, f"{room} {posted[room]}", (room, posted[room]))
                 publisher.flush()
                 victims = wait_for(lambda: running_workers(daemon), 20.0, "running workers")
-                os.kill(rng.choice(victims), signal.SIGKILL)  # while the batch is in flight
+                victim = rng.choice(victims)
+                os.kill(victim, signal.SIGKILL)  # while the batch is in flight
                 kills += 1
                 for ack in publisher.drain():
                     room, n = ack.tag
                     assert ack.error is None, ack.error
                     assert ack.seq == n, (room, n, ack.seq)  # in order, once: seq n is post n
-                daemon.settled_status(
-                    lambda s: sum(w["state"] == "running" for w in s["workers"]) == daemon.workers, 20.0
-                )
+                daemon.settled_status(replaced(victim, daemon.workers), 20.0)
         for subscriber in subscribers:
             subscriber.expected = posted[subscriber.room]
         for subscriber in subscribers:
