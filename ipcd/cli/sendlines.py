@@ -105,8 +105,11 @@ class NotAcknowledged(Exception):
         if not self.lines:
             return "no line read was left unacknowledged"
         first, last, count = self.lines[0].number, self.lines[-1].number, len(self.lines)
-        which = f"line {first}" if count == 1 else f"lines {first}-{last} ({count} messages)"
-        return f"{which} not acknowledged: they may or may not have been posted"
+        if count == 1:
+            return f"line {first} not acknowledged: it may or may not have been posted"
+        return (
+            f"lines {first}-{last} ({count} messages) not acknowledged: they may or may not have been posted"
+        )
 
 
 def stream_posts(
