@@ -76,11 +76,14 @@ def kill_every_worker(daemon: Daemon) -> None:
 
 
 def reload(daemon: Daemon) -> None:
+    """SIGHUP, and the old workers gone: they cut the sender off at the
+    drain timeout (a poster is not an idle listener, sent away at once)."""
     old = set(daemon.worker_pids())
     daemon.signal(signal.SIGHUP)
     daemon.settled_status(
         lambda s: not old & {w["pid"] for w in s["workers"] if w["state"] == "running"}, timeout=20.0
     )
+    wait_for(lambda: not old & set(children(daemon.pid)), 20.0, "the old workers to exit")
 
 
 def socket_inodes(pid: int) -> set[int]:
@@ -167,7 +170,7 @@ def sender(daemon: Daemon, *args: str, send_args: tuple[str, ...] = ()) -> subpr
 def test_a_piped_send_across_worker_kills_and_reloads_posts_every_line_once_in_order(
     socket_dir: Path, listeners: list[Listener]
 ) -> None:
-    daemon = Daemon(socket_dir, "--history-size", "1000", "--drain-timeout", "1", workers=2).start()
+    daemon = Daemon(socket_dir, "--history-size", "1000", "--drain-timeout", "0.5", workers=2).start()
     proc = None
     try:
         listener = listen(daemon, listeners, "--json", "-n", str(LINES))
