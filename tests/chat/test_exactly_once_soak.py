@@ -8,9 +8,9 @@ SIGKILL, while a batch is in flight. The publisher (``ipcd.publisher``)
 resends what was not acknowledged; the subscribers (``ipcd.subscription``)
 reconnect and rejoin with history. At the end every subscriber has had every
 message of its room exactly once, in order, and each room's history holds
-each text once: nothing was posted twice. ``IPCD_SOAK_SECONDS`` sets how
-long the kills go on (default 5: the short version in the default suite;
-the issue's soak is 120 or more).
+each text once: nothing was posted twice. The kills go on for 5 s in the
+default suite, and for 150 s under ``make soak`` (the issue asks for two
+minutes at least).
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ipcd.client import ClientError, RequestTimeout
 from ipcd.publisher import Publisher
 from ipcd.subscription import Subscription
 from tests.daemon import Daemon, wait_for
 
-SECONDS = float(os.environ.get("IPCD_SOAK_SECONDS", "5"))
 ROOMS = ("soak-a", "soak-b")
 SUBSCRIBERS = 10  # per room
 BATCH = 40  # posts in flight when a worker is killed
@@ -77,8 +78,15 @@ def replaced(victim: int, workers: int) -> Callable[[dict[str, Any]], bool]:
     return check
 
 
+@pytest.mark.parametrize(
+    "seconds",
+    [
+        pytest.param(5.0, id="5s"),
+        pytest.param(150.0, id="150s", marks=[pytest.mark.soak, pytest.mark.timeout(400)]),
+    ],
+)
 def test_every_acknowledged_message_reaches_every_subscriber_once_in_order_across_worker_kills(
-    socket_dir: Path,
+    socket_dir: Path, seconds: float
 ) -> None:
     daemon = Daemon(socket_dir, "--history-size", "100000", workers=2).start()
     subscribers = [Subscriber(daemon, room) for room in ROOMS for _ in range(SUBSCRIBERS)]
@@ -89,7 +97,7 @@ def test_every_acknowledged_message_reaches_every_subscriber_once_in_order_acros
             subscriber.start()
         rng = random.Random(11)  # noqa: S311 - picks victims, not secrets
         with Publisher[tuple[str, int]](daemon.socket_dir, retry_for=60) as publisher:
-            deadline = time.monotonic() + SECONDS
+            deadline = time.monotonic() + seconds
             while time.monotonic() < deadline:
                 for _ in range(BATCH):
                     room = ROOMS[sum(posted.values()) % 2]
@@ -118,7 +126,7 @@ def test_every_acknowledged_message_reaches_every_subscriber_once_in_order_acros
                 texts = [m["text"] for m in client.history(room)]
                 assert texts == [f"{room} {n}" for n in range(1, posted[room] + 1)]  # none twice
         assert kills >= 3
-        print(f"soak: {kills} worker kills in {SECONDS:g}s, {sum(posted.values())} messages, 20 subscribers")
+        print(f"soak: {kills} worker kills in {seconds:g}s, {sum(posted.values())} messages, 20 subscribers")
     finally:
         for subscriber in subscribers:
             subscriber.expected = 0
