@@ -378,9 +378,13 @@ class Client(_Closing):
     def part(self, room: str) -> None:
         self.call(Op.PART, room=room)
 
-    def say(self, room: str, text: str) -> int:
-        """Post to a room (no need to join); returns the message's sequence number."""
-        return int(self.call(Op.SAY, room=room, text=text)["seq"])
+    def say(self, room: str, text: str, message_id: str | None = None) -> int:
+        """Post to a room (no need to join); returns the message's sequence
+        number. With ``message_id`` the post may be sent again (on this or
+        another connection) after a lost acknowledgement: the daemon posts
+        it once and answers a resend with the same seq. To have that done
+        for you, see :class:`ipcd.publisher.Publisher`."""
+        return int(self.call(Op.SAY, room=room, text=text, id=message_id)["seq"])
 
     def msg(self, to: str, text: str) -> int:
         return int(self.call(Op.MSG, to=to, text=text)["seq"])
@@ -646,7 +650,14 @@ class DatagramClient(_Closing):
         self.request(Op.PING, payload)
         return time.perf_counter() - start
 
-    def say(self, room: str, text: str) -> int:
-        """Post to a room as this process's uid (like logger(1) to syslog)."""
-        reply = self.request(Op.SAY, encode_json({"room": room, "text": text}))
+    def say(self, room: str, text: str, message_id: str | None = None) -> int:
+        """Post to a room as this process's uid (like logger(1) to syslog).
+        A datagram can be lost either way: with ``message_id``, sending it
+        again after a RequestTimeout does not post it twice."""
+        args = (
+            {"room": room, "text": text}
+            if message_id is None
+            else {"id": message_id, "room": room, "text": text}
+        )
+        reply = self.request(Op.SAY, encode_json(args))
         return int(decode_json(reply.body)["seq"])

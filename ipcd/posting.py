@@ -24,6 +24,12 @@ writes queued here then wait in the kernel and in :attr:`Poster.wants_write`,
 and replies keep being read meanwhile, so a large window never deadlocks
 (a client that only writes until it is done and reads afterwards would,
 once both socket buffers are full).
+
+A post may carry a message id (:meth:`Poster.say`), which makes it safe to
+send again: the daemon answers a post whose id it has seen with the first
+answer, marked ``duplicate``. :meth:`Poster.resume` carries the posts not
+yet acknowledged over to a new connection and sends them again, in order;
+:class:`ipcd.publisher.Publisher` is the poster that does so by itself.
 """
 
 from __future__ import annotations
@@ -31,14 +37,15 @@ from __future__ import annotations
 import selectors
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, Generic, NamedTuple, Self, TypeVar
+from typing import Any, Final, Generic, NamedTuple, Self, TypeVar
 
 from ipcd import fdpass
 from ipcd.client import Client, ClientError, ConnectionLost, RequestTimeout, ServerError, connection_error
 from ipcd.protocol import (
     NEED_DATA,
+    ErrorCode,
     Frame,
     Op,
     RemoteProtocolError,
@@ -52,6 +59,10 @@ T = TypeVar("T")
 
 DEFAULT_WINDOW = 128  # under the daemon's per-connection cap on unanswered requests (256)
 _RECV_SIZE = 256 * 1024
+# Refusals of a post that only say the daemon is between two states (a
+# worker being replaced cannot forward it): such a post was not made, and
+# is sent again by a poster that resends, on a new connection.
+TRANSIENT: Final = frozenset((ErrorCode.UNAVAILABLE, ErrorCode.SHUTTING_DOWN))
 
 
 class AckWindow(Generic[T]):
@@ -89,6 +100,34 @@ class AckWindow(Generic[T]):
         self._replies[request_id] = frame
         return True
 
+    def tag_of(self, request_id: int) -> T | None:
+        """The tag of a request in flight (None: none has that id)."""
+        return next((tag for rid, tag in self._order if rid == request_id), None)
+
+    def tags(self) -> list[T]:
+        """The tags of every request in flight, in the order sent, answered or not."""
+        return [tag for _, tag in self._order]
+
+    def unanswered(self) -> list[T]:
+        """The tags of the requests in flight still without an answer, in order."""
+        return [tag for request_id, tag in self._order if self._replies[request_id] is None]
+
+    def renumber(self, next_id: Callable[[], int]) -> list[tuple[int, T]]:
+        """Give every request in flight a new id from ``next_id`` (to go on
+        over another connection), keeping the order and the answers already
+        filed; the unanswered ones with their new ids, to send again."""
+        order, replies = self._order, self._replies
+        self._order, self._replies = deque(), {}
+        again = []
+        for request_id, tag in order:
+            new_id = next_id()
+            frame = replies[request_id]
+            self._order.append((new_id, tag))
+            self._replies[new_id] = frame
+            if frame is None:
+                again.append((new_id, tag))
+        return again
+
     def stranded(self) -> list[tuple[T, Frame]]:
         """Answered requests still behind an unanswered one, in order: once
         the connection is lost, the answers that can still be told."""
@@ -125,17 +164,31 @@ class Ack(NamedTuple, Generic[T]):
         return int(self.reply["seq"])
 
 
+class Sent(NamedTuple, Generic[T]):
+    """A post in flight: the caller's tag, and the request to send again
+    after a lost connection (only a post with a message id may be)."""
+
+    tag: T
+    op: Op
+    body: bytes
+    resendable: bool
+
+
 class Poster(Generic[T]):
     """Up to ``window`` posts in flight on ``client``'s connection.
 
     Use as a context manager: while it is open the client's socket is
     non-blocking and belongs to the poster (the client's blocking requests
     would steal its replies); closing it restores the client's timeout.
+    With ``resend``, a post with a message id that the daemon refuses as
+    :data:`TRANSIENT` is not acknowledged but ends the connection (read
+    raises ConnectionLost), to be sent again after :meth:`resume`.
     """
 
-    def __init__(self, client: Client, window: int = DEFAULT_WINDOW) -> None:
+    def __init__(self, client: Client, window: int = DEFAULT_WINDOW, *, resend: bool = False) -> None:
         self.client = client
-        self.acks: AckWindow[T] = AckWindow(window)
+        self.resend = resend
+        self.acks: AckWindow[Sent[T]] = AckWindow(window)
         self._out = bytearray()
         self._lost: Exception | None = None
         self.last_progress = time.monotonic()  # when bytes last moved either way
@@ -172,8 +225,16 @@ class Poster(Generic[T]):
     def wants_write(self) -> bool:
         return bool(self._out)
 
-    def say(self, room: str, text: str, tag: T) -> None:
-        self.post(Op.SAY, {"room": room, "text": text}, tag)
+    def say(self, room: str, text: str, tag: T, message_id: str | None = None) -> None:
+        """Post ``text`` to ``room``; with ``message_id`` (1-64 visible ASCII
+        characters but '"' and '\\', unique among this uid's posts) it may
+        be resent without being posted twice."""
+        args = (
+            {"room": room, "text": text}
+            if message_id is None
+            else {"id": message_id, "room": room, "text": text}
+        )
+        self.post(Op.SAY, args, tag)
 
     def msg(self, to: str, text: str, tag: T) -> None:
         self.post(Op.MSG, {"to": to, "text": text}, tag)
@@ -186,9 +247,39 @@ class Poster(Generic[T]):
             raise RuntimeError("the window is full: read acknowledgements first")
         if not self.acks:
             self.last_progress = time.monotonic()  # the clock of a timeout starts with the work
+        self._send(Sent(tag, op, encode_json(args), op == Op.SAY and "id" in args))
+
+    def _send(self, sent: Sent[T]) -> None:
         request_id = self.client.next_request_id()
-        self._out += encode_frame(op, request_id, encode_json(args))
-        self.acks.sent(request_id, tag)
+        self._out += encode_frame(sent.op, request_id, sent.body)
+        self.acks.sent(request_id, sent)
+
+    def resume(self, client: Client) -> None:
+        """Go on over ``client``, a new connection after the old one was lost
+        (and closed by the caller): every post still without an answer is
+        queued again, in the order first sent, with the same message ids;
+        answers already read (a refusal behind an unanswered post) are kept
+        for their turn, not asked again. Raises ValueError, changing
+        nothing, if a post to resend has no message id: it cannot be sent
+        again without maybe posting it twice."""
+        if not all(sent.resendable for sent in self.acks.unanswered()):
+            raise ValueError("a post without a message id was in flight: it cannot be sent again safely")
+        if self._selector is not None:
+            self._selector.close()
+            self._selector = None
+        self.client = client
+        client.sock.setblocking(False)
+        self._out = bytearray()
+        self._lost = None
+        self.last_progress = time.monotonic()
+        for request_id, sent in self.acks.renumber(client.next_request_id):
+            self._out += encode_frame(sent.op, request_id, sent.body)
+
+    def recover(self, lost: ClientError) -> None:
+        """After ``lost`` (read or flush raised ConnectionLost, or no answer
+        came in time): a plain poster cannot go on, so it raises ``lost``;
+        :class:`ipcd.publisher.Publisher` connects again and resends."""
+        raise lost
 
     # -- non-blocking I/O ----------------------------------------------------
 
@@ -213,7 +304,7 @@ class Poster(Generic[T]):
         and every acknowledgement that came before was handed out."""
         if self._lost is None:
             self._receive()
-        acks = [self._ack(tag, frame) for tag, frame in self.acks.ready()]
+        acks = [self._ack(sent.tag, frame) for sent, frame in self.acks.ready()]
         if not acks:
             self._check_lost()
         return acks
@@ -254,8 +345,22 @@ class Poster(Generic[T]):
                 self._lost = connection_error(frame)  # about the connection: why it is closing
             else:
                 self.client.events.append(frame)  # a delivery: the client's to hand out
+        elif self.resend and frame.op == Op.ERROR and self._not_taken(frame):
+            return
         elif not self.acks.answered(frame.request_id, frame):
             self.client.keep_reply(frame)  # an answer to a request sent before us
+
+    def _not_taken(self, frame: Frame) -> bool:
+        """A transient refusal of a post that can be resent: it stays
+        unacknowledged and this connection is given up (the daemon answers a
+        connection's posts in order, so nothing after it was taken either),
+        to be sent again over the next one."""
+        code, message = decode_error(frame.body)
+        sent = self.acks.tag_of(frame.request_id)
+        if code not in TRANSIENT or sent is None or not sent.resendable:
+            return False
+        self._lose(f"the daemon could not take a post: {message}", code)
+        return True
 
     def _ack(self, tag: T, frame: Frame) -> Ack[T]:
         if frame.op == Op.ERROR:
@@ -270,11 +375,11 @@ class Poster(Generic[T]):
         """After :meth:`read` raised ConnectionLost: answers that came for
         later posts while an earlier one never got its own (such as the
         error that made the daemon close the connection)."""
-        return [self._ack(tag, frame) for tag, frame in self.acks.stranded()]
+        return [self._ack(sent.tag, frame) for sent, frame in self.acks.stranded()]
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str, code: int | None = None) -> None:
         if self._lost is None:
-            self._lost = ConnectionLost(reason)
+            self._lost = ConnectionLost(reason, code)
 
     def _check_lost(self) -> None:
         if self._lost is not None:

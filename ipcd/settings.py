@@ -179,6 +179,19 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "BYTES",
     ),
     OptionSpec(
+        "message_ids_per_uid",
+        _positive_int,
+        "Message ids of one uid's recent SAYs the daemon remembers, so that a resent post is not "
+        "posted twice (default 4096).",
+        "N",
+    ),
+    OptionSpec(
+        "message_id_window",
+        _positive_float,
+        "Seconds a SAY's message id is remembered at most (default 600).",
+        "SECS",
+    ),
+    OptionSpec(
         "connections_per_uid",
         _positive_int,
         "Connections one uid may hold open at once (default 4096, or an eighth of what the workers' "
@@ -243,6 +256,8 @@ class Settings:
     rooms_per_uid: int = 1000
     joins_per_uid: int = 1024
     history_bytes_per_uid: int = 64 << 20
+    message_ids_per_uid: int = 4096
+    message_id_window: float = 600.0
     connections_per_uid: int = 0  # 0: not set, see ipcd.server.uidbudgets.connection_limit
     partial_bytes_per_uid: int = 16 << 20
     forward_bytes_per_uid: int = 16 << 20

@@ -47,6 +47,14 @@ Posts (SAY, MSG) are also counted per uid here, daemon-wide
 ``rate_limit`` on its own, the hub tells a worker to hold a uid whose posts
 over all workers went past it. A post that reaches the hub is never
 refused for its rate.
+
+A SAY may carry a client-chosen message ``id``: the hub remembers each uid's
+recent ids with what they were posted as (:mod:`ipcd.chat.recentids`), and
+answers a SAY whose id it remembers with the original reply marked
+``duplicate`` instead of posting it again, so a client may resend what it
+is not sure was posted. The id goes into the MESSAGE too, which is how
+the window is rebuilt from kept messages after a restart
+(:meth:`Hub.rebuild_recent_ids`).
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ from ipcd.chat.fairshare import BURST_FACTOR
 from ipcd.chat.idlerooms import IdleRooms
 from ipcd.chat.keptbytes import Kept, KeptBytes
 from ipcd.chat.postrate import PostRates
+from ipcd.chat.recentids import DEFAULT_PER_UID, DEFAULT_SECONDS, Posted, RecentIds
 from ipcd.link.ops import ChannelOp
 from ipcd.link.outbox import Deliveries, Outbox, Staged
 from ipcd.link.records import Answer, Out, Post, Sender, ServiceError, Throttle
@@ -80,6 +89,7 @@ from ipcd.protocol import (
 )
 from ipcd.protocol.chat import (
     DEFAULT_ROOM,
+    MESSAGE_ID_MAX,
     NICK_MAX,
     TOPIC_MAX,
     check_count,
@@ -91,6 +101,7 @@ from ipcd.protocol.chat import (
     sanitize_text,
 )
 from ipcd.protocol.frames import HEADER, MAGIC, VERSION
+from ipcd.protocol.messages import decode_json
 
 __all__ = ["ChatError", "Hub", "Limits", "Out", "Outbox", "Sender"]
 
@@ -104,6 +115,11 @@ Result = tuple[dict[str, Any], dict[str, Any] | bytes]
 # encode_json writes them): sender, room, seq, text, ts, uid.
 _MESSAGE: Final = b'{"from":%b,"room":%b,"seq":%d,"text":%b,"ts":%b,"uid":%d}'
 _SAY_REPLY: Final = b'{"room":%b,"seq":%d,"ts":%b}'
+# The same with the client's message id (checked by the worker: JSON as is),
+# and the reply to a SAY whose id was posted already.
+_MESSAGE_WITH_ID: Final = b'{"from":%b,"id":"%b","room":%b,"seq":%d,"text":%b,"ts":%b,"uid":%d}'
+_DUPLICATE_REPLY: Final = b'{"duplicate":true,"room":%b,"seq":%d,"ts":%b}'
+_HAS_ID: Final = b'","id":"'  # in a MESSAGE body only where an id follows the sender's nick
 _TS_STEP: Final = 0.001  # ts is read for every message, formatted once a millisecond
 
 
@@ -126,6 +142,8 @@ class Limits:
     history_bytes_per_uid: int = 64 << 20  # bytes of one uid's messages kept in history
     privileged_factor: int = 4  # root and the daemon's uid: this many times the per-uid budgets
     rate_limit: float = 5000.0  # posts per second per uid, daemon-wide (bursts of BURST_FACTOR seconds)
+    message_ids_per_uid: int = DEFAULT_PER_UID  # SAY ids remembered per uid (ipcd.chat.recentids)
+    message_id_window: float = DEFAULT_SECONDS  # ... for this many seconds at most
 
 
 @dataclasses.dataclass(eq=False)
@@ -240,6 +258,7 @@ class Hub:
         self.kept: KeptBytes[Room] = KeptBytes(UidBudget("bytes of history", 0, "--history-bytes-per-uid"))
         self.posts = PostRates(Limits.rate_limit, Limits.rate_limit * BURST_FACTOR)  # per poster uid
         self.clock = time.monotonic  # the posts' rate clock (a test sets its own)
+        self.recent_ids = RecentIds()
         self.limits = limits or Limits()
         self.rooms: dict[str, Room] = {}
         self.messages = 0  # room and private messages sent; also the rooms' eviction clock
@@ -266,6 +285,8 @@ class Hub:
             budget.limit = limit
             budget.privileged_factor = limits.privileged_factor
         self.posts.configure(limits.rate_limit, limits.rate_limit * BURST_FACTOR)
+        self.recent_ids.per_uid = limits.message_ids_per_uid
+        self.recent_ids.seconds = limits.message_id_window
 
     # -- entry points ------------------------------------------------------
 
@@ -326,7 +347,29 @@ class Hub:
             held.setdefault(uid, {})["history_bytes"] = count
         for uid, debt in self.posts.debts(self.clock()).items():
             held.setdefault(uid, {})["rate_debt"] = debt
+        for uid, count in self.recent_ids.holdings().items():
+            held.setdefault(uid, {})["message_ids"] = count
         return held
+
+    def rebuild_recent_ids(self) -> int:
+        """Remember the message ids of the kept messages (after the rooms
+        were restored from a saved state, so that a client resending across
+        a restart is still answered ``duplicate``); how many were found."""
+        found: list[tuple[int, bytes, Posted]] = []
+        for room in self.rooms.values():
+            for seq, frame, uid in room.history:
+                body = frame[HEADER.size :]
+                if _HAS_ID not in body:  # a text's quotes are escaped: only an id puts it there
+                    continue
+                message = decode_json(body)
+                message_id = message.get("id")
+                if isinstance(message_id, str) and 0 < len(message_id) <= MESSAGE_ID_MAX:
+                    ts = float(message["ts"])
+                    found.append(
+                        (uid, message_id.encode(), Posted(room.name_json, seq, repr(ts).encode(), ts))
+                    )
+        self.recent_ids.restore(found)
+        return len(found)
 
     # -- sessions ----------------------------------------------------------
 
@@ -526,7 +569,14 @@ class Hub:
         frames: list[bytes] = []  # for ``room``, not yet in the outbox
         frames_size = 0
         posts = Post.decode_run(body)
-        for request_id, name, text_json in posts:
+        for request_id, name, text_json, message_id in posts:
+            now = time.time()
+            if message_id:
+                duplicate = self._posted_already(uid, message_id, request_id, now)
+                if duplicate is not None:
+                    replies.append(duplicate)
+                    replies_size += len(duplicate)
+                    continue
             if room is None or name != room.name:
                 if frames:
                     self._kept(room, uid, frames, frames_size, out)  # type: ignore[arg-type]
@@ -539,13 +589,24 @@ class Hub:
                     replies.append(error)
                     replies_size += len(error)
                     continue
-            now = time.time()
             ts, ts_json = self._ts
             if now - ts >= _TS_STEP or now < ts:  # formatting a float is a good part of the cost
                 ts, ts_json = self._ts = (now, repr(now).encode())
             seq = room.seq = room.seq + 1
             sender_json = session.nick_json if session is not None else user_name_json(uid, now)
-            message = _MESSAGE % (sender_json, room.name_json, seq, text_json, ts_json, uid)
+            if message_id:
+                message = _MESSAGE_WITH_ID % (
+                    sender_json,
+                    message_id,
+                    room.name_json,
+                    seq,
+                    text_json,
+                    ts_json,
+                    uid,
+                )
+                self.recent_ids.remember(uid, message_id, Posted(room.name_json, seq, ts_json, now))
+            else:
+                message = _MESSAGE % (sender_json, room.name_json, seq, text_json, ts_json, uid)
             frame = _PACK_HEAD(MAGIC, VERSION, Op.MESSAGE, 0, 0, 0, 0, len(message)) + message
             room.history.append((seq, frame, uid))
             room.last_used = self.messages = self.messages + 1
@@ -570,6 +631,15 @@ class Hub:
         hold = self.posts.charge(sender.uid, sender.worker, count, self.clock())
         if hold:
             out.add(Out(sender.worker, ChannelOp.THROTTLE, Throttle(sender.uid, hold).encode()))
+
+    def _posted_already(self, uid: int, message_id: bytes, request_id: int, now: float) -> bytes | None:
+        """The reply to a SAY whose id ``uid`` posted within the window
+        (the original outcome, marked duplicate), or None: post it."""
+        posted = self.recent_ids.get(uid, message_id, now)
+        if posted is None:
+            return None
+        reply = _DUPLICATE_REPLY % (posted.room_json, posted.seq, posted.ts_json)
+        return _PACK_HEAD(MAGIC, VERSION, Op.SAY_REPLY, 0, 0, 0, request_id, len(reply)) + reply
 
     def _kept(self, room: Room, uid: int, frames: list[bytes], size: int, out: Outbox) -> None:
         """A run's messages to one room, now in its history: charged to the

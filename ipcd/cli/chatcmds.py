@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from ipcd.cli.common import Options, fail, handles_errors, json_option, pass_options
 from ipcd.cli.completion import nicks, room_names
-from ipcd.cli.sendlines import Line, datagram_posts, input_lines, stdin_source, stream_posts
-from ipcd.client import ChatEvent, ClientError, ConnectionLost, RequestTimeout, ServerError
+from ipcd.cli.sendlines import (
+    Line,
+    NotAcknowledged,
+    datagram_posts,
+    input_lines,
+    stdin_source,
+    stream_posts,
+)
+from ipcd.client import (
+    ChatEvent,
+    ClientError,
+    ConnectionLost,
+    DaemonUnreachable,
+    RequestTimeout,
+    ServerError,
+    UntrustedDaemon,
+)
 from ipcd.posting import Poster
-from ipcd.protocol.chat import DEFAULT_ROOM
+from ipcd.protocol import RemoteProtocolError
+from ipcd.protocol.chat import DEFAULT_ROOM, check_message_id
+from ipcd.publisher import DEFAULT_RETRY_FOR, PREFIX_MAX, Publisher, new_prefix
 from ipcd.subscription import Subscription
 
 
@@ -39,6 +56,20 @@ def event_json(event: ChatEvent) -> dict[str, Any]:
     return {"type": event.kind, **event.data}
 
 
+def _id_prefix(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        check_message_id(f"{value}:1")
+    except RemoteProtocolError:
+        raise click.BadParameter(
+            f"use up to {PREFIX_MAX} visible ASCII characters, without '\"' or '\\'"
+        ) from None
+    if len(value) > PREFIX_MAX:
+        raise click.BadParameter(f"use up to {PREFIX_MAX} characters")
+    return value
+
+
 @click.command()
 @json_option
 @click.option(
@@ -53,26 +84,90 @@ def event_json(event: ChatEvent) -> dict[str, Any]:
     "--to", "to", default=None, metavar="NICK", help="Send a private message instead.", shell_complete=nicks
 )
 @click.option("--dgram", is_flag=True, help="Post over the datagram socket (rooms only), like logger(1).")
+@click.option(
+    "--retry/--no-retry",
+    default=True,
+    show_default=True,
+    help="After a lost connection (a killed worker, a reload, a restart), connect again and resend "
+    "what was not acknowledged; message ids keep the daemon from posting anything twice.",
+)
+@click.option(
+    "--retry-for",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_RETRY_FOR,
+    show_default=True,
+    metavar="SECS",
+    help="How long one outage is waited out before giving up.",
+)
+@click.option(
+    "--id-prefix",
+    metavar="PREFIX",
+    default=None,
+    callback=_id_prefix,
+    help="Message ids are PREFIX:LINE (default: a random PREFIX). Running the same input again "
+    "with the same PREFIX within the daemon's --message-id-window posts only lines not posted yet.",
+)
 @click.argument("text", nargs=-1)
 @pass_options
 @handles_errors
-def send(opts: Options, room: str | None, to: str | None, dgram: bool, text: tuple[str, ...]) -> None:
+def send(
+    opts: Options,
+    room: str | None,
+    to: str | None,
+    dgram: bool,
+    retry: bool,
+    retry_for: float,
+    id_prefix: str | None,
+    text: tuple[str, ...],
+) -> None:
     """Send TEXT to a room (or --to a nick). Without TEXT, each line of
     standard input is one message, sent as soon as it is read (so
     `tail -f log | ipcctl send` works); empty lines are skipped. Exits 0
     once every message is acknowledged, 1 if the daemon refused any (each
-    refusal is reported with its line number)."""
+    refusal is reported with its line number).
+
+    Posts to a room carry message ids and survive a lost connection: send
+    connects again and resends every line not acknowledged, and the daemon
+    answers a line it already posted instead of posting it twice, so each
+    line is posted once, in order. If the daemon stays away for --retry-for
+    seconds, send gives up, says which lines were not acknowledged (first,
+    last, how many) and exits 69 (75 if the daemon stopped answering).
+    Private messages (--to) and --dgram are not retried."""
     if room and to:
         fail("give --room or --to, not both", 2)
     if to and dgram:
         fail("--dgram posts to rooms only; drop --to or --dgram", 2)
     room = room or DEFAULT_ROOM
     shown_room = None if to else room  # what --json says
+    retrying = retry and not to and not dgram
+    prefix = id_prefix or new_prefix()
+
+    def status(line: str) -> None:
+        click.echo(f"ipcctl: {line}", err=True)
+
+    def publisher() -> Publisher[Line]:
+        return Publisher(
+            opts.socket_dir,
+            opts.timeout,
+            retry_for=retry_for,
+            id_prefix=prefix,
+            on_status=status,
+            daemon_uid=opts.daemon_uid,
+        )
+
     if text:
         line = " ".join(text)
         if dgram:
             with opts.datagram_client() as posting:
                 seq = posting.say(room, line)
+        elif retrying:
+            with publisher() as one:
+                try:
+                    seq = one.say_one(room, line, Line(1, line))
+                except ServerError:
+                    raise
+                except ClientError as exc:
+                    gave_up(opts, NotAcknowledged(exc, [Line(1, line)]), shown_room, to, prefix)
         else:
             with opts.client() as client:
                 seq = client.msg(to, line) if to else client.say(room, line)
@@ -81,7 +176,6 @@ def send(opts: Options, room: str | None, to: str | None, dgram: bool, text: tup
         return
 
     refused = 0
-    answered = 0  # the last line answered, all before it too: said if the connection breaks
 
     def refuse(line: Line, error: ClientError | None) -> None:
         nonlocal refused
@@ -92,8 +186,6 @@ def send(opts: Options, room: str | None, to: str | None, dgram: bool, text: tup
         click.echo(f"ipcctl: line {line.number}: {detail}", err=True)
 
     def report(line: Line, seq: int | None, error: ClientError | None) -> None:
-        nonlocal answered
-        answered = line.number
         if error is not None:
             refuse(line, error)
         elif opts.json:
@@ -103,27 +195,58 @@ def send(opts: Options, room: str | None, to: str | None, dgram: bool, text: tup
     if source is None:
         fail("standard input is closed: give TEXT, or pipe lines in", 2)
     fd, encoding = source
-    try:
-        if dgram:
-            with opts.datagram_client() as posting:
-                datagram_posts(posting, input_lines(fd, encoding), room, report)
-        else:
-            with opts.client() as client, Poster[Line](client) as poster:
-                try:
-                    stream_posts(poster, fd, encoding, room, to, report)
-                except ConnectionLost:
-                    for ack in poster.stranded():  # such as why the daemon closed the connection
-                        if ack.error is not None:
-                            refuse(ack.tag, ack.error)
-                    raise
-    except (ConnectionLost, RequestTimeout) as exc:
-        where = f"answered up to line {answered}" if answered else "no line answered"
-        said = f"{exc} ({where}; later lines may or may not have been posted)"
-        if isinstance(exc, ConnectionLost):
-            raise ConnectionLost(said, exc.code) from None  # keep the daemon's reason code
-        raise RequestTimeout(said) from None
+    if dgram:
+        with opts.datagram_client() as posting:
+            datagram_posts(posting, input_lines(fd, encoding), room, report)
+    elif retrying:
+        with publisher() as lines_poster:
+            try:
+                stream_posts(lines_poster, fd, encoding, room, None, report, lambda n: f"{prefix}:{n}")
+            except NotAcknowledged as exc:
+                gave_up(opts, exc, shown_room, to, prefix)
+    else:
+        with opts.client() as client, Poster[Line](client) as poster:
+            try:
+                stream_posts(poster, fd, encoding, room, to, report)
+            except NotAcknowledged as exc:
+                for ack in poster.stranded():  # such as why the daemon closed the connection
+                    if ack.error is not None:
+                        refuse(ack.tag, ack.error)
+                gave_up(opts, exc, shown_room, to, None)
     if refused:
         sys.exit(1)
+
+
+def gave_up(
+    opts: Options, exc: NotAcknowledged, room: str | None, to: str | None, prefix: str | None
+) -> NoReturn:
+    """Say which lines were not acknowledged (in JSON too), then fail as
+    the cause does (69 unreachable or lost, 75 timed out)."""
+    lines = exc.lines
+    said = f"{exc.cause}; {exc.summary()}"
+    if prefix is not None and lines:
+        said += f"; to post only those not posted, send them again with --id-prefix {prefix}"
+    if opts.json:
+        unacknowledged = (
+            {"count": len(lines), "first": lines[0].number, "last": lines[-1].number}
+            if lines
+            else {"count": 0}
+        )
+        opts.emit({"room": room, "to": to, "unacknowledged": unacknowledged, "id_prefix": prefix})
+    raise with_message(exc.cause, said) from None
+
+
+def with_message(exc: ClientError, message: str) -> ClientError:
+    """``exc`` told as ``message``: the same kind (the exit status follows it), the same code."""
+    if isinstance(exc, ConnectionLost):
+        return ConnectionLost(message, exc.code)
+    if isinstance(exc, DaemonUnreachable):
+        return DaemonUnreachable(message, exc.errno)
+    if isinstance(exc, UntrustedDaemon):
+        return UntrustedDaemon(message, exc.uid)
+    if isinstance(exc, RequestTimeout):
+        return RequestTimeout(message)
+    return ClientError(message)
 
 
 @click.command()

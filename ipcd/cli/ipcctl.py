@@ -289,12 +289,13 @@ def status(opts: Options) -> None:
             f"{_human_bytes(limits['history_bytes_per_uid']) if 'history_bytes_per_uid' in limits else '?'}"
             " of history, "
             f"{limits.get('waiters_per_uid', '?')} waiters, {limits.get('fd_quota', '?')} fds, "
-            f"{limits.get('rate_limit', '?')} posts/s (DEBT: posts past it, being paid back); "
+            f"{limits.get('rate_limit', '?')} posts/s (DEBT: posts past it, being paid back), "
+            f"{limits.get('message_ids_per_uid', '?')} message ids (IDS); "
             f"root and the daemon's uid {limits.get('privileged_budget_factor', '?')}x that, fds excepted):"
         )
         click.echo(
             f"{'UID':>8}  {'USER':<16} {'CONNS':>6} {'PARTIAL':>8} {'FORWARD':>8} {'ROOMS':>6} {'JOINS':>6} "
-            f"{'HISTORY':>8} {'DEBT':>6} "
+            f"{'HISTORY':>8} {'DEBT':>6} {'IDS':>5} "
             f"{'WAITERS':>8} {'FDS':>5}"
         )
         for held in holders:
@@ -303,6 +304,7 @@ def status(opts: Options) -> None:
                 f"{_human_bytes(held.get('partial_bytes', 0)):>8} "
                 f"{_human_bytes(held.get('forward_bytes', 0)):>8} {held['rooms']:>6} {held['joins']:>6} "
                 f"{_human_bytes(held.get('history_bytes', 0)):>8} {held.get('rate_debt', 0):>6} "
+                f"{held.get('message_ids', 0):>5} "
                 f"{held['waiters']:>8} {held['stored_fds']:>5}"
             )
 

@@ -12,6 +12,11 @@ fills and we stop reading in turn: backpressure all the way up the pipe.
 
 A refused line is reported on stderr with its line number, and the rest go
 on; the exit status is 1 if any was refused, 0 once all are acknowledged.
+A lost connection goes to the poster's ``recover``: a
+:class:`~ipcd.publisher.Publisher` connects again and resends the lines not
+acknowledged (with their message ids, so none is posted twice), and the
+loop watches the new connection; a plain Poster gives up. Either way, what
+was not acknowledged when it gave up is in :class:`NotAcknowledged`.
 Poll rather than epoll: standard input may be a regular file, which epoll
 refuses and poll reports as always readable.
 """
@@ -27,8 +32,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from ipcd.client import ClientError, DatagramClient, RequestTimeout, ServerError
-from ipcd.posting import Poster
+from ipcd.client import ClientError, ConnectionLost, DatagramClient, RequestTimeout, ServerError
+from ipcd.posting import Ack, Poster
 
 READ_SIZE = 64 * 1024
 
@@ -47,6 +52,7 @@ class LineSplitter:
         self._decode = codecs.getdecoder(encoding)
         self._partial: list[bytes] = []  # a line still without its newline, in pieces
         self._count = 0
+        self.at_end = False  # finish() was called: the input ended
 
     def feed(self, data: bytes) -> list[Line]:
         if b"\n" not in data:
@@ -60,6 +66,7 @@ class LineSplitter:
     def finish(self) -> list[Line]:
         """At end of input: the last line, if it had no newline."""
         rest, self._partial = b"".join(self._partial), []
+        self.at_end = True
         return self._lines([rest]) if rest else []
 
     def _lines(self, raw: list[bytes]) -> list[Line]:
@@ -84,55 +91,118 @@ Report = Callable[[Line, int | None, ClientError | None], None]
 """Told of each line once it is acknowledged (its seq) or refused (error)."""
 
 
+class NotAcknowledged(Exception):
+    """Posting gave up (``cause``, the last failure) with ``lines`` read and
+    not acknowledged, in order: posted or not, no one can tell. Input after
+    them was not read."""
+
+    def __init__(self, cause: ClientError, lines: list[Line]) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.lines = lines
+
+    def summary(self) -> str:
+        if not self.lines:
+            return "no line read was left unacknowledged"
+        first, last, count = self.lines[0].number, self.lines[-1].number, len(self.lines)
+        if count == 1:
+            return f"line {first} not acknowledged: it may or may not have been posted"
+        return (
+            f"lines {first}-{last} ({count} messages) not acknowledged: they may or may not have been posted"
+        )
+
+
 def stream_posts(
-    poster: Poster[Line], fd: int, encoding: str, room: str, to: str | None, report: Report
+    poster: Poster[Line],
+    fd: int,
+    encoding: str,
+    room: str,
+    to: str | None,
+    report: Report,
+    message_id: Callable[[int], str] | None = None,
 ) -> None:
     """Post every line of ``fd`` through ``poster`` (to ``to``, else to
-    ``room``) until end of input and the last acknowledgement."""
+    ``room``; ``message_id`` gives a post's id from its line number) until
+    end of input and the last acknowledgement; raises
+    NotAcknowledged when the poster cannot recover from a lost connection."""
+    queued: deque[Line] = deque()
+    try:
+        _stream(poster, fd, encoding, room, to, report, message_id, queued)
+    except ClientError as exc:  # a lost connection or, while reconnecting, no daemon
+        raise NotAcknowledged(exc, [sent.tag for sent in poster.acks.tags()] + list(queued)) from None
+
+
+def _stream(
+    poster: Poster[Line],
+    fd: int,
+    encoding: str,
+    room: str,
+    to: str | None,
+    report: Report,
+    message_id: Callable[[int], str] | None,
+    queued: deque[Line],
+) -> None:
     timeout = poster.client.timeout
     splitter = LineSplitter(encoding)
-    queued: deque[Line] = deque()
-    eof = False
     with selectors.PollSelector() as selector:
         selector.register(poster, selectors.EVENT_READ)
         watching_input = False
         while True:
-            while queued and poster.can_post:
-                line = queued.popleft()
-                if to is not None:
-                    poster.msg(to, line.text, line)
-                else:
-                    poster.say(room, line.text, line)
-            poster.flush()  # what was just posted, in one write
-            if eof and not queued and not poster.in_flight:
-                return
-            want_input = not eof and len(queued) < poster.acks.size
-            if want_input != watching_input:
-                if want_input:
-                    selector.register(fd, selectors.EVENT_READ)
-                else:
-                    selector.unregister(fd)
-                watching_input = want_input
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if poster.wants_write else 0)
-            selector.modify(poster, events)
-            wait = None
-            if poster.in_flight and timeout is not None:
-                wait = poster.last_progress + timeout - time.monotonic()
-                if wait <= 0:
-                    raise RequestTimeout(
-                        f"no answer from {poster.client.path} within {timeout:g}s; try a larger --timeout"
-                    )
-            for key, mask in selector.select(wait):
-                if key.fileobj is not poster:
-                    data = os.read(fd, READ_SIZE)
-                    queued.extend(splitter.feed(data) if data else splitter.finish())
-                    eof = not data
-                    continue
-                if mask & selectors.EVENT_WRITE:
-                    poster.flush()
-                if mask & selectors.EVENT_READ:
-                    for ack in poster.read():
-                        report(ack.tag, None if ack.error else ack.seq, ack.error)
+            try:
+                while queued and poster.can_post:
+                    line = queued[0]  # taken off once posted: a lost connection raises first
+                    if to is not None:
+                        poster.msg(to, line.text, line)
+                    else:
+                        poster.say(room, line.text, line, message_id(line.number) if message_id else None)
+                    queued.popleft()
+                poster.flush()  # what was just posted, in one write
+                if splitter.at_end and not queued and not poster.in_flight:
+                    return
+                want_input = not splitter.at_end and len(queued) < poster.acks.size
+                if want_input != watching_input:
+                    if want_input:
+                        selector.register(fd, selectors.EVENT_READ)
+                    else:
+                        selector.unregister(fd)
+                    watching_input = want_input
+                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if poster.wants_write else 0)
+                selector.modify(poster, events)
+                for ack in _step(poster, selector, timeout, fd, splitter, queued):
+                    report(ack.tag, None if ack.error else ack.seq, ack.error)
+            except (ConnectionLost, RequestTimeout) as lost:
+                selector.unregister(poster)  # the connection changes, or posting ends
+                poster.recover(lost)  # raises when it cannot
+                selector.register(poster, selectors.EVENT_READ)
+
+
+def _step(
+    poster: Poster[Line],
+    selector: selectors.BaseSelector,
+    timeout: float | None,
+    fd: int,
+    splitter: LineSplitter,
+    queued: deque[Line],
+) -> list[Ack[Line]]:
+    """Wait for input or the daemon once; the acknowledgements that came."""
+    wait = None
+    if poster.in_flight and timeout is not None:
+        wait = poster.last_progress + timeout - time.monotonic()
+        if wait <= 0:
+            raise RequestTimeout(
+                f"no answer from {poster.client.path} within {timeout:g}s; try a larger --timeout"
+            )
+    acks: list[Ack[Line]] = []
+    for key, mask in selector.select(wait):
+        if key.fileobj is not poster:
+            data = os.read(fd, READ_SIZE)
+            queued.extend(splitter.feed(data) if data else splitter.finish())
+            continue
+        if mask & selectors.EVENT_WRITE:
+            poster.flush()
+        if mask & selectors.EVENT_READ:
+            acks += poster.read()
+    return acks
 
 
 def datagram_posts(dgram: DatagramClient, lines: Iterator[Line], room: str, report: Report) -> None:

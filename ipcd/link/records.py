@@ -73,7 +73,8 @@ _FORWARD: Final = struct.Struct("!QIBIIIHH")  # conn, rid, op, uid, gid, pid, ng
 _ANSWER: Final = struct.Struct("!QBIHHH")  # conn, flags, replies, join, part, dgram lengths
 _DELIVER: Final = struct.Struct("!BI")  # kind, room length or number of connections
 _GONE: Final = struct.Struct("!Q")
-_POST: Final = struct.Struct("!IHI")  # request id, room and text lengths
+_POST: Final = struct.Struct("!IHI")  # request id, room length (| _WITH_ID), text length
+_WITH_ID: Final = 0x8000  # in a post's room length: a message id follows the room (a byte of length, the id)
 _REPLICA: Final = struct.Struct("!IBHHH")  # owner, public, name length, allow_uids, allow_gids counts
 _UNREPLICA: Final = struct.Struct("!I")  # token
 _THROTTLE: Final = struct.Struct("!Id")  # uid, seconds
@@ -238,32 +239,62 @@ class Deliver(NamedTuple):
 
 class Post(NamedTuple):
     """One SAY checked by the worker (:func:`ipcd.protocol.chat.prepare_say`):
-    its request id, the room, and the text as the JSON string literal every
-    MESSAGE made of it holds. A forwarded SAY's body is a run of these (all
-    of one connection, in order): a pipelined burst is one record."""
+    its request id, the room, the text as the JSON string literal every
+    MESSAGE made of it holds, and the client's message id (b"": none). A
+    forwarded SAY's body is a run of these (all of one connection, in
+    order): a pipelined burst is one record. A post without an id is
+    encoded as before ids existed; one with an id flags it in the room's
+    length (rooms are at most 64 bytes), so decoding the common post costs
+    one test more."""
 
     request_id: int
     room: str
     text_json: bytes
+    message_id: bytes = b""
 
     def encode(self) -> bytes:
         name = self.room.encode()
-        return b"".join((_POST.pack(self.request_id, len(name), len(self.text_json)), name, self.text_json))
+        if not self.message_id:
+            return b"".join(
+                (_POST.pack(self.request_id, len(name), len(self.text_json)), name, self.text_json)
+            )
+        head = _POST.pack(self.request_id, len(name) | _WITH_ID, len(self.text_json))
+        return b"".join((head, name, bytes((len(self.message_id),)), self.message_id, self.text_json))
 
     @staticmethod
     def decode_run(body: bytes) -> list[Post]:
         posts = []
         pos, size, head = 0, len(body), _POST.size
+        unpack, with_id = _POST.unpack_from, _WITH_ID  # locals: this loop runs once per message
         while pos < size:
             if size - pos < head:
                 raise LinkError(f"a post of {size - pos} bytes, shorter than its {head}-byte header")
-            request_id, nroom, ntext = _POST.unpack_from(body, pos)
+            request_id, nroom, ntext = unpack(body, pos)
+            if nroom & with_id:
+                post, pos = Post._with_id(body, pos + head, request_id, nroom & ~_WITH_ID, ntext)
+                posts.append(post)
+                continue
             room_end = pos + head + nroom
             pos = room_end + ntext
             if pos > size:
                 raise LinkError(f"a run of posts ends at {size} bytes, a post needs {pos}")
             posts.append(Post(request_id, _text(body[room_end - nroom : room_end]), body[room_end:pos]))
         return posts
+
+    @staticmethod
+    def _with_id(body: bytes, start: int, request_id: int, nroom: int, ntext: int) -> tuple[Post, int]:
+        """The post with an id whose room starts at ``start``, and where it ends."""
+        room_end = start + nroom
+        id_start = room_end + 1
+        if id_start > len(body):
+            raise LinkError(f"a run of posts ends at {len(body)} bytes, a post needs {id_start}")
+        id_end = id_start + body[room_end]
+        end = id_end + ntext
+        if end > len(body) or id_end == id_start:
+            raise LinkError(
+                f"a post with a message id of {id_end - id_start} bytes needs {end}, has {len(body)}"
+            )
+        return Post(request_id, _text(body[start:room_end]), body[id_end:end], body[id_start:id_end]), end
 
 
 class Gone(NamedTuple):

@@ -22,8 +22,11 @@ DEFAULT_ROOM: Final = "lobby"
 NAME_MAX: Final = 64
 NICK_MAX: Final = 32
 TOPIC_MAX: Final = 256
+MESSAGE_ID_MAX: Final = 64
 _ROOM_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _NICK_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+# Visible ASCII but the two characters JSON escapes: an id goes into JSON as is.
+_MESSAGE_ID_RE: Final = re.compile(rf"[\x21\x23-\x5b\x5d-\x7e]{{1,{MESSAGE_ID_MAX}}}")
 
 
 def _bad(message: str) -> RemoteProtocolError:
@@ -62,6 +65,19 @@ def check_text(value: Any, limit: int) -> str:
     return value
 
 
+def check_message_id(value: Any) -> bytes | None:
+    """A SAY's client-chosen message id (None when absent), as ASCII bytes."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _MESSAGE_ID_RE.fullmatch(value):
+        shown = value[:80] if isinstance(value, str) else value
+        raise _bad(
+            f"bad message id {shown!r}: use 1 to {MESSAGE_ID_MAX} visible ASCII characters "
+            "(no space, '\"' or '\\')"
+        )
+    return value.encode()
+
+
 def check_count(value: Any, limit: int, name: str) -> int:
     """A count of messages, 0 to INT_MAX (missing: 0); more than ``limit``
     is cut to it, as documented, once it is known to be an integer."""
@@ -91,17 +107,23 @@ def sanitize_text(text: str) -> str:
 
 
 class Say(NamedTuple):
-    """A checked SAY body: the room, and the text as a JSON string literal
-    (sanitized, UTF-8), ready to go into every MESSAGE made of it."""
+    """A checked SAY body: the room, the text as a JSON string literal
+    (sanitized, UTF-8), ready to go into every MESSAGE made of it, and the
+    client's message id (b"" without one: see ipcd.chat.recentids)."""
 
     room: str
     text_json: bytes
+    message_id: bytes = b""
 
 
 # The body most clients send, compact with the room first, whose text needs no
 # escape and holds no control: its JSON string is the text's JSON as is.
 _PLAIN_SAY: Final = re.compile(
     rb'\{"room":"([A-Za-z0-9][A-Za-z0-9_.-]{0,%d})","text":("[^"\\\x00-\x1f\x7f]*")\}' % (NAME_MAX - 1)
+)
+# The same with a message id, as a client that sorts its keys writes it.
+_PLAIN_SAY_ID: Final = re.compile(
+    rb'\{"id":"([\x21\x23-\x5b\x5d-\x7e]{1,%d})",' % MESSAGE_ID_MAX + _PLAIN_SAY.pattern[2:]
 )
 _UTF8_C1: Final = re.compile(rb"\xc2[\x80-\x9f]")  # U+0080-U+009F in UTF-8
 
@@ -114,6 +136,10 @@ def prepare_say(body: bytes, max_text: int) -> Say:
         text_json = plain.group(2)
         if len(text_json) - 2 <= max_text and (text_json.isascii() or _is_clean_utf8(text_json)):
             return Say(plain.group(1).decode(), text_json)
+    elif (with_id := _PLAIN_SAY_ID.fullmatch(body)) is not None:
+        text_json = with_id.group(3)
+        if len(text_json) - 2 <= max_text and (text_json.isascii() or _is_clean_utf8(text_json)):
+            return Say(with_id.group(2).decode(), text_json, with_id.group(1))
     return parse_say(body, max_text)
 
 
@@ -121,11 +147,12 @@ def parse_say(body: bytes, max_text: int) -> Say:
     """:func:`prepare_say` for any body: parsed, checked, cleaned, encoded."""
     args = parse_body(body)
     room = check_room(args.get("room", DEFAULT_ROOM))
+    message_id = check_message_id(args.get("id"))
     try:
         text = sanitize_text(check_text(args.get("text"), max_text))  # check_text encodes it once
     except UnicodeEncodeError:
         raise _bad("text holds a lone surrogate: send valid Unicode") from None
-    return Say(room, encode_basestring(text).encode())
+    return Say(room, encode_basestring(text).encode(), message_id or b"")
 
 
 def _is_clean_utf8(raw: bytes) -> bool:

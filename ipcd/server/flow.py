@@ -42,6 +42,7 @@ import dataclasses
 
 from ipcd.chat.hub import Limits
 from ipcd.chat.keptbytes import ENTRY_COST
+from ipcd.chat.recentids import ENTRY_COST as MESSAGE_ID_COST
 from ipcd.handoff.bodies import ACCESS_LIST_MAX, FD_NAME_MAX, NAME_MAX
 from ipcd.link.framing import FRAGMENT
 from ipcd.protocol.chat import NAME_MAX as ROOM_NAME_MAX
@@ -205,8 +206,10 @@ def master_memory_bound(
     the message that crossed it, the largest the master builds) and the one
     message being reassembled from it; the hub's rooms. Per uid: its parked
     waiters, its stored entries, its chat sessions and memberships, what
-    they add to the largest listing reply, and the history it posted (kept
-    messages are charged to their poster: ipcd.chat.keptbytes). History is
+    they add to the largest listing reply, the history it posted (kept
+    messages are charged to their poster: ipcd.chat.keptbytes) and the
+    message ids of its recent posts (ipcd.chat.recentids; the same for
+    every uid). History is
     also never more than ``rooms x --history-size`` messages in all."""
     largest = max(history_page(settings), rooms_listing(MAX_ROOMS))
     fixed = {
@@ -226,6 +229,9 @@ def master_memory_bound(
             "room memberships": joins * _MEMBERSHIP_COST,
             "history it posted (--history-bytes-per-uid, plus its newest message)": (
                 settings.history_bytes_per_uid * factor + _history_entry(settings) + ENTRY_COST
+            ),
+            "message ids of its recent posts (--message-ids-per-uid)": (
+                settings.message_ids_per_uid * MESSAGE_ID_COST
             ),
             "its share of the largest listing (LS, WHO)": _uid_listing(settings, connections, joins),
         }

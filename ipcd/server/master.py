@@ -73,6 +73,8 @@ def _chat_limits(settings: Settings) -> Limits:
         rooms_per_uid=settings.rooms_per_uid,
         joins_per_uid=settings.joins_per_uid,
         history_bytes_per_uid=settings.history_bytes_per_uid,
+        message_ids_per_uid=settings.message_ids_per_uid,
+        message_id_window=settings.message_id_window,
         privileged_factor=settings.privileged_budget_factor,
         rate_limit=settings.rate_limit,
     )

@@ -25,6 +25,7 @@ HOLDINGS = (
     "joins",
     "history_bytes",
     "rate_debt",
+    "message_ids",
     "waiters",
     "stored_fds",
 )
@@ -90,6 +91,8 @@ def limits(settings: Settings) -> dict[str, Any]:
         "max_rooms": MAX_ROOMS,
         "joins_per_uid": settings.joins_per_uid,
         "history_bytes_per_uid": settings.history_bytes_per_uid,
+        "message_ids_per_uid": settings.message_ids_per_uid,
+        "message_id_window": settings.message_id_window,
         "connections_per_uid": settings.connections_per_uid,  # the master puts the one in force
         "partial_bytes_per_uid": settings.partial_bytes_per_uid,
         "forward_bytes_per_uid": settings.forward_bytes_per_uid,

@@ -245,7 +245,7 @@ class ChatRouter:
         """A SAY body checked here, where workers share the work, and sent on
         as a :class:`Post` the hub only sequences. Raises RemoteProtocolError."""
         say = prepare_say(body, self.worker.settings.max_message)
-        return Post(request_id, say.room, say.text_json).encode()
+        return Post(request_id, say.room, say.text_json, say.message_id).encode()
 
     def _add_to_run(self, conn: Connection, creds: Credentials, post: bytes) -> None:
         """Consecutive SAYs of one connection travel as one FORWARD (a run

@@ -163,7 +163,7 @@ class Sim:
         if op != Op.SAY:
             return body
         say = prepare_say(body, self.hub.limits.max_text)
-        return Post(rid, say.room, say.text_json).encode()
+        return Post(rid, say.room, say.text_json, say.message_id).encode()
 
     def connect(self, worker: int, uid: int = 70000) -> Conn:
         conn = Conn(self, worker, next(self._conn_ids), uid)

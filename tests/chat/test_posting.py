@@ -68,3 +68,20 @@ def test_answers_stranded_behind_an_unanswered_request_can_still_be_told() -> No
     window.answered(3, reply(3))  # c answered (say, the error that closed the connection); a and b never
     assert window.ready() == []
     assert [tag for tag, _ in window.stranded()] == ["c"]
+
+
+def test_renumbering_keeps_the_order_and_the_answers_and_hands_back_the_unanswered() -> None:
+    """What resuming over a new connection does: a refusal already read for
+    b is kept for its turn, a and c are sent again under new ids."""
+    window: AckWindow[str] = AckWindow(4)
+    for request_id, tag in ((1, "a"), (2, "b"), (3, "c")):
+        window.sent(request_id, tag)
+    window.answered(2, reply(2))
+    ids = iter(range(100, 200))
+    assert window.renumber(lambda: next(ids)) == [(100, "a"), (102, "c")]
+    assert window.unanswered() == ["a", "c"]
+    assert not window.answered(1, reply(1))  # the old ids are gone
+    assert window.answered(100, reply(100))
+    assert [(tag, frame.request_id) for tag, frame in window.ready()] == [("a", 100), ("b", 2)]
+    assert window.answered(102, reply(102))
+    assert [tag for tag, _ in window.ready()] == ["c"]

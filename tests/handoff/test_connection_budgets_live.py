@@ -170,6 +170,7 @@ def test_one_uid_cannot_hold_every_connection(start_daemon: StartDaemon, fd_user
                 "forward_bytes": 0,
                 "history_bytes": 0,
                 "rate_debt": 0,
+                "message_ids": 0,
                 "rooms": 0,
                 "joins": 0,
                 "waiters": 0,

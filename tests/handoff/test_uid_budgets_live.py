@@ -224,6 +224,7 @@ def test_parked_waiters_stop_at_the_uid_budget_and_others_are_served(
                 "forward_bytes": 0,
                 "history_bytes": 0,
                 "rate_debt": 0,
+                "message_ids": 0,
                 "rooms": 0,
                 "joins": 0,
                 "waiters": 1024,
@@ -247,6 +248,7 @@ def test_parked_waiters_stop_at_the_uid_budget_and_others_are_served(
                 "0",
                 *empty,
                 "0",  # posts past its rate share
+                "0",  # message ids remembered
                 "1024",
                 "0",
             ]

@@ -73,3 +73,29 @@ def test_the_plain_body_shortcut_gives_what_parsing_gives(room: str, text: str, 
         + b"}"
     )
     assert outcome(prepare_say, body, limit) == outcome(parse_say, body, limit)
+
+
+MESSAGE_IDS = st.sampled_from(["a", "run:17", "x" * 64, "x" * 65, "", "has space", 'q"', "b\\s", "é", "~!#"])
+
+
+@given(MESSAGE_IDS, st.sampled_from(["r", "-bad", "x" * 65]), SAY_TEXT, st.integers(0, 40))
+def test_the_shortcut_with_a_message_id_gives_what_parsing_gives(
+    message_id: str, room: str, text: str, limit: int
+) -> None:
+    """The same for a compact body with an id first (keys sorted), whatever the id."""
+    body = (
+        b'{"id":'
+        + json.dumps(message_id, ensure_ascii=False).encode()
+        + b',"room":'
+        + json.dumps(room).encode()
+        + b',"text":'
+        + json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        + b"}"
+    )
+    assert outcome(prepare_say, body, limit) == outcome(parse_say, body, limit)
+
+
+def test_a_message_id_is_kept_as_ascii_bytes_and_absent_is_empty() -> None:
+    assert prepare_say(b'{"id":"run:1","room":"r","text":"t"}', 10).message_id == b"run:1"
+    assert prepare_say(b'{"room": "r", "text": "t", "id": "run:1"}', 10).message_id == b"run:1"
+    assert prepare_say(b'{"room":"r","text":"t"}', 10).message_id == b""

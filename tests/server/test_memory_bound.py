@@ -35,6 +35,8 @@ def worker(settings: Settings) -> tuple[int, int, int]:
         ({"history_bytes_per_uid": 128 << 20}, False, True),
         ({"waiters_per_uid": 2048}, False, True),
         ({"joins_per_uid": 2048}, False, True),
+        ({"message_ids_per_uid": 8192}, False, True),
+        ({"message_id_window": 1200.0}, False, False),  # the count bounds the memory
         ({"connections_per_uid": 200}, False, True),
         ({"fd_quota": 128}, False, True),
         ({"max_frame_size": 2 << 20}, True, False),
@@ -85,6 +87,8 @@ def test_privileged_uids_get_the_factor_on_their_budgets() -> None:
     bound = master_memory_bound(BASE, workers=2)
     assert bound.privileged_per_uid["parked waiters"] == 4 * bound.per_uid["parked waiters"]
     assert bound.privileged_per_uid["stored entries"] == bound.per_uid["stored entries"]  # root included
+    ids = "message ids of its recent posts (--message-ids-per-uid)"
+    assert bound.privileged_per_uid[ids] == bound.per_uid[ids] == 4096 * 400
 
 
 def test_unserved_frames_never_count_more_than_two_frames_per_connection() -> None:
