@@ -1,0 +1,327 @@
+"""The history journal: rooms' retained messages as an append-only record log.
+
+Theory of operation
+-------------------
+The master keeps every room's history in memory; to survive a restart it
+appends what changed to a journal (a state file, or a memfd in systemd's fd
+store) and reads it back at start. This module is the journal's format and
+nothing else: it is fed records and returns bytes, or fed bytes and returns
+records. No file, no socket.
+
+Each record on disk is ``length (u32) | crc32 (u32) | payload``, big-endian,
+where ``length`` counts the payload and the CRC covers the length field and
+the payload, so a flipped length is caught like a flipped payload byte. The
+payload's first byte is its kind. A journal starts with a :class:`Header`
+(format version and a *generation*, raised on every rewrite, so that of two
+copies of one daemon's journal the newer can be told); what follows is
+either a snapshot (for each room a :class:`RoomState`, then its
+:class:`Message` records, oldest first) or changes as they happened
+(messages, :class:`Topic`, :class:`Forget`, a :class:`RoomState` for a room
+created), or a snapshot followed by changes: a reader folds them all in
+order and gets the same state.
+
+Appends are whole records, but a crash (or a full disk) can leave the last
+one torn. :func:`decode` therefore stops at the first record that is short,
+over :data:`RECORD_MAX`, fails its CRC or does not parse, and reports how
+many bytes it dropped from there on: what came before is intact, whatever
+happened to the tail. Nothing after a bad record is trusted, even if it
+would parse: the journal is a sequence, and a hole in it would be a silent
+gap in some room.
+
+A message's ``msgid`` is the client's message id for exactly-once posts
+(empty when the client gave none), kept so that the window of remembered
+ids survives a restart too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import zlib
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Final
+
+__all__ = [
+    "RECORD_MAX",
+    "Decoded",
+    "Forget",
+    "Header",
+    "JournalError",
+    "Message",
+    "MessageRun",
+    "Record",
+    "RoomImage",
+    "RoomState",
+    "Topic",
+    "decode",
+    "encode",
+    "encode_run",
+    "fold",
+    "snapshot",
+]
+
+VERSION: Final = 1
+RECORD_MAX: Final = 64 << 20  # no record is this large (a message frame is at most --max-frame-size)
+NO_CREATOR: Final = -1  # a room charged to nobody's room budget (the lobby)
+
+_FRAME = struct.Struct(">II")  # payload length, crc32 of (length field + payload)
+_KIND = struct.Struct(">B")
+_HEADER = struct.Struct(">BHQ")  # kind, version, generation
+_MESSAGE = struct.Struct(">BQIHHI")  # kind, seq, uid, room length, msgid length, frame length
+_ROOM = struct.Struct(">BQqH")  # kind, seq, creator uid (or NO_CREATOR), room length; the topic to the end
+_NAMED = struct.Struct(">BH")  # kind, room length; for a topic the topic to the end
+
+_K_HEADER: Final = 0
+_K_MESSAGE: Final = 1
+_K_ROOM: Final = 2
+_K_TOPIC: Final = 3
+_K_FORGET: Final = 4
+
+
+class JournalError(ValueError):
+    """A record that does not parse (the reader treats it as the torn end)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Header:
+    generation: int
+    version: int = VERSION
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    room: str
+    seq: int
+    uid: int
+    frame: bytes  # the client-ready MESSAGE frame, header included
+    msgid: bytes = b""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RoomState:
+    """A room as it is (a snapshot), or as it was created (a change):
+    what follows for it builds on this, what came before is replaced."""
+
+    room: str
+    seq: int = 0
+    creator: int | None = None
+    topic: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Topic:
+    room: str
+    topic: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Forget:
+    room: str
+
+
+Record = Header | Message | RoomState | Topic | Forget
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MessageRun:
+    """A run of one poster's messages to one room, seqs ``first_seq`` on:
+    what the hub notes per run (encoded later, once per loop pass)."""
+
+    room: bytes  # the room's name, UTF-8
+    first_seq: int
+    uid: int
+    frames: Sequence[bytes]
+
+
+# -- encoding -----------------------------------------------------------------
+
+
+def _framed(payload: bytes) -> bytes:
+    length = len(payload).to_bytes(4, "big")
+    return length + zlib.crc32(payload, zlib.crc32(length)).to_bytes(4, "big") + payload
+
+
+def _name(room: str) -> bytes:
+    raw = room.encode()
+    if len(raw) > 0xFFFF:
+        raise JournalError(f"room name of {len(raw)} bytes")
+    return raw
+
+
+def encode(record: Record) -> bytes:
+    """One record, framed."""
+    if isinstance(record, Message):
+        room = _name(record.room)
+        head = _MESSAGE.pack(
+            _K_MESSAGE, record.seq, record.uid, len(room), len(record.msgid), len(record.frame)
+        )
+        return _framed(head + room + record.msgid + record.frame)
+    if isinstance(record, RoomState):
+        room = _name(record.room)
+        creator = NO_CREATOR if record.creator is None else record.creator
+        return _framed(_ROOM.pack(_K_ROOM, record.seq, creator, len(room)) + room + record.topic.encode())
+    if isinstance(record, Topic):
+        room = _name(record.room)
+        return _framed(_NAMED.pack(_K_TOPIC, len(room)) + room + record.topic.encode())
+    if isinstance(record, Forget):
+        room = _name(record.room)
+        return _framed(_NAMED.pack(_K_FORGET, len(room)) + room)
+    return _framed(_HEADER.pack(_K_HEADER, record.version, record.generation))
+
+
+def encode_run(run: MessageRun, msgids: Sequence[bytes] = ()) -> bytes:
+    """A run's messages, framed: the per-message work of the journal, kept
+    to one pack, one CRC and one join each."""
+    pack, crc32, room = _MESSAGE.pack, zlib.crc32, run.room
+    parts: list[bytes] = []
+    for i, frame in enumerate(run.frames):
+        msgid = msgids[i] if msgids else b""
+        payload = pack(_K_MESSAGE, run.first_seq + i, run.uid, len(room), len(msgid), len(frame))
+        payload += room + msgid + frame
+        length = len(payload).to_bytes(4, "big")
+        parts.append(length + crc32(payload, crc32(length)).to_bytes(4, "big") + payload)
+    return b"".join(parts)
+
+
+# -- decoding -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    records: list[Record]
+    good: int  # bytes of whole, valid records from the start
+    dropped: int  # bytes from the first bad record to the end (0: none)
+    reason: str = ""  # why the tail was dropped ("" when nothing was)
+
+
+def _parse(payload: bytes) -> Record:
+    try:
+        (kind,) = _KIND.unpack_from(payload)
+        if kind == _K_MESSAGE:
+            _, seq, uid, room_len, msgid_len, frame_len = _MESSAGE.unpack_from(payload)
+            at = _MESSAGE.size
+            if at + room_len + msgid_len + frame_len != len(payload):
+                raise JournalError("message record of the wrong length")
+            room = payload[at : at + room_len].decode()
+            msgid = payload[at + room_len : at + room_len + msgid_len]
+            return Message(room, seq, uid, payload[at + room_len + msgid_len :], msgid)
+        if kind == _K_ROOM:
+            _, seq, creator, room_len = _ROOM.unpack_from(payload)
+            at = _ROOM.size
+            if at + room_len > len(payload):
+                raise JournalError("room record too short")
+            return RoomState(
+                payload[at : at + room_len].decode(),
+                seq,
+                None if creator == NO_CREATOR else creator,
+                payload[at + room_len :].decode(),
+            )
+        if kind in (_K_TOPIC, _K_FORGET):
+            _, room_len = _NAMED.unpack_from(payload)
+            at = _NAMED.size
+            if at + room_len > len(payload) or (kind == _K_FORGET and at + room_len != len(payload)):
+                raise JournalError("room name past the record")
+            room = payload[at : at + room_len].decode()
+            if kind == _K_FORGET:
+                return Forget(room)
+            return Topic(room, payload[at + room_len :].decode())
+        if kind == _K_HEADER:
+            if len(payload) != _HEADER.size:
+                raise JournalError("header of the wrong length")
+            _, version, generation = _HEADER.unpack(payload)
+            if version != VERSION:
+                raise JournalError(f"journal format version {version}, this daemon reads {VERSION}")
+            return Header(generation, version)
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise JournalError(f"record does not parse: {exc}") from None
+    raise JournalError(f"unknown record kind {kind}")
+
+
+def decode(data: bytes | memoryview) -> Decoded:
+    """Every record up to the first torn or corrupt one (see the module head)."""
+    view = memoryview(data)
+    records: list[Record] = []
+    at, end = 0, len(view)
+    reason = ""
+    while at < end:
+        if end - at < _FRAME.size:
+            reason = "a torn record header"
+            break
+        length, crc = _FRAME.unpack_from(view, at)
+        if length > RECORD_MAX:
+            reason = f"a record claiming {length} bytes"
+            break
+        if end - at - _FRAME.size < length:
+            reason = "a torn record"
+            break
+        payload = bytes(view[at + _FRAME.size : at + _FRAME.size + length])
+        if zlib.crc32(payload, zlib.crc32(view[at : at + 4])) != crc:
+            reason = "a record failing its CRC"
+            break
+        try:
+            record = _parse(payload)
+        except JournalError as exc:
+            reason = str(exc)
+            break
+        if isinstance(record, Header) != (at == 0):  # one header, first
+            reason = "a header out of place" if at else "no header"
+            break
+        records.append(record)
+        at += _FRAME.size + length
+    return Decoded(records, at, end - at, reason)
+
+
+# -- state ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class RoomImage:
+    """A room as a journal leaves it: what the hub restores."""
+
+    name: str
+    seq: int = 0
+    creator: int | None = None
+    topic: str = ""
+    history: deque[tuple[int, bytes, int]] = dataclasses.field(default_factory=deque)
+    last_used: int = 0  # the ordinal of its last message in the journal: eviction order
+
+
+def fold(records: Iterable[Record], history: int) -> dict[str, RoomImage]:
+    """The rooms a journal's records leave, each with at most its last
+    ``history`` messages, in the order they were created."""
+    rooms: dict[str, RoomImage] = {}
+    ordinal = 0
+    for record in records:
+        if isinstance(record, Message):
+            image = rooms.get(record.room)
+            if image is None:  # never written so, but a message is kept rather than dropped
+                image = rooms[record.room] = RoomImage(record.room, creator=record.uid)
+            if image.history and record.seq <= image.history[-1][0]:
+                continue  # a seq already kept: never written so
+            image.seq = max(image.seq, record.seq)
+            image.history.append((record.seq, record.frame, record.uid))
+            if len(image.history) > history:
+                image.history.popleft()
+            ordinal += 1
+            image.last_used = ordinal
+        elif isinstance(record, RoomState):
+            rooms.pop(record.room, None)  # to the end: creation order
+            rooms[record.room] = RoomImage(record.room, record.seq, record.creator, record.topic)
+        elif isinstance(record, Topic):
+            image = rooms.get(record.room)
+            if image is not None:
+                image.topic = record.topic
+        elif isinstance(record, Forget):
+            rooms.pop(record.room, None)
+    return rooms
+
+
+def snapshot(generation: int, rooms: Iterable[RoomImage]) -> Iterator[bytes]:
+    """A whole journal holding ``rooms``: a header, then each room's state
+    and its messages. Yielded in pieces, so a large one is written as it is
+    made."""
+    yield encode(Header(generation))
+    for image in rooms:
+        yield encode(RoomState(image.name, image.seq, image.creator, image.topic))
+        yield b"".join(encode(Message(image.name, seq, uid, frame)) for seq, frame, uid in image.history)
