@@ -41,6 +41,13 @@ refused. The bytes of history its messages keep (``history_bytes_per_uid``)
 are charged to the poster once per run of posts to a room
 (:mod:`ipcd.chat.keptbytes`, which trims a poster over budget so that each
 room's history stays a gap-free suffix).
+
+What must survive a restart is noted in :attr:`Hub.changes` when the master
+keeps a journal (:mod:`ipcd.chat.journal`): a room created, a run of
+messages (one entry per run, encoded by the master once per loop pass),
+a topic set, a room forgotten. Trimming is not noted: a journal replayed
+through :meth:`Hub.restore` is trimmed by the same limits again, and the
+master compacts it from :meth:`Hub.export`.
 """
 
 from __future__ import annotations
@@ -50,12 +57,13 @@ import pwd
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from json.encoder import encode_basestring
 from typing import Any, Final
 
 from ipcd.budgets import UidBudget
 from ipcd.chat.idlerooms import IdleRooms
+from ipcd.chat.journal import Forget, MessageRun, RoomImage, RoomState, Topic
 from ipcd.chat.keptbytes import Kept, KeptBytes
 from ipcd.link.outbox import Deliveries, Outbox, Staged
 from ipcd.link.records import Answer, Out, Post, Sender, ServiceError
@@ -241,6 +249,8 @@ class Hub:
         self.kept: KeptBytes[Room] = KeptBytes(UidBudget("bytes of history", 0, "--history-bytes-per-uid"))
         self.limits = limits or Limits()
         self.rooms: dict[str, Room] = {}
+        # What changed since the master last took it, for its journal; None: no journal kept.
+        self.changes: list[MessageRun | RoomState | Topic | Forget] | None = None
         self.messages = 0  # room and private messages sent; also the rooms' eviction clock
         self._room(DEFAULT_ROOM, create=True)
         self.sessions: dict[Member, Session] = {}
@@ -320,6 +330,43 @@ class Hub:
             held.setdefault(uid, {})["history_bytes"] = count
         return held
 
+    # -- persistence -------------------------------------------------------
+
+    def export(self) -> Iterator[RoomImage]:
+        """The rooms a restart must bring back: those that numbered messages
+        (their seq goes on from there), and the lobby."""
+        for room in self.rooms.values():
+            if room.seq or room.name == DEFAULT_ROOM:
+                yield RoomImage(room.name, room.seq, room.creator, room.topic, room.history, room.last_used)
+
+    def restore(self, images: Iterable[RoomImage]) -> int:
+        """Rooms from a journal, at start (no one is connected yet): their
+        seqs, topics and history, charged as if just posted (so the history
+        size, the per-uid history bytes and the room budgets hold from the
+        start). Returns how many messages were restored."""
+        restored = 0
+        for image in images:
+            if not image.seq and image.name != DEFAULT_ROOM:
+                continue
+            room = self.rooms.get(image.name)
+            if room is None:
+                if len(self.rooms) >= self.limits.max_rooms:
+                    continue
+                room = self.rooms[image.name] = Room(image.name, creator=image.creator)
+                if image.creator is not None:
+                    self.created.charge(image.creator)
+            room.seq, room.topic = image.seq, image.topic
+            for entry in image.history:
+                room.history.append(entry)
+                self.kept.kept(room, entry[2], 1, len(entry[1]), self.limits.history)
+            restored += len(image.history)
+            room.last_used = image.last_used
+            self.messages = max(self.messages, image.last_used)
+        for room in self.rooms.values():
+            if room.creator is not None:
+                self.idle.may_be_idle(room, self.rooms, self.created.limit_for(room.creator))
+        return restored
+
     # -- sessions ----------------------------------------------------------
 
     def _session(self, sender: Sender) -> Session:
@@ -361,6 +408,8 @@ class Hub:
                     ErrorCode.LIMIT_EXCEEDED, f"the daemon holds {len(self.rooms)} rooms: its limit"
                 )
             room = self.rooms[name] = Room(name, last_used=self.messages, creator=uid)
+            if self.changes is not None:
+                self.changes.append(RoomState(name, creator=uid))
             if uid is not None:
                 self.created.charge(uid)
                 self.idle.may_be_idle(room, self.rooms, self.created.limit_for(uid))  # a SAY's is
@@ -368,6 +417,8 @@ class Hub:
 
     def _forget(self, room: Room) -> None:
         del self.rooms[room.name]
+        if self.changes is not None:
+            self.changes.append(Forget(room.name))
         self.kept.forgotten(room)
         if room.creator is not None:
             self.created.release(room.creator)
@@ -548,6 +599,8 @@ class Hub:
         poster (trimming its oldest if it is past its history budget), and
         to the outbox."""
         self.kept.kept(room, uid, len(frames), size, self.limits.history)
+        if self.changes is not None:
+            self.changes.append(MessageRun(room.name.encode(), room.seq - len(frames) + 1, uid, frames))
         out.to_room_many(room.name, room.workers, frames, size)
 
     def _msg(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
@@ -606,6 +659,8 @@ class Hub:
             if room.name not in session.rooms:
                 raise ChatError(ErrorCode.PERMISSION_DENIED, f"join {room.name!r} to set its topic")
             room.topic = sanitize_text(topic).replace("\n", " ")
+            if self.changes is not None:
+                self.changes.append(Topic(room.name, room.topic))
             self._notice(room, "topic", session, later, topic=room.topic)
         return {}, {"room": room.name, "topic": room.topic}
 

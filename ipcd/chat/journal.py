@@ -56,6 +56,7 @@ __all__ = [
     "Topic",
     "decode",
     "encode",
+    "encode_changes",
     "encode_run",
     "fold",
     "snapshot",
@@ -68,12 +69,15 @@ NO_CREATOR: Final = -1  # a room charged to nobody's room budget (the lobby)
 _FRAME = struct.Struct(">II")  # payload length, crc32 of (length field + payload)
 _KIND = struct.Struct(">B")
 _HEADER = struct.Struct(">BHQ")  # kind, version, generation
-_MESSAGE = struct.Struct(">BQIHHI")  # kind, seq, uid, room length, msgid length, frame length
+# kind, first seq, count, room length, whether msgids follow; then the room, count uids (u32),
+# count frame lengths (u32), [count msgid lengths (u16), the msgids], the frames
+_BLOCK = struct.Struct(">BQIHB")
+_BLOCK_BYTES: Final = 1 << 20  # a snapshot's blocks of one room's messages: about this large
 _ROOM = struct.Struct(">BQqH")  # kind, seq, creator uid (or NO_CREATOR), room length; the topic to the end
 _NAMED = struct.Struct(">BH")  # kind, room length; for a topic the topic to the end
 
 _K_HEADER: Final = 0
-_K_MESSAGE: Final = 1
+_K_BLOCK: Final = 1
 _K_ROOM: Final = 2
 _K_TOPIC: Final = 3
 _K_FORGET: Final = 4
@@ -152,11 +156,7 @@ def _name(room: str) -> bytes:
 def encode(record: Record) -> bytes:
     """One record, framed."""
     if isinstance(record, Message):
-        room = _name(record.room)
-        head = _MESSAGE.pack(
-            _K_MESSAGE, record.seq, record.uid, len(room), len(record.msgid), len(record.frame)
-        )
-        return _framed(head + room + record.msgid + record.frame)
+        return _block(record.room.encode(), record.seq, [record.uid], [record.frame], [record.msgid])
     if isinstance(record, RoomState):
         room = _name(record.room)
         creator = NO_CREATOR if record.creator is None else record.creator
@@ -170,18 +170,35 @@ def encode(record: Record) -> bytes:
     return _framed(_HEADER.pack(_K_HEADER, record.version, record.generation))
 
 
+def _block(
+    room: bytes, first_seq: int, uids: Sequence[int], frames: Sequence[bytes], msgids: Sequence[bytes] = ()
+) -> bytes:
+    """Consecutive messages of one room as one record: a few packs and one
+    CRC for the lot, so a run of posts costs the journal little per message."""
+    if len(room) > 0xFFFF:
+        raise JournalError(f"room name of {len(room)} bytes")
+    count = len(frames)
+    has_msgids = any(msgids)
+    parts = [
+        _BLOCK.pack(_K_BLOCK, first_seq, count, len(room), has_msgids),
+        room,
+        struct.pack(f">{count}I", *uids),
+        struct.pack(f">{count}I", *map(len, frames)),
+    ]
+    if has_msgids:
+        parts += [struct.pack(f">{count}H", *map(len, msgids)), *msgids]
+    parts += frames
+    return _framed(b"".join(parts))
+
+
 def encode_run(run: MessageRun, msgids: Sequence[bytes] = ()) -> bytes:
-    """A run's messages, framed: the per-message work of the journal, kept
-    to one pack, one CRC and one join each."""
-    pack, crc32, room = _MESSAGE.pack, zlib.crc32, run.room
-    parts: list[bytes] = []
-    for i, frame in enumerate(run.frames):
-        msgid = msgids[i] if msgids else b""
-        payload = pack(_K_MESSAGE, run.first_seq + i, run.uid, len(room), len(msgid), len(frame))
-        payload += room + msgid + frame
-        length = len(payload).to_bytes(4, "big")
-        parts.append(length + crc32(payload, crc32(length)).to_bytes(4, "big") + payload)
-    return b"".join(parts)
+    """A run's messages (one poster, one room, seqs from ``first_seq``)."""
+    return _block(run.room, run.first_seq, [run.uid] * len(run.frames), run.frames, msgids)
+
+
+def encode_changes(changes: Iterable[MessageRun | Record]) -> bytes:
+    """What a hub noted in a pass (:attr:`ipcd.chat.hub.Hub.changes`), framed."""
+    return b"".join(encode_run(c) if isinstance(c, MessageRun) else encode(c) for c in changes)
 
 
 # -- decoding -----------------------------------------------------------------
@@ -195,46 +212,71 @@ class Decoded:
     reason: str = ""  # why the tail was dropped ("" when nothing was)
 
 
-def _parse(payload: bytes) -> Record:
+def _parse_block(payload: bytes) -> list[Record]:
+    _, first_seq, count, room_len, has_msgids = _BLOCK.unpack_from(payload)
+    at = _BLOCK.size
+    room = payload[at : at + room_len].decode()
+    at += room_len
+    if len(payload) < at + 8 * count:
+        raise JournalError("message block too short")
+    uids = struct.unpack_from(f">{count}I", payload, at)
+    lengths = struct.unpack_from(f">{count}I", payload, at + 4 * count)
+    at += 8 * count
+    msgids: Sequence[bytes] = [b""] * count
+    if has_msgids:
+        id_lengths = struct.unpack_from(f">{count}H", payload, at)
+        at += 2 * count
+        msgids = []
+        for length in id_lengths:
+            msgids.append(payload[at : at + length])
+            at += length
+    if at + sum(lengths) != len(payload):
+        raise JournalError("message block of the wrong length")
+    messages: list[Record] = []
+    for i in range(count):
+        messages.append(Message(room, first_seq + i, uids[i], payload[at : at + lengths[i]], msgids[i]))
+        at += lengths[i]
+    return messages
+
+
+def _parse(payload: bytes) -> list[Record]:
     try:
         (kind,) = _KIND.unpack_from(payload)
-        if kind == _K_MESSAGE:
-            _, seq, uid, room_len, msgid_len, frame_len = _MESSAGE.unpack_from(payload)
-            at = _MESSAGE.size
-            if at + room_len + msgid_len + frame_len != len(payload):
-                raise JournalError("message record of the wrong length")
-            room = payload[at : at + room_len].decode()
-            msgid = payload[at + room_len : at + room_len + msgid_len]
-            return Message(room, seq, uid, payload[at + room_len + msgid_len :], msgid)
-        if kind == _K_ROOM:
-            _, seq, creator, room_len = _ROOM.unpack_from(payload)
-            at = _ROOM.size
-            if at + room_len > len(payload):
-                raise JournalError("room record too short")
-            return RoomState(
-                payload[at : at + room_len].decode(),
-                seq,
-                None if creator == NO_CREATOR else creator,
-                payload[at + room_len :].decode(),
-            )
-        if kind in (_K_TOPIC, _K_FORGET):
-            _, room_len = _NAMED.unpack_from(payload)
-            at = _NAMED.size
-            if at + room_len > len(payload) or (kind == _K_FORGET and at + room_len != len(payload)):
-                raise JournalError("room name past the record")
-            room = payload[at : at + room_len].decode()
-            if kind == _K_FORGET:
-                return Forget(room)
-            return Topic(room, payload[at + room_len :].decode())
-        if kind == _K_HEADER:
-            if len(payload) != _HEADER.size:
-                raise JournalError("header of the wrong length")
-            _, version, generation = _HEADER.unpack(payload)
-            if version != VERSION:
-                raise JournalError(f"journal format version {version}, this daemon reads {VERSION}")
-            return Header(generation, version)
+        if kind == _K_BLOCK:
+            return _parse_block(payload)
+        return [_parse_one(kind, payload)]
     except (struct.error, UnicodeDecodeError) as exc:
         raise JournalError(f"record does not parse: {exc}") from None
+
+
+def _parse_one(kind: int, payload: bytes) -> Record:
+    if kind == _K_ROOM:
+        _, seq, creator, room_len = _ROOM.unpack_from(payload)
+        at = _ROOM.size
+        if at + room_len > len(payload):
+            raise JournalError("room record too short")
+        return RoomState(
+            payload[at : at + room_len].decode(),
+            seq,
+            None if creator == NO_CREATOR else creator,
+            payload[at + room_len :].decode(),
+        )
+    if kind in (_K_TOPIC, _K_FORGET):
+        _, room_len = _NAMED.unpack_from(payload)
+        at = _NAMED.size
+        if at + room_len > len(payload) or (kind == _K_FORGET and at + room_len != len(payload)):
+            raise JournalError("room name past the record")
+        room = payload[at : at + room_len].decode()
+        if kind == _K_FORGET:
+            return Forget(room)
+        return Topic(room, payload[at + room_len :].decode())
+    if kind == _K_HEADER:
+        if len(payload) != _HEADER.size:
+            raise JournalError("header of the wrong length")
+        _, version, generation = _HEADER.unpack(payload)
+        if version != VERSION:
+            raise JournalError(f"journal format version {version}, this daemon reads {VERSION}")
+        return Header(generation, version)
     raise JournalError(f"unknown record kind {kind}")
 
 
@@ -260,14 +302,15 @@ def decode(data: bytes | memoryview) -> Decoded:
             reason = "a record failing its CRC"
             break
         try:
-            record = _parse(payload)
+            parsed = _parse(payload)
         except JournalError as exc:
             reason = str(exc)
             break
-        if isinstance(record, Header) != (at == 0):  # one header, first
+        headers = sum(isinstance(r, Header) for r in parsed)
+        if (at == 0 and (headers, len(parsed)) != (1, 1)) or (at and headers):  # one header, first
             reason = "a header out of place" if at else "no header"
             break
-        records.append(record)
+        records += parsed
         at += _FRAME.size + length
     return Decoded(records, at, end - at, reason)
 
@@ -324,4 +367,14 @@ def snapshot(generation: int, rooms: Iterable[RoomImage]) -> Iterator[bytes]:
     yield encode(Header(generation))
     for image in rooms:
         yield encode(RoomState(image.name, image.seq, image.creator, image.topic))
-        yield b"".join(encode(Message(image.name, seq, uid, frame)) for seq, frame, uid in image.history)
+        room = _name(image.name)
+        block: list[tuple[int, bytes, int]] = []
+        size = 0
+        for entry in image.history:  # a gap-free suffix: consecutive seqs
+            block.append(entry)
+            size += len(entry[1])
+            if size >= _BLOCK_BYTES:
+                yield _block(room, block[0][0], [u for _, _, u in block], [f for _, f, _ in block])
+                block, size = [], 0
+        if block:
+            yield _block(room, block[0][0], [u for _, _, u in block], [f for _, f, _ in block])

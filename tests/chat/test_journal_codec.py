@@ -102,8 +102,11 @@ def test_a_journal_without_header_yields_nothing() -> None:
 @given(rooms, st.integers(1, 1000), st.integers(0, 2**32 - 1), st.lists(st.binary(max_size=40), max_size=5))
 def test_a_run_encodes_as_its_messages(room: str, first: int, uid: int, frames: list[bytes]) -> None:
     run = MessageRun(room.encode(), first, uid, frames)
-    expected = [Message(room, first + i, uid, frame) for i, frame in enumerate(frames)]
-    assert encode_run(run) == _bytes(list(expected))
+    expected = [Header(1), *(Message(room, first + i, uid, frame) for i, frame in enumerate(frames))]
+    assert decode(encode(Header(1)) + encode_run(run)).records == expected
+    ids = [bytes([i]) * i for i in range(len(frames))]
+    with_ids = [Header(1), *(Message(room, first + i, uid, f, ids[i]) for i, f in enumerate(frames))]
+    assert decode(encode(Header(1)) + encode_run(run, ids)).records == with_ids
 
 
 def test_fold_follows_creation_topics_and_forgetting() -> None:
@@ -131,6 +134,15 @@ def test_fold_follows_creation_topics_and_forgetting() -> None:
     )
     assert (b.seq, b.creator, list(b.history)) == (1, 1002, [(1, b"b1 again", 1002)])
     assert a.last_used > b.last_used
+
+
+def test_a_snapshot_splits_a_long_history_into_blocks() -> None:
+    big = RoomImage("big", seq=300)
+    big.history.extend((seq, b"x" * 10_000, 1000 + seq % 3) for seq in range(1, 301))
+    pieces = list(snapshot(1, [big]))
+    assert len(pieces) > 3
+    images = fold(decode(b"".join(pieces)).records, history=1000)
+    assert list(images["big"].history) == list(big.history)
 
 
 def test_a_snapshot_folds_to_the_rooms_it_was_made_of() -> None:
