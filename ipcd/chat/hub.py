@@ -122,6 +122,7 @@ class Limits:
     rooms_per_uid: int = 1000  # rooms a uid created that still exist: a tenth of max_rooms
     joins_per_uid: int = 1024  # memberships all of a uid's connections hold together
     history_bytes_per_uid: int = 64 << 20  # bytes of one uid's messages kept in history
+    history_bytes: int = 256 << 20  # bytes of history kept in all: see Hub.trim_history
     privileged_factor: int = 4  # root and the daemon's uid: this many times the per-uid budgets
 
 
@@ -330,6 +331,17 @@ class Hub:
             held.setdefault(uid, {})["history_bytes"] = count
         return held
 
+    def trim_history(self) -> None:
+        """All history over ``history_bytes``: the rooms posted to least
+        recently lose their oldest messages first, down to seven eighths of
+        the limit (so the scan for them is paid once per eighth, not once per
+        message). Each room keeps at least its newest message."""
+        limit = self.limits.history_bytes
+        if self.kept.total <= limit:
+            return
+        rooms = sorted((r for r in self.rooms.values() if len(r.history) > 1), key=lambda r: r.last_used)
+        self.kept.trim_to(rooms, limit - limit // 8)
+
     # -- persistence -------------------------------------------------------
 
     def export(self) -> Iterator[RoomImage]:
@@ -362,6 +374,7 @@ class Hub:
             restored += len(image.history)
             room.last_used = image.last_used
             self.messages = max(self.messages, image.last_used)
+        self.trim_history()
         for room in self.rooms.values():
             if room.creator is not None:
                 self.idle.may_be_idle(room, self.rooms, self.created.limit_for(room.creator))
@@ -599,6 +612,8 @@ class Hub:
         poster (trimming its oldest if it is past its history budget), and
         to the outbox."""
         self.kept.kept(room, uid, len(frames), size, self.limits.history)
+        if self.kept.total > self.limits.history_bytes:
+            self.trim_history()
         if self.changes is not None:
             self.changes.append(MessageRun(room.name.encode(), room.seq - len(frames) + 1, uid, frames))
         out.to_room_many(room.name, room.workers, frames, size)

@@ -73,6 +73,7 @@ def _chat_limits(settings: Settings) -> Limits:
         rooms_per_uid=settings.rooms_per_uid,
         joins_per_uid=settings.joins_per_uid,
         history_bytes_per_uid=settings.history_bytes_per_uid,
+        history_bytes=settings.history_bytes,
         privileged_factor=settings.privileged_budget_factor,
     )
 

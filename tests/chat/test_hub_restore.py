@@ -40,7 +40,7 @@ def _busy(sim: Sim) -> None:
         bob.say(DEFAULT_ROOM, f"lobby{i}")
     alice.call(Op.TOPIC, room="a", topic="the a room")
     bob.call(Op.PART, room="b")
-    sim.hub._forget(sim.hub.rooms["b"])  # noqa: SLF001 - as idle-room eviction would
+    sim.hub._forget(sim.hub.rooms["b"])  # as idle-room eviction would
     bob.join("b")
     bob.say("b", "b again")
 
@@ -89,9 +89,31 @@ def test_a_restore_applies_the_limits_in_force_now() -> None:
     tight = _restored(data, Limits(history_bytes_per_uid=2 * one_message))
     assert tight.kept.holdings()[70001] <= 2 * one_message + one_message  # its budget, plus the newest
     assert tight.rooms["a"].seq == 5  # trimmed history, the seq stays
+    everything = sum(len(f) + 160 for r in sim.hub.rooms.values() for _, f, _ in r.history)
+    capped = _restored(data, Limits(history_bytes=everything // 2))
+    assert capped.kept.total <= everything // 2
+    assert {n: r.seq for n, r in capped.rooms.items()} == {n: r.seq for n, r in sim.hub.rooms.items()}
 
 
 def test_a_hub_without_a_journal_notes_nothing() -> None:
     sim = Sim()
     _busy(sim)
     assert sim.hub.changes is None
+
+
+def test_history_over_the_daemon_wide_bytes_trims_the_least_recently_posted_rooms_first() -> None:
+    sim = Sim()
+    poster = sim.connect(W1, uid=70001)
+    text = "x" * 1000
+    for room in ("old", "mid", "new"):
+        for _ in range(10):
+            poster.say(room, text)
+    one = len(sim.hub.rooms["old"].history[0][1]) + 160
+    sim.hub.limits = Limits(history_bytes=25 * one)
+    poster.say("new", text)  # over the limit now: trimmed to 7/8 of it
+    rooms = sim.hub.rooms
+    assert sim.hub.kept.total <= 25 * one
+    assert len(rooms["old"].history) == 1  # the oldest room first, down to its newest message
+    assert [seq for seq, _, _ in rooms["old"].history] == [10]
+    assert len(rooms["new"].history) == 11  # the room posted to last untouched
+    assert rooms["old"].seq == 10
