@@ -49,6 +49,15 @@ from ipcd.server.hublink import HubLink
 from ipcd.server.loop import EventLoop
 from ipcd.server.pool import WorkerHandle, WorkerPool, WorkerState
 from ipcd.server.signals import SignalDispatcher
+from ipcd.server.statefile import (
+    FDSTORE_NAME,
+    SYNC_EVERY,
+    Copy,
+    FdStoreCopy,
+    HistoryJournal,
+    StateError,
+    StateFile,
+)
 from ipcd.server.status import build_status, uid_holdings
 from ipcd.server.uidbudgets import ConnectionLedger, connection_limit
 from ipcd.settings import Settings, SettingsError, reload_settings
@@ -135,6 +144,7 @@ class Master:
         self._announced_generation = 0  # the worker generation READY=1 was sent for
         self._unread: set[WorkerHandle] = set()  # channels over budget: not read until they drain
         self.connections = ConnectionLedger(self._connection_limit(), settings.privileged_budget_factor)
+        self.journal: HistoryJournal | None = None
 
     def _connection_limit(self) -> int:
         return connection_limit(self.settings, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
@@ -154,6 +164,7 @@ class Master:
             self.stream = BoundSocket(passed.stream, self.settings.stream_path, owned=False)
         if passed.dgram is not None:
             self.dgram = BoundSocket(passed.dgram, self.settings.dgram_path, owned=False)
+        self._open_journal()  # takes its memfd from what systemd passed before the store sees it
         self._recover_store()
         try:
             if self.stream is None or self.dgram is None:
@@ -178,6 +189,36 @@ class Master:
             self._close_sockets()
             raise StartupError(str(exc)) from None
         fdpass.enable_credentials(self.dgram.sock)
+
+    def _open_journal(self) -> None:
+        """The chat history journal: load the rooms it holds, keep it from here on."""
+        passed = self.passed.stored.pop(FDSTORE_NAME, None)
+        if self.settings.state_dir is None:
+            if passed is not None:
+                os.close(passed)
+                self.manager.remove_fds(FDSTORE_NAME)
+            return
+        copies: list[Copy] = []
+        try:
+            copies.append(StateFile(self.settings.state_dir))
+        except StateError as exc:
+            if passed is not None:
+                os.close(passed)
+            raise StartupError(str(exc)) from None
+        if self.manager.active:
+            copies.append(FdStoreCopy(self.manager, passed))
+        elif passed is not None:
+            os.close(passed)
+        self.journal = HistoryJournal(self.hub, copies)
+        self.journal.start()
+        # Before any record is routed to a worker, what the hub noted is
+        # written: no reply leaves before what it acknowledges.
+        self.hublink.before_route = self.journal.flush
+
+    def _journal_tick(self) -> None:
+        assert self.journal is not None
+        self.journal.tick()
+        self.loop.call_later(SYNC_EVERY, self._journal_tick)
 
     def _recover_store(self) -> None:
         """Under systemd, push entries to its fd store and take back what an
@@ -239,6 +280,8 @@ class Master:
         if self.stream is not None:
             self.stream.sock.close()  # workers never accept
         self.lock.release()
+        if self.journal is not None:
+            self.journal.detach()
         # Our copy of every stored fd: a worker holding them would keep a
         # removed or taken pipe or socket open behind its owner's back (the
         # copies a worker answers GETs from come as REPLICA records, and an
@@ -251,6 +294,8 @@ class Master:
         fds += [b.sock.fileno() for b in (self.stream, self.dgram) if b is not None]
         if self.lock.fd >= 0:
             fds.append(self.lock.fd)
+        if self.journal is not None:
+            fds += self.journal.fds()
         return fds
 
     def run(self) -> int:
@@ -274,6 +319,8 @@ class Master:
         self.pool.spawn_generation(self.settings.workers)
         self.loop.call_later(_HEARTBEAT_INTERVAL, self._heartbeat)
         self.loop.call_later(_STORE_TICK, self._store_tick)
+        if self.journal is not None:
+            self.loop.call_later(SYNC_EVERY, self._journal_tick)
         if self.manager.watchdog_interval:
             self.loop.call_later(self.manager.watchdog_interval, self._watchdog)
         log.info(
@@ -300,6 +347,8 @@ class Master:
                     self.stop()
                 self._sync_accepting()
         finally:
+            if self.journal is not None:
+                self.journal.close()
             self._close_sockets()
             self.store.close_all()
             self.lock.release()

@@ -1,0 +1,388 @@
+"""Where the history journal lives: a state file, and systemd's fd store.
+
+Theory of operation
+-------------------
+The hub notes what changed (:attr:`ipcd.chat.hub.Hub.changes`); the master
+hands it to :meth:`HistoryJournal.flush` before it routes any record to a
+worker (:class:`~ipcd.server.hublink.HubLink` calls it first thing), so a
+reply to a SAY never leaves the master before the message is in the
+kernel's hands: one ``write`` per pass (or per mid-pass route), appended
+to every copy. The kernel keeps what was written when the master is killed
+(``kill -9``, OOM): only a power loss or kernel crash can take what was not
+yet on disk, and the journal is fsynced once a second (:data:`SYNC_EVERY`)
+and at stop, so that is at most the last second of messages.
+
+Copies: ``history.journal`` in the state dir (``--state-dir``, made 0700,
+refused if others could change it, like the socket dir), opened
+``O_APPEND``, and under systemd a memfd pushed to its fd store as
+``history`` (it survives ``systemctl restart`` even on a read-only or full
+disk, but not a stop). At start both are read and the newer one wins: the
+higher header generation, then the more bytes of valid records (they only
+differ when one could not be written). A torn or corrupt tail is dropped
+(one line in the log saying how many bytes) and never read past.
+
+Compaction: the journal holds every message ever appended, the hub only
+the retained ones, so once the journal is more than twice the retained
+bytes (and over :data:`COMPACT_MIN`), and at every start, the hub's state is
+written as a snapshot with the next generation: to ``history.journal.new``,
+fsynced, renamed over the journal, the dir fsynced; for the memfd a new one
+replaces the old in the fd store. A crash at any point leaves either the old
+journal or the new one, whole. Write errors (a full disk) are logged once;
+the copy is then rewritten whole at the next tick, so what it holds stays
+a prefix of what happened, never a sequence with a hole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Final, Protocol
+
+from ipcd.chat.hub import Hub
+from ipcd.chat.journal import Decoded, Header, decode, encode_changes, fold, snapshot
+from ipcd.safepath import UnsafePath, check_path, describe_uid
+from ipcd.systemd import Manager
+
+log = logging.getLogger("ipcd.master")
+
+JOURNAL_FILE: Final = "history.journal"
+FDSTORE_NAME: Final = "history"
+SYNC_EVERY: Final = 1.0  # seconds between fsyncs of the state file: what a power loss can cost
+COMPACT_MIN: Final = 4 << 20  # a journal smaller than this is never compacted but at start
+_DIR_MODE: Final = 0o700
+
+
+class StateError(Exception):
+    """The state dir cannot be used; the message says why and what to do."""
+
+
+class Copy(Protocol):
+    """One place the journal is kept."""
+
+    name: str
+
+    def load(self) -> bytes | None: ...
+
+    def append(self, data: bytes) -> None: ...
+
+    def replace(self, chunks: Iterable[bytes]) -> None: ...
+
+    def sync(self) -> None: ...
+
+    def detach(self) -> None: ...
+
+    def fds(self) -> list[int]: ...
+
+    def close(self) -> None: ...
+
+
+def prepare_state_dir(path: Path) -> None:
+    """Create ``path`` (0700) if missing; refuse it if anyone but us or root
+    could change it or the way to it."""
+    uid = os.geteuid()
+    try:
+        check_path(str(path.parent), {0, uid})
+    except UnsafePath as exc:
+        raise StateError(
+            f"state dir {path} is unsafe: {exc.problem}, so {exc.who_could} could replace it; "
+            "choose another --state-dir"
+        ) from None
+    except FileNotFoundError:
+        try:
+            os.makedirs(path.parent, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise StateError(
+                f"cannot create state dir {path}: {exc.strerror}; choose another --state-dir"
+            ) from None
+        return prepare_state_dir(path)
+    except OSError as exc:
+        raise StateError(
+            f"cannot check state dir {path}: {exc.strerror}; choose another --state-dir"
+        ) from None
+    try:
+        os.mkdir(path, _DIR_MODE)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StateError(
+            f"cannot create state dir {path}: {exc.strerror}; choose another --state-dir"
+        ) from None
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise StateError(f"state dir {path} is not a directory (or is a symlink); choose another --state-dir")
+    if st.st_uid not in (uid, 0):
+        raise StateError(
+            f"state dir {path} is owned by {describe_uid(st.st_uid)}; "
+            "someone else may control it: remove it or choose another --state-dir"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StateError(
+            f"state dir {path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run 'chmod go-w {path}' or choose another --state-dir"
+        )
+
+
+class StateFile:
+    """``history.journal`` in the state dir, which ``.lock`` keeps ours while we run."""
+
+    def __init__(self, directory: Path) -> None:
+        prepare_state_dir(directory)
+        self.directory = directory
+        self.path = directory / JOURNAL_FILE
+        self.name = str(self.path)
+        self._lock = self._open(directory / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise StateError(
+                f"state dir {directory} is in use by another ipcd; give each daemon its own --state-dir"
+            ) from None
+        self._fd = self._open(self.path, os.O_RDWR | os.O_APPEND)
+        self._dirty = False
+
+    def _open(self, path: Path, flags: int) -> int:
+        try:
+            return os.open(path, flags | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise StateError(f"cannot open {path}: {exc.strerror}; choose another --state-dir") from None
+
+    def load(self) -> bytes | None:
+        size = os.fstat(self._fd).st_size
+        return os.pread(self._fd, size, 0) if size else None
+
+    def append(self, data: bytes) -> None:
+        _write_all(self._fd, data)
+        self._dirty = True
+
+    def replace(self, chunks: Iterable[bytes]) -> None:
+        fresh = self.path.with_name(JOURNAL_FILE + ".new")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(fresh)
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(fresh, flags, 0o600)
+        try:
+            for chunk in chunks:
+                _write_all(fd, chunk)
+            os.fsync(fd)
+            os.rename(fresh, self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(fresh)
+            raise
+        os.close(self._fd)
+        self._fd = fd  # appends go on in the file that is the journal now
+        self._dirty = False
+        _fsync_dir(self.directory)
+
+    def sync(self) -> None:
+        if self._dirty:
+            self._dirty = False
+            os.fsync(self._fd)
+
+    def fds(self) -> list[int]:
+        return [self._fd, self._lock]
+
+    def detach(self) -> None:
+        """In a forked worker: drop our copies of the fds, touching nothing."""
+        for fd in (self._fd, self._lock):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fd = self._lock = -1
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                self.sync()
+        self.detach()
+
+
+class FdStoreCopy:
+    """A memfd in systemd's fd store, named ``history``."""
+
+    def __init__(self, manager: Manager, passed: int | None) -> None:
+        self.manager = manager
+        self.name = "systemd's fd store"
+        self._fd = passed
+
+    def load(self) -> bytes | None:
+        if self._fd is None:
+            return None
+        size = os.fstat(self._fd).st_size
+        return os.pread(self._fd, size, 0) if size else None
+
+    def append(self, data: bytes) -> None:
+        if self._fd is None:
+            raise OSError(errno.EBADF, "no memfd yet")
+        os.lseek(self._fd, 0, os.SEEK_END)
+        _write_all(self._fd, data)
+
+    def replace(self, chunks: Iterable[bytes]) -> None:
+        fd = os.memfd_create("ipcd-history", os.MFD_CLOEXEC)
+        try:
+            for chunk in chunks:
+                _write_all(fd, chunk)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.manager.remove_fds(FDSTORE_NAME)
+        if not self.manager.store_fds(FDSTORE_NAME, [fd]):
+            os.close(fd)
+            raise OSError(errno.EIO, "systemd did not take the memfd (FileDescriptorStoreMax= too low?)")
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = fd
+
+    def sync(self) -> None:
+        pass
+
+    def fds(self) -> list[int]:
+        return [] if self._fd is None else [self._fd]
+
+    def detach(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "short write")
+        view = view[written:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class HistoryJournal:
+    """The hub's history, kept in every :class:`Copy` given."""
+
+    def __init__(self, hub: Hub, copies: list[Copy]) -> None:
+        self.hub = hub
+        self.copies = copies
+        self.generation = 0
+        self.size = 0  # bytes of the journal as written
+        self._broken: set[str] = set()  # copies a write failed on: rewritten whole at the next tick
+
+    def start(self) -> int:
+        """Load the newest copy into the hub, then write a fresh snapshot to
+        every copy. Returns how many messages were restored."""
+        best: tuple[int, int, Decoded, str] | None = None
+        for copy in self.copies:
+            data = copy.load()
+            if data is None:
+                continue
+            decoded = decode(data)
+            if decoded.dropped:
+                log.warning(
+                    "%s: dropped %d bytes of a torn or corrupt tail (%s); kept %d records before it",
+                    copy.name,
+                    decoded.dropped,
+                    decoded.reason,
+                    len(decoded.records),
+                )
+            if not decoded.records:
+                continue
+            header = decoded.records[0]
+            assert isinstance(header, Header)
+            candidate = (header.generation, decoded.good, decoded, copy.name)
+            if best is None or candidate[:2] > best[:2]:
+                best = candidate
+        restored = 0
+        if best is not None:
+            generation, _, decoded, name = best
+            self.generation = generation
+            restored = self.hub.restore(fold(decoded.records[1:], self.hub.limits.history).values())
+            rooms = sum(1 for r in self.hub.rooms.values() if r.seq)
+            log.info("restored %d messages in %d rooms from %s", restored, rooms, name)
+        self.compact()
+        self.hub.changes = []
+        return restored
+
+    def flush(self) -> None:
+        """What the hub noted, appended to every copy: before any reply goes."""
+        changes = self.hub.changes
+        if not changes:
+            return
+        self.hub.changes = []
+        data = encode_changes(changes)
+        self.size += len(data)
+        for copy in self.copies:
+            if copy.name in self._broken:
+                continue
+            try:
+                copy.append(data)
+            except OSError as exc:
+                self._failed(copy, exc)
+
+    def tick(self) -> None:
+        """Once a second: fsync, repair, compact when due."""
+        for copy in self.copies:
+            try:
+                copy.sync()
+            except OSError as exc:
+                self._failed(copy, exc)
+        retained = self.hub.kept.total
+        if self._broken or (self.size > COMPACT_MIN and self.size > 2 * retained):
+            self.compact()
+
+    def compact(self) -> None:
+        """Every copy rewritten as a snapshot of the hub, the next generation."""
+        self.flush()
+        self.generation += 1
+        pieces = list(snapshot(self.generation, self.hub.export()))
+        self.size = sum(len(p) for p in pieces)
+        for copy in self.copies:
+            try:
+                copy.replace(pieces)
+            except OSError as exc:
+                self._failed(copy, exc)
+            else:
+                if copy.name in self._broken:
+                    self._broken.discard(copy.name)
+                    log.info("%s is written again", copy.name)
+
+    def fds(self) -> list[int]:
+        """The open fds of the copies (a daemonizer must keep them)."""
+        return [fd for copy in self.copies for fd in copy.fds()]
+
+    def detach(self) -> None:
+        """In a forked worker: the fds are the master's."""
+        for copy in self.copies:
+            copy.detach()
+
+    def close(self) -> None:
+        self.flush()
+        for copy in self.copies:
+            try:
+                copy.close()
+            except OSError as exc:
+                log.error("cannot close %s: %s", copy.name, exc.strerror)
+
+    def _failed(self, copy: Copy, exc: OSError) -> None:
+        if copy.name not in self._broken:
+            self._broken.add(copy.name)
+            log.error(
+                "cannot write the history journal to %s: %s; history posted from now on may not survive "
+                "a restart until it can be written again (retried every second)",
+                copy.name,
+                exc.strerror or exc,
+            )
