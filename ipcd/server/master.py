@@ -164,7 +164,7 @@ class Master:
             self.stream = BoundSocket(passed.stream, self.settings.stream_path, owned=False)
         if passed.dgram is not None:
             self.dgram = BoundSocket(passed.dgram, self.settings.dgram_path, owned=False)
-        self._open_journal()  # takes its memfd from what systemd passed before the store sees it
+        history = self.passed.stored.pop(FDSTORE_NAME, None)  # the journal's, not the store's
         self._recover_store()
         try:
             if self.stream is None or self.dgram is None:
@@ -185,14 +185,17 @@ class Master:
                     self.settings.socket_mode,
                     self.settings.socket_group,
                 )
-        except SocketDirError as exc:
+            # Only once the sockets are ours: a daemon that cannot start
+            # must not have read (or rewritten) the journal.
+            self._open_journal(history)
+        except (SocketDirError, StateError) as exc:
             self._close_sockets()
             raise StartupError(str(exc)) from None
         fdpass.enable_credentials(self.dgram.sock)
 
-    def _open_journal(self) -> None:
-        """The chat history journal: load the rooms it holds, keep it from here on."""
-        passed = self.passed.stored.pop(FDSTORE_NAME, None)
+    def _open_journal(self, passed: int | None) -> None:
+        """The chat history journal (``passed``: its memfd, from systemd's fd
+        store): load the rooms it holds, keep it from here on."""
         if self.settings.state_dir is None:
             if passed is not None:
                 os.close(passed)
@@ -201,10 +204,10 @@ class Master:
         copies: list[Copy] = []
         try:
             copies.append(StateFile(self.settings.state_dir))
-        except StateError as exc:
+        except StateError:
             if passed is not None:
                 os.close(passed)
-            raise StartupError(str(exc)) from None
+            raise
         if self.manager.active:
             copies.append(FdStoreCopy(self.manager, passed))
         elif passed is not None:

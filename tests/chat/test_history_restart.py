@@ -26,7 +26,7 @@ def _post(daemon: Daemon, room: str, texts: list[str]) -> list[int]:
         return [client.say(room, text) for text in texts]
 
 
-def test_history_seqs_and_topics_survive_a_stop_and_start(socket_dir: Path, own_state_dir: Path) -> None:
+def test_history_seqs_and_topics_survive_a_stop_and_start(socket_dir: Path) -> None:
     first = Daemon(socket_dir).start()
     try:
         assert _post(first, "ops", [f"m{i}" for i in range(1, 6)]) == [1, 2, 3, 4, 5]
@@ -36,8 +36,8 @@ def test_history_seqs_and_topics_survive_a_stop_and_start(socket_dir: Path, own_
             client.topic("ops", "deploys")
     finally:
         assert first.stop() == 0
-    assert (own_state_dir / JOURNAL).stat().st_mode & 0o777 == 0o600
-    assert own_state_dir.stat().st_mode & 0o777 == 0o700
+    assert (first.state_dir / JOURNAL).stat().st_mode & 0o777 == 0o600
+    assert first.state_dir.stat().st_mode & 0o777 == 0o700
 
     second = Daemon(socket_dir).start()
     try:
@@ -87,11 +87,10 @@ def test_an_acknowledged_post_survives_kill_9_of_the_master(socket_dir: Path) ->
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_a_torn_journal_tail_loses_only_the_torn_record_and_says_so(
-    socket_dir: Path, own_state_dir: Path, damage: str
-) -> None:
-    journal = own_state_dir / JOURNAL
-    first = Daemon(socket_dir).start()
+def test_a_torn_journal_tail_loses_only_the_torn_record_and_says_so(socket_dir: Path, damage: str) -> None:
+    first = Daemon(socket_dir)
+    journal = first.state_dir / JOURNAL
+    first.start()
     try:
         sizes = []
         for i in range(1, 4):  # each post acknowledged: appended by then
@@ -127,9 +126,13 @@ def test_a_torn_journal_tail_loses_only_the_torn_record_and_says_so(
         assert third.stop() == 0
 
 
-def test_a_state_dir_others_can_write_is_refused(socket_dir: Path, own_state_dir: Path) -> None:
+@pytest.mark.parametrize("where", ["itself", "its parent"])
+def test_a_state_dir_others_can_change_is_refused(socket_dir: Path, own_state_dir: Path, where: str) -> None:
+    """Like the socket dir: whoever can write it, or a directory on the way
+    to it, could swap the journal for one of their own."""
     own_state_dir.mkdir(mode=0o700)
-    os.chmod(own_state_dir, 0o777)  # noqa: S103 - the unsafe dir under test
+    unsafe = own_state_dir if where == "itself" else own_state_dir.parent
+    os.chmod(unsafe, 0o777)  # noqa: S103 - the unsafe dir under test
     result = subprocess.run(
         [*IPCD, "serve", "--socket-dir", str(socket_dir), "--workers", "1"],
         capture_output=True,
@@ -139,17 +142,25 @@ def test_a_state_dir_others_can_write_is_refused(socket_dir: Path, own_state_dir
     )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert lines[-1] == (
-        f"ipcd: state dir {own_state_dir} is writable by others (mode 0777); "
-        f"run 'chmod go-w {own_state_dir}' or choose another --state-dir"
-    )
+    if where == "itself":
+        expected = (
+            f"ipcd: state dir {own_state_dir} is writable by others (mode 0777); "
+            f"run 'chmod go-w {own_state_dir}' or choose another --state-dir"
+        )
+    else:
+        expected = (
+            f"ipcd: state dir {own_state_dir} is unsafe: {unsafe} is writable by others (mode 0777), "
+            "so anyone could replace it; choose another --state-dir"
+        )
+    assert lines[-1] == expected
+    assert not (own_state_dir / JOURNAL).exists()
 
 
 def test_two_daemons_cannot_share_a_state_dir(socket_dir: Path, short_tmp: Path) -> None:
     first = Daemon(socket_dir).start()
     try:
         result = subprocess.run(
-            [*IPCD, "serve", "--socket-dir", str(short_tmp / "other"), "--workers", "1"],
+            [*IPCD, "serve", "--socket-dir", str(short_tmp / "other"), "--state-dir", str(first.state_dir)],
             capture_output=True,
             check=False,
             text=True,
@@ -162,13 +173,13 @@ def test_two_daemons_cannot_share_a_state_dir(socket_dir: Path, short_tmp: Path)
         assert first.stop() == 0
 
 
-def test_an_empty_state_dir_keeps_nothing(socket_dir: Path, own_state_dir: Path) -> None:
+def test_an_empty_state_dir_keeps_nothing(socket_dir: Path) -> None:
     first = Daemon(socket_dir, "--state-dir", "").start()
     try:
         _post(first, "ops", ["gone"])
     finally:
         assert first.stop() == 0
-    assert not own_state_dir.exists()
+    assert not first.state_dir.exists()
     second = Daemon(socket_dir, "--state-dir", "").start()
     try:
         with second.client() as client:

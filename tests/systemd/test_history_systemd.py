@@ -6,17 +6,26 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ipcd.client import Client
-from tests.systemd.test_manager import SERVICE, Installed, install, ipcd, manager  # noqa: F401 - fixtures
+from tests.systemd.manager import user_manager
+from tests.systemd.test_manager import SERVICE, Installed, install
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not Path("/lib/systemd/systemd").exists(),
     reason="needs root (unshare -m) and systemd",
 )
+
+
+@pytest.fixture
+def ipcd() -> Iterator[Installed]:
+    """The user units in a fresh user manager, socket dir %t/ipcd."""
+    with user_manager() as running:
+        yield install(running, user=True, socket_dir="%t/ipcd")
 
 
 def _send(ipcd: Installed, room: str, *texts: str) -> list[int]:
