@@ -40,7 +40,7 @@ import fcntl
 import logging
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -255,6 +255,19 @@ class FdStoreCopy:
             self._fd = None
 
 
+class _counted:
+    """An iterable of byte strings that counts what was taken of it."""
+
+    def __init__(self, pieces: Iterable[bytes]) -> None:
+        self._pieces = pieces
+        self.total = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for piece in self._pieces:
+            self.total += len(piece)
+            yield piece
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -348,11 +361,12 @@ class HistoryJournal:
         """Every copy rewritten as a snapshot of the hub, the next generation."""
         self.flush()
         self.generation += 1
-        pieces = list(snapshot(self.generation, self.hub.export()))
-        self.size = sum(len(p) for p in pieces)
         for copy in self.copies:
+            # made again for each copy as it is written: never the whole snapshot in memory at once
+            pieces = _counted(snapshot(self.generation, self.hub.export()))
             try:
                 copy.replace(pieces)
+                self.size = pieces.total
             except OSError as exc:
                 self._failed(copy, exc)
             else:
