@@ -170,7 +170,7 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         _state_dir,
         "Directory of the history journal, which keeps rooms' history and seqs across restarts "
         "(default: $STATE_DIRECTORY, else /var/lib/ipcd for root, else $XDG_STATE_HOME/ipcd); "
-        "'' keeps none.",
+        "'' keeps no file (under systemd, history then lasts across restarts in its fd store).",
         "DIR",
         reloadable=False,
     ),

@@ -69,9 +69,11 @@ NO_CREATOR: Final = -1  # a room charged to nobody's room budget (the lobby)
 _FRAME = struct.Struct(">II")  # payload length, crc32 of (length field + payload)
 _KIND = struct.Struct(">B")
 _HEADER = struct.Struct(">BHQ")  # kind, version, generation
-# kind, first seq, count, room length, whether msgids follow; then the room, count uids (u32),
-# count frame lengths (u32), [count msgid lengths (u16), the msgids], the frames
+# kind, first seq, count, room length, flags; then the room, count uids (u32; one if _ONE_POSTER),
+# count frame lengths (u32), [if _MSGIDS: count msgid lengths (u16), the msgids], the frames
 _BLOCK = struct.Struct(">BQIHB")
+_MSGIDS: Final = 1
+_ONE_POSTER: Final = 2  # a run of one poster's posts: its uid once
 _BLOCK_BYTES: Final = 1 << 20  # a snapshot's blocks of one room's messages: about this large
 _ROOM = struct.Struct(">BQqH")  # kind, seq, creator uid (or NO_CREATOR), room length; the topic to the end
 _NAMED = struct.Struct(">BH")  # kind, room length; for a topic the topic to the end
@@ -178,14 +180,18 @@ def _block(
     if len(room) > 0xFFFF:
         raise JournalError(f"room name of {len(room)} bytes")
     count = len(frames)
-    has_msgids = any(msgids)
+    if len(uids) not in (1, count) or len(msgids) not in (0, count):
+        raise JournalError(f"{count} messages with {len(uids)} uids and {len(msgids)} msgids")
+    flags = _MSGIDS if any(msgids) else 0
+    if len(uids) == 1 and count != 1:
+        flags |= _ONE_POSTER
     parts = [
-        _BLOCK.pack(_K_BLOCK, first_seq, count, len(room), has_msgids),
+        _BLOCK.pack(_K_BLOCK, first_seq, count, len(room), flags),
         room,
-        struct.pack(f">{count}I", *uids),
+        struct.pack(f">{len(uids)}I", *uids),
         struct.pack(f">{count}I", *map(len, frames)),
     ]
-    if has_msgids:
+    if flags & _MSGIDS:
         parts += [struct.pack(f">{count}H", *map(len, msgids)), *msgids]
     parts += frames
     return _framed(b"".join(parts))
@@ -193,7 +199,7 @@ def _block(
 
 def encode_run(run: MessageRun, msgids: Sequence[bytes] = ()) -> bytes:
     """A run's messages (one poster, one room, seqs from ``first_seq``)."""
-    return _block(run.room, run.first_seq, [run.uid] * len(run.frames), run.frames, msgids)
+    return _block(run.room, run.first_seq, [run.uid], run.frames, msgids)
 
 
 def encode_changes(changes: Iterable[MessageRun | Record]) -> bytes:
@@ -213,17 +219,23 @@ class Decoded:
 
 
 def _parse_block(payload: bytes) -> list[Record]:
-    _, first_seq, count, room_len, has_msgids = _BLOCK.unpack_from(payload)
+    _, first_seq, count, room_len, flags = _BLOCK.unpack_from(payload)
+    if flags & ~(_MSGIDS | _ONE_POSTER):
+        raise JournalError(f"message block flags 0x{flags:02x}")
     at = _BLOCK.size
     room = payload[at : at + room_len].decode()
     at += room_len
-    if len(payload) < at + 8 * count:
+    posters = 1 if flags & _ONE_POSTER else count
+    if len(payload) < at + 4 * (posters + count):
         raise JournalError("message block too short")
-    uids = struct.unpack_from(f">{count}I", payload, at)
-    lengths = struct.unpack_from(f">{count}I", payload, at + 4 * count)
-    at += 8 * count
+    uids = struct.unpack_from(f">{posters}I", payload, at)
+    if posters == 1:
+        uids *= count
+    at += 4 * posters
+    lengths = struct.unpack_from(f">{count}I", payload, at)
+    at += 4 * count
     msgids: Sequence[bytes] = [b""] * count
-    if has_msgids:
+    if flags & _MSGIDS:
         id_lengths = struct.unpack_from(f">{count}H", payload, at)
         at += 2 * count
         msgids = []

@@ -196,24 +196,28 @@ class Master:
     def _open_journal(self, passed: int | None) -> None:
         """The chat history journal (``passed``: its memfd, from systemd's fd
         store): load the rooms it holds, keep it from here on."""
-        if self.settings.state_dir is None:
-            if passed is not None:
-                os.close(passed)
-                self.manager.remove_fds(FDSTORE_NAME)
-            return
-        copies: list[Copy] = []
-        try:
-            copies.append(StateFile(self.settings.state_dir))
-        except StateError:
-            if passed is not None:
-                os.close(passed)
-            raise
-        if self.manager.active:
-            copies.append(FdStoreCopy(self.manager, passed))
-        elif passed is not None:
+        fd_store = FdStoreCopy(self.manager, passed) if self.manager.active else None
+        if passed is not None and fd_store is None:
             os.close(passed)
+        copies: list[Copy] = []
+        retired: list[Copy] = []
+        if self.settings.state_dir is not None:
+            # The file, under systemd too: it outlives a stop and a reboot,
+            # and its pages are the kernel's to reclaim (a memfd's are RAM).
+            try:
+                copies.append(StateFile(self.settings.state_dir))
+            except StateError:
+                if fd_store is not None:
+                    fd_store.close()
+                raise
+            if fd_store is not None:
+                retired.append(fd_store)  # an earlier run's, without a state dir: read once
+        elif fd_store is not None:
+            copies.append(fd_store)  # --state-dir '': across restarts in systemd's fd store only
+        if not copies:
+            return
         self.journal = HistoryJournal(self.hub, copies)
-        self.journal.start()
+        self.journal.start(retired)
         # Before any record is routed to a worker, what the hub noted is
         # written: no reply leaves before what it acknowledges.
         self.hublink.before_route = self.journal.flush

@@ -7,18 +7,22 @@ hands it to :meth:`HistoryJournal.flush` before it routes any record to a
 worker (:class:`~ipcd.server.hublink.HubLink` calls it first thing), so a
 reply to a SAY never leaves the master before the message is in the
 kernel's hands: one ``write`` per pass (or per mid-pass route), appended
-to every copy. The kernel keeps what was written when the master is killed
+to the journal. The kernel keeps what was written when the master is killed
 (``kill -9``, OOM): only a power loss or kernel crash can take what was not
 yet on disk, and the journal is fsynced once a second (:data:`SYNC_EVERY`)
 and at stop, so that is at most the last second of messages.
 
-Copies: ``history.journal`` in the state dir (``--state-dir``, made 0700,
-refused if others could change it, like the socket dir), opened
-``O_APPEND``, and under systemd a memfd pushed to its fd store as
-``history`` (it survives ``systemctl restart`` even on a read-only or full
-disk, but not a stop). At start both are read and the newer one wins: the
-higher header generation, then the more bytes of valid records (they only
-differ when one could not be written). A torn or corrupt tail is dropped
+Where: ``history.journal`` in the state dir (``--state-dir``, made 0700,
+refused if others could change it or the way to it, like the socket dir),
+opened ``O_APPEND``; under systemd that is the unit's ``StateDirectory=``.
+With ``--state-dir ''`` under systemd, a memfd pushed to its fd store as
+``history`` instead: it survives ``systemctl restart`` and a crash of the
+master (systemd holds it), not a stop. Not both: the file outlives more,
+and a memfd's pages are unswappable RAM (up to twice the retained bytes)
+where the file's are page cache the kernel can reclaim; a second copy would
+also double the write per pass. A memfd an earlier run left is still read
+at start (the newer copy wins: the higher header generation, then the more
+bytes of valid records) and then dropped. A torn or corrupt tail is dropped
 (one line in the log saying how many bytes) and never read past.
 
 Compaction: the journal holds every message ever appended, the hub only
@@ -76,6 +80,8 @@ class Copy(Protocol):
     def sync(self) -> None: ...
 
     def detach(self) -> None: ...
+
+    def discard(self) -> None: ...
 
     def fds(self) -> list[int]: ...
 
@@ -190,6 +196,9 @@ class StateFile:
     def fds(self) -> list[int]:
         return [self._fd, self._lock]
 
+    def discard(self) -> None:
+        self.close()  # a state file no longer used stays where it is
+
     def detach(self) -> None:
         """In a forked worker: drop our copies of the fds, touching nothing."""
         for fd in (self._fd, self._lock):
@@ -249,6 +258,11 @@ class FdStoreCopy:
     def detach(self) -> None:
         self.close()
 
+    def discard(self) -> None:
+        """Not kept any more: out of systemd's fd store too."""
+        self.close()
+        self.manager.remove_fds(FDSTORE_NAME)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -295,11 +309,14 @@ class HistoryJournal:
         self.size = 0  # bytes of the journal as written
         self._broken: set[str] = set()  # copies a write failed on: rewritten whole at the next tick
 
-    def start(self) -> int:
-        """Load the newest copy into the hub, then write a fresh snapshot to
-        every copy. Returns how many messages were restored."""
+    def start(self, retired: Iterable[Copy] = ()) -> int:
+        """Load the newest copy into the hub (of ours, and of ``retired``:
+        copies an earlier run kept that this one does not, read once and
+        discarded), then write a fresh snapshot to every copy. Returns how
+        many messages were restored."""
+        retired = list(retired)
         best: tuple[int, int, Decoded, str] | None = None
-        for copy in self.copies:
+        for copy in [*self.copies, *retired]:
             data = copy.load()
             if data is None:
                 continue
@@ -327,6 +344,8 @@ class HistoryJournal:
             rooms = sum(1 for r in self.hub.rooms.values() if r.seq)
             log.info("restored %d messages in %d rooms from %s", restored, rooms, name)
         self.compact()
+        for copy in retired:
+            copy.discard()
         self.hub.changes = []
         return restored
 

@@ -1,6 +1,6 @@
 """Room history and seqs across ``systemctl --user restart`` and a stop and
-start, under a real user manager: the state dir systemd made
-(StateDirectory=) and the memfd in its fd store, each on its own."""
+start, under a real user manager: in the state dir systemd made
+(StateDirectory=), or without one in a memfd in systemd's fd store."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from ipcd.client import Client
-from tests.systemd.manager import user_manager
+from ipcd.units import python_path
+from tests.systemd.manager import UserManager, user_manager
 from tests.systemd.test_manager import SERVICE, Installed, install
 
 pytestmark = pytest.mark.skipif(
@@ -22,10 +23,15 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def ipcd() -> Iterator[Installed]:
-    """The user units in a fresh user manager, socket dir %t/ipcd."""
+def manager() -> Iterator[UserManager]:
     with user_manager() as running:
-        yield install(running, user=True, socket_dir="%t/ipcd")
+        yield running
+
+
+@pytest.fixture
+def ipcd(manager: UserManager) -> Installed:
+    """The user units as installed, socket dir %t/ipcd."""
+    return install(manager, user=True, socket_dir="%t/ipcd")
 
 
 def _send(ipcd: Installed, room: str, *texts: str) -> list[int]:
@@ -61,20 +67,30 @@ def test_restart_and_stop_start_keep_history_and_seq(ipcd: Installed) -> None:
     ipcd.systemctl("restart", SERVICE)
     assert ipcd.main_pid() not in (0, first)
     assert _history(ipcd, "ops") == [(1, "one"), (2, "two")]
+    assert f"restored 2 messages in 1 rooms from {_journal(ipcd)}" in ipcd.log_path.read_text()
     assert _send(ipcd, "ops", "three") == [3]
 
-    ipcd.systemctl("stop", SERVICE)  # the fd store is emptied: the state file brings it back
+    ipcd.systemctl("stop", SERVICE)  # the fd store is emptied: the state file has it all
     ipcd.start()
     assert _history(ipcd, "ops") == [(1, "one"), (2, "two"), (3, "three")]
     assert _send(ipcd, "ops", "four") == [4]
 
 
-def test_the_fd_store_alone_brings_history_back_across_a_restart(ipcd: Installed) -> None:
+def test_without_a_state_dir_the_fd_store_keeps_history_across_restarts_only(manager: UserManager) -> None:
+    """--state-dir '': the journal is a memfd in systemd's fd store, which a
+    restart (or a crash: Restart=on-failure) keeps and a stop empties."""
+    serve = f"{python_path()} -I -m ipcd.cli.ipcd serve --socket-dir %t/ipcd --state-dir ''"
+    ipcd = install(manager, user=True, socket_dir="%t/ipcd", extra=f"ExecStart=\nExecStart={serve}\n")
     ipcd.start()
-    _send(ipcd, "ops", "one", "two")
-    _journal(ipcd).unlink()  # the state file is gone: only the memfd in the fd store has them
-    _send(ipcd, "ops", "three")
+    assert _send(ipcd, "ops", "one", "two") == [1, 2]
     ipcd.systemctl("restart", SERVICE)
-    assert _history(ipcd, "ops") == [(1, "one"), (2, "two"), (3, "three")]
-    assert "from systemd's fd store" in ipcd.log_path.read_text(), ipcd.diagnose()
-    assert _journal(ipcd).stat().st_size > 0  # and written to a fresh state file again
+    assert _history(ipcd, "ops") == [(1, "one"), (2, "two")]
+    assert "restored 2 messages in 1 rooms from systemd's fd store" in ipcd.log_path.read_text(), (
+        ipcd.diagnose()
+    )
+    assert _send(ipcd, "ops", "three") == [3]
+    assert not any(ipcd.manager.root.rglob("history.journal")), "no state file was written"
+
+    ipcd.systemctl("stop", SERVICE)
+    ipcd.start()
+    assert _send(ipcd, "ops", "a new start") == [1]  # the fd store was emptied by the stop
