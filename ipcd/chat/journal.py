@@ -36,6 +36,7 @@ ids survives a restart too.
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import struct
 import zlib
 from collections import deque
@@ -50,6 +51,7 @@ __all__ = [
     "JournalError",
     "Message",
     "MessageRun",
+    "Reader",
     "Record",
     "RoomImage",
     "RoomState",
@@ -292,39 +294,70 @@ def _parse_one(kind: int, payload: bytes) -> Record:
     raise JournalError(f"unknown record kind {kind}")
 
 
-def decode(data: bytes | memoryview) -> Decoded:
-    """Every record up to the first torn or corrupt one (see the module head)."""
-    view = memoryview(data)
-    records: list[Record] = []
-    at, end = 0, len(view)
-    reason = ""
-    while at < end:
+class Reader:
+    """The records of a journal, one at a time, up to the first torn or
+    corrupt one (see the module head): a journal much larger than what it
+    leaves (a long run's, before compaction) is folded without being held
+    as records. Once iterated, ``good``, ``dropped`` and ``reason`` say how
+    it ended, ``generation`` is the header's (None: no valid header)."""
+
+    def __init__(self, data: bytes | memoryview | mmap.mmap) -> None:
+        self._data = data
+        self.good = 0
+        self.dropped = 0
+        self.reason = ""
+        self.generation: int | None = None
+
+    def __iter__(self) -> Iterator[Record]:
+        with memoryview(self._data) as view:
+            yield from self._records(view)
+
+    def _records(self, view: memoryview) -> Iterator[Record]:
+        at, end = 0, len(view)
+        while at < end:
+            self.reason = self._check(view, at, end)
+            if self.reason:
+                break
+            length = _FRAME.unpack_from(view, at)[0]
+            try:
+                parsed = _parse(bytes(view[at + _FRAME.size : at + _FRAME.size + length]))
+            except JournalError as exc:
+                self.reason = str(exc)
+                break
+            headers = [r for r in parsed if isinstance(r, Header)]
+            if (at == 0 and (len(headers), len(parsed)) != (1, 1)) or (at and headers):  # one header, first
+                self.reason = "a header out of place" if at else "no header"
+                break
+            if headers:
+                self.generation = headers[0].generation
+            at += _FRAME.size + length
+            self.good = at
+            yield from parsed
+        self.dropped = end - at
+
+    @staticmethod
+    def _check(view: memoryview, at: int, end: int) -> str:
+        """Why the record at ``at`` is not whole and intact ("" if it is)."""
         if end - at < _FRAME.size:
-            reason = "a torn record header"
-            break
+            return "a torn record header"
         length, crc = _FRAME.unpack_from(view, at)
         if length > RECORD_MAX:
-            reason = f"a record claiming {length} bytes"
-            break
+            return f"a record claiming {length} bytes"
         if end - at - _FRAME.size < length:
-            reason = "a torn record"
-            break
-        payload = bytes(view[at + _FRAME.size : at + _FRAME.size + length])
-        if zlib.crc32(payload, zlib.crc32(view[at : at + 4])) != crc:
-            reason = "a record failing its CRC"
-            break
-        try:
-            parsed = _parse(payload)
-        except JournalError as exc:
-            reason = str(exc)
-            break
-        headers = sum(isinstance(r, Header) for r in parsed)
-        if (at == 0 and (headers, len(parsed)) != (1, 1)) or (at and headers):  # one header, first
-            reason = "a header out of place" if at else "no header"
-            break
-        records += parsed
-        at += _FRAME.size + length
-    return Decoded(records, at, end - at, reason)
+            return "a torn record"
+        if (
+            zlib.crc32(view[at + _FRAME.size : at + _FRAME.size + length], zlib.crc32(view[at : at + 4]))
+            != crc
+        ):
+            return "a record failing its CRC"
+        return ""
+
+
+def decode(data: bytes | memoryview) -> Decoded:
+    """Every record up to the first torn or corrupt one, as a list."""
+    reader = Reader(data)
+    records = list(reader)
+    return Decoded(records, reader.good, reader.dropped, reader.reason)
 
 
 # -- state ---------------------------------------------------------------------

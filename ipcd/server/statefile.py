@@ -42,6 +42,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from ipcd.chat.hub import Hub
-from ipcd.chat.journal import Decoded, Header, decode, encode_changes, fold, snapshot
+from ipcd.chat.journal import Reader, RoomImage, encode_changes, fold, snapshot
 from ipcd.safepath import UnsafePath, check_path, describe_uid
 from ipcd.systemd import Manager
 
@@ -71,7 +72,8 @@ class Copy(Protocol):
 
     name: str
 
-    def load(self) -> bytes | None: ...
+    def load(self) -> mmap.mmap | None:
+        """The journal, mapped read-only (the caller closes it); None if empty."""
 
     def append(self, data: bytes) -> None: ...
 
@@ -159,9 +161,9 @@ class StateFile:
         except OSError as exc:
             raise StateError(f"cannot open {path}: {exc.strerror}; choose another --state-dir") from None
 
-    def load(self) -> bytes | None:
+    def load(self) -> mmap.mmap | None:
         size = os.fstat(self._fd).st_size
-        return os.pread(self._fd, size, 0) if size else None
+        return mmap.mmap(self._fd, size, prot=mmap.PROT_READ) if size else None
 
     def append(self, data: bytes) -> None:
         _write_all(self._fd, data)
@@ -221,11 +223,11 @@ class FdStoreCopy:
         self.name = "systemd's fd store"
         self._fd = passed
 
-    def load(self) -> bytes | None:
+    def load(self) -> mmap.mmap | None:
         if self._fd is None:
             return None
         size = os.fstat(self._fd).st_size
-        return os.pread(self._fd, size, 0) if size else None
+        return mmap.mmap(self._fd, size, prot=mmap.PROT_READ) if size else None
 
     def append(self, data: bytes) -> None:
         if self._fd is None:
@@ -315,32 +317,34 @@ class HistoryJournal:
         discarded), then write a fresh snapshot to every copy. Returns how
         many messages were restored."""
         retired = list(retired)
-        best: tuple[int, int, Decoded, str] | None = None
+        best: tuple[int, int, dict[str, RoomImage], str] | None = None
         for copy in [*self.copies, *retired]:
             data = copy.load()
             if data is None:
                 continue
-            decoded = decode(data)
-            if decoded.dropped:
+            reader = Reader(data)
+            try:
+                images = fold(reader, self.hub.limits.history)  # one pass, holding what it leaves
+            finally:
+                data.close()
+            if reader.dropped:
                 log.warning(
-                    "%s: dropped %d bytes of a torn or corrupt tail (%s); kept %d records before it",
+                    "%s: dropped %d bytes of a torn or corrupt tail (%s); kept the %d bytes before it",
                     copy.name,
-                    decoded.dropped,
-                    decoded.reason,
-                    len(decoded.records),
+                    reader.dropped,
+                    reader.reason,
+                    reader.good,
                 )
-            if not decoded.records:
+            if reader.generation is None:
                 continue
-            header = decoded.records[0]
-            assert isinstance(header, Header)
-            candidate = (header.generation, decoded.good, decoded, copy.name)
+            candidate = (reader.generation, reader.good, images, copy.name)
             if best is None or candidate[:2] > best[:2]:
                 best = candidate
         restored = 0
         if best is not None:
-            generation, _, decoded, name = best
+            generation, _, images, name = best
             self.generation = generation
-            restored = self.hub.restore(fold(decoded.records[1:], self.hub.limits.history).values())
+            restored = self.hub.restore(images.values())
             rooms = sum(1 for r in self.hub.rooms.values() if r.seq)
             log.info("restored %d messages in %d rooms from %s", restored, rooms, name)
         self.compact()
