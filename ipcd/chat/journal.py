@@ -36,12 +36,14 @@ ids survives a restart too.
 from __future__ import annotations
 
 import dataclasses
-import mmap
 import struct
 import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    import mmap
 
 __all__ = [
     "RECORD_MAX",
@@ -140,6 +142,7 @@ class MessageRun:
     first_seq: int
     uid: int
     frames: Sequence[bytes]
+    msgids: Sequence[bytes] = ()  # the clients' message ids, one per frame (or none at all)
 
 
 # -- encoding -----------------------------------------------------------------
@@ -206,7 +209,7 @@ def encode_run(run: MessageRun, msgids: Sequence[bytes] = ()) -> bytes:
 
 def encode_changes(changes: Iterable[MessageRun | Record]) -> bytes:
     """What a hub noted in a pass (:attr:`ipcd.chat.hub.Hub.changes`), framed."""
-    return b"".join(encode_run(c) if isinstance(c, MessageRun) else encode(c) for c in changes)
+    return b"".join(encode_run(c, c.msgids) if isinstance(c, MessageRun) else encode(c) for c in changes)
 
 
 # -- decoding -----------------------------------------------------------------

@@ -555,6 +555,8 @@ class Master:
         elif record.op == ChannelOp.STATUS_QUERY:
             status = build_status(self.settings, self.pool, self.started, self.started_wall)
             status["chat"] = self.hub.stats()
+            if self.journal is not None:
+                status["chat"]["journal"] = self.journal.stats()
             status["store"] = self.store.stats()
             status["uids"] = uid_holdings(
                 self.connections.holdings(), self.hub.holdings(), self.store.holdings()

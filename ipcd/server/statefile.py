@@ -47,7 +47,7 @@ import os
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from ipcd.chat.hub import Hub
 from ipcd.chat.journal import Reader, RoomImage, encode_changes, fold, snapshot
@@ -352,6 +352,16 @@ class HistoryJournal:
             copy.discard()
         self.hub.changes = []
         return restored
+
+    def stats(self) -> dict[str, Any]:
+        """For STATUS: where the journal is, how large, and whether it is written."""
+        return {
+            "where": [copy.name for copy in self.copies],
+            "bytes": self.size,
+            "generation": self.generation,
+            "retained_bytes": self.hub.kept.total,
+            "failing": sorted(self._broken),
+        }
 
     def flush(self) -> None:
         """What the hub noted, appended to every copy: before any reply goes."""

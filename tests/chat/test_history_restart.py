@@ -47,6 +47,11 @@ def test_history_seqs_and_topics_survive_a_stop_and_start(socket_dir: Path) -> N
             assert client.topic("ops") == "deploys"
             assert client.say("ops", "after") == 6  # the numbering continues
         assert "restored 6 messages in 2 rooms" in second.log()
+        journal = second.status()["chat"]["journal"]
+        assert journal["where"] == [str(second.state_dir / JOURNAL)]
+        assert journal["bytes"] == (second.state_dir / JOURNAL).stat().st_size
+        assert journal["generation"] == 2  # the first start's snapshot, then this one's
+        assert journal["failing"] == []
     finally:
         assert second.stop() == 0
 
