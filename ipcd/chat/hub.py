@@ -252,6 +252,7 @@ class Hub:
         self.rooms: dict[str, Room] = {}
         # What changed since the master last took it, for its journal; None: no journal kept.
         self.changes: list[MessageRun | RoomState | Topic | Forget] | None = None
+        self._trim_at = 0  # kept bytes past which trim_history runs (set with the limits)
         self.messages = 0  # room and private messages sent; also the rooms' eviction clock
         self._room(DEFAULT_ROOM, create=True)
         self.sessions: dict[Member, Session] = {}
@@ -267,6 +268,7 @@ class Hub:
     def limits(self, limits: Limits) -> None:
         """New limits (a reload): the budgets follow; what is held stays held."""
         self._limits = limits
+        self._trim_at = limits.history_bytes
         budgets = (
             (self.created, limits.rooms_per_uid),
             (self.joined, limits.joins_per_uid),
@@ -337,10 +339,15 @@ class Hub:
         the limit (so the scan for them is paid once per eighth, not once per
         message). Each room keeps at least its newest message."""
         limit = self.limits.history_bytes
+        self._trim_at = limit
         if self.kept.total <= limit:
             return
         rooms = sorted((r for r in self.rooms.values() if len(r.history) > 1), key=lambda r: r.last_used)
         self.kept.trim_to(rooms, limit - limit // 8)
+        if self.kept.total > limit:
+            # Rooms' newest messages alone are over the limit: scan again only
+            # after another eighth of it, not at every post.
+            self._trim_at = self.kept.total + limit // 8
 
     # -- persistence -------------------------------------------------------
 
@@ -612,7 +619,7 @@ class Hub:
         poster (trimming its oldest if it is past its history budget), and
         to the outbox."""
         self.kept.kept(room, uid, len(frames), size, self.limits.history)
-        if self.kept.total > self.limits.history_bytes:
+        if self.kept.total > self._trim_at:
             self.trim_history()
         if self.changes is not None:
             self.changes.append(MessageRun(room.name.encode(), room.seq - len(frames) + 1, uid, frames))

@@ -117,3 +117,32 @@ def test_history_over_the_daemon_wide_bytes_trims_the_least_recently_posted_room
     assert [seq for seq, _, _ in rooms["old"].history] == [10]
     assert len(rooms["new"].history) == 11  # the room posted to last untouched
     assert rooms["old"].seq == 10
+
+
+def test_when_newest_messages_alone_pass_the_limit_the_rooms_are_not_scanned_at_every_post() -> None:
+    sim = Sim()
+    poster = sim.connect(W1, uid=70001)
+    for room in range(200):
+        poster.say(f"r{room:03d}", "x")  # one message each: nothing can be trimmed
+    one = len(sim.hub.rooms["r000"].history[0][1]) + 160
+    sim.hub.limits = Limits(history_bytes=100 * one)  # the newest messages alone are twice that
+    poster.say("r000", "x")  # over: r000's older message goes, every room keeps its newest
+    assert all(len(r.history) == 1 for r in sim.hub.rooms.values() if r.seq)
+    floor = sim.hub.kept.total  # 200 messages (their ts and seq vary a byte or two in length)
+    assert abs(floor - 200 * one) < 200 * 3
+    scans = 0
+    trim = sim.hub.trim_history
+
+    def counted() -> None:
+        nonlocal scans
+        scans += 1
+        trim()
+
+    sim.hub.trim_history = counted  # type: ignore[method-assign]
+    for _ in range(12):
+        poster.say("r001", "x")  # within an eighth of the limit (12.5 messages) past the floor
+    assert scans == 0
+    poster.say("r001", "x")
+    assert scans == 1  # then one scan, back to the floor
+    assert len(sim.hub.rooms["r001"].history) == 1
+    assert abs(sim.hub.kept.total - floor) < 10
