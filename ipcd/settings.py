@@ -174,6 +174,14 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
         "DIR",
         reloadable=False,
     ),
+    OptionSpec(
+        "sync_interval",
+        _non_negative_float,
+        "Seconds between fsyncs of the history journal: what a power loss can lose at most "
+        "(default 0: left to the kernel's writeback, about 30 s; a crash of ipcd loses nothing "
+        "acknowledged either way).",
+        "SECS",
+    ),
     OptionSpec("max_message", _size, "Largest chat message text, in bytes (default 16K).", "BYTES"),
     OptionSpec(
         "rate_limit",
@@ -265,6 +273,7 @@ class Settings:
     history_size: int = 100
     history_bytes: int = 256 << 20
     state_dir: Path | None = dataclasses.field(default_factory=default_state_dir)
+    sync_interval: float = 0.0
     max_message: int = 16 * 1024
     rate_limit: float = 5000.0
     rooms_per_connection: int = 64

@@ -51,7 +51,7 @@ from ipcd.server.pool import WorkerHandle, WorkerPool, WorkerState
 from ipcd.server.signals import SignalDispatcher
 from ipcd.server.statefile import (
     FDSTORE_NAME,
-    SYNC_EVERY,
+    TICK,
     Copy,
     FdStoreCopy,
     HistoryJournal,
@@ -145,6 +145,7 @@ class Master:
         self._unread: set[WorkerHandle] = set()  # channels over budget: not read until they drain
         self.connections = ConnectionLedger(self._connection_limit(), settings.privileged_budget_factor)
         self.journal: HistoryJournal | None = None
+        self._synced = 0.0  # when the journal was last fsynced (--sync-interval)
 
     def _connection_limit(self) -> int:
         return connection_limit(self.settings, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
@@ -224,8 +225,13 @@ class Master:
 
     def _journal_tick(self) -> None:
         assert self.journal is not None
-        self.journal.tick()
-        self.loop.call_later(SYNC_EVERY, self._journal_tick)
+        interval = self.settings.sync_interval
+        now = time.monotonic()
+        sync = bool(interval) and now - self._synced >= interval
+        if sync:
+            self._synced = now
+        self.journal.tick(sync)
+        self.loop.call_later(min(TICK, interval or TICK), self._journal_tick)
 
     def _recover_store(self) -> None:
         """Under systemd, push entries to its fd store and take back what an
@@ -327,7 +333,7 @@ class Master:
         self.loop.call_later(_HEARTBEAT_INTERVAL, self._heartbeat)
         self.loop.call_later(_STORE_TICK, self._store_tick)
         if self.journal is not None:
-            self.loop.call_later(SYNC_EVERY, self._journal_tick)
+            self.loop.call_later(0, self._journal_tick)
         if self.manager.watchdog_interval:
             self.loop.call_later(self.manager.watchdog_interval, self._watchdog)
         log.info(

@@ -9,8 +9,10 @@ reply to a SAY never leaves the master before the message is in the
 kernel's hands: one ``write`` per pass (or per mid-pass route), appended
 to the journal. The kernel keeps what was written when the master is killed
 (``kill -9``, OOM): only a power loss or kernel crash can take what was not
-yet on disk, and the journal is fsynced once a second (:data:`SYNC_EVERY`)
-and at stop, so that is at most the last second of messages.
+yet on disk. fsync runs at stop, at compaction and every ``--sync-interval``
+seconds if set; by default the kernel's writeback does it (within about
+30 s), since an fsync a second writes every message to disk and, under
+load, costs the master a third more CPU per delivery (docs/architecture.md).
 
 Where: ``history.journal`` in the state dir (``--state-dir``, made 0700,
 refused if others could change it or the way to it, like the socket dir),
@@ -58,8 +60,8 @@ log = logging.getLogger("ipcd.master")
 
 JOURNAL_FILE: Final = "history.journal"
 FDSTORE_NAME: Final = "history"
-SYNC_EVERY: Final = 1.0  # seconds between fsyncs of the state file: what a power loss can cost
-COMPACT_MIN: Final = 4 << 20  # a journal smaller than this is never compacted but at start
+TICK: Final = 1.0  # seconds between checks for compaction and repair
+COMPACT_MIN: Final = 64 << 20  # a journal smaller than this is never compacted but at start
 _DIR_MODE: Final = 0o700
 
 
@@ -379,16 +381,21 @@ class HistoryJournal:
             except OSError as exc:
                 self._failed(copy, exc)
 
-    def tick(self) -> None:
-        """Once a second: fsync, repair, compact when due."""
+    def tick(self, sync: bool = False) -> None:
+        """Once a second: repair or compact when due, and fsync if ``sync``."""
+        if sync:
+            self.sync()
+        retained = self.hub.kept.total
+        if self._broken or (self.size > COMPACT_MIN and self.size > 2 * retained):
+            self.compact()
+
+    def sync(self) -> None:
+        """What was appended, onto the disk (--sync-interval, and at stop)."""
         for copy in self.copies:
             try:
                 copy.sync()
             except OSError as exc:
                 self._failed(copy, exc)
-        retained = self.hub.kept.total
-        if self._broken or (self.size > COMPACT_MIN and self.size > 2 * retained):
-            self.compact()
 
     def compact(self) -> None:
         """Every copy rewritten as a snapshot of the hub, the next generation."""
