@@ -119,8 +119,9 @@ class KeptBytes(Generic[R]):
 
     def _release(self, room: R, entry: Kept) -> None:
         uid = entry[2]
-        self.budget.release(uid, cost(entry))
-        self.total -= cost(entry)
+        size = len(entry[1]) + ENTRY_COST
+        self.budget.release(uid, size)
+        self.total -= size
         where = self._where.get(uid)
         if where is None:
             return
