@@ -14,11 +14,14 @@ the payload, so a flipped length is caught like a flipped payload byte. The
 payload's first byte is its kind. A journal starts with a :class:`Header`
 (format version and a *generation*, raised on every rewrite, so that of two
 copies of one daemon's journal the newer can be told); what follows is
-either a snapshot (for each room a :class:`RoomState`, then its
-:class:`Message` records, oldest first) or changes as they happened
-(messages, :class:`Topic`, :class:`Forget`, a :class:`RoomState` for a room
-created), or a snapshot followed by changes: a reader folds them all in
-order and gets the same state.
+either a snapshot (for each room a :class:`RoomState`, then its messages,
+oldest first) or changes as they happened (messages, :class:`Topic`,
+:class:`Forget`, a :class:`RoomState` for a room created), or a snapshot
+followed by changes: a reader folds them all in order and gets the same
+state. Messages travel in blocks: consecutive messages of one room in one
+record (a run of posts, or ~1 MiB of a snapshot), so the journal costs a
+few packs, one CRC and one copy of the frames per run, not per message;
+the reader hands them out as :class:`Message` records.
 
 Appends are whole records, but a crash (or a full disk) can leave the last
 one torn. :func:`decode` therefore stops at the first record that is short,
@@ -67,7 +70,9 @@ __all__ = [
 ]
 
 VERSION: Final = 1
-RECORD_MAX: Final = 64 << 20  # no record is this large (a message frame is at most --max-frame-size)
+# No record is this large: a block holds one FORWARD's run of posts (at most a
+# channel record) or a snapshot's ~1 MiB; a larger length is corruption.
+RECORD_MAX: Final = 1 << 30
 NO_CREATOR: Final = -1  # a room charged to nobody's room budget (the lobby)
 
 _FRAME = struct.Struct(">II")  # payload length, crc32 of (length field + payload)
