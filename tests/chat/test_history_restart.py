@@ -178,13 +178,21 @@ def test_two_daemons_cannot_share_a_state_dir(socket_dir: Path, short_tmp: Path)
         assert first.stop() == 0
 
 
-def test_an_empty_state_dir_keeps_nothing(socket_dir: Path) -> None:
-    first = Daemon(socket_dir, "--state-dir", "").start()
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_an_empty_state_dir_keeps_nothing(socket_dir: Path, short_tmp: Path, how: str) -> None:
+    if how == "flag":
+        first = Daemon(socket_dir, "--state-dir", "")
+    else:  # IPCD_STATE_DIR= as a unit's Environment= would set it
+        # (the default it would fall back to is made to be under short_tmp too)
+        first = Daemon(socket_dir, env={"IPCD_STATE_DIR": "", "STATE_DIRECTORY": str(short_tmp / "default")})
+        first.args = ["--socket-dir", str(socket_dir), "--workers", "2"]
+    first.start()
     try:
         _post(first, "ops", ["gone"])
     finally:
         assert first.stop() == 0
     assert not first.state_dir.exists()
+    assert not [p for p in short_tmp.rglob("*") if "journal" in p.name]
     second = Daemon(socket_dir, "--state-dir", "").start()
     try:
         with second.client() as client:
