@@ -107,6 +107,9 @@ class Server:
             # IPCD_* settings of the caller's shell would silently change the
             # server under test; options go on its command line instead.
             env = {k: v for k, v in os.environ.items() if not k.startswith("IPCD_")}
+            # ipcd keeps its history journal (as by default) in the run's temp
+            # dir, never in the machine's /var/lib/ipcd: one per server.
+            env["IPCD_STATE_DIR"] = str(self.socket_dir.parent / f"{self.socket_dir.name}.state")
             self.proc = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.PIPE,

@@ -77,6 +77,25 @@ def _size(value: Any) -> int:
     return number
 
 
+def _state_dir(value: Any) -> Path | None:
+    """A directory, or "" for none (history is then not kept across restarts)."""
+    text = str(value)
+    return Path(os.path.abspath(text)) if text else None
+
+
+def default_state_dir() -> Path:
+    """Where history is kept unless --state-dir says: the dir systemd made
+    for the unit (StateDirectory=), else /var/lib/ipcd for root, else the
+    user's state dir (XDG)."""
+    given = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if given:
+        return Path(given)
+    if os.geteuid() == 0:
+        return Path("/var/lib/ipcd")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "ipcd"
+
+
 def _group(value: Any) -> str:
     name = str(value)
     if name and not name.isdigit():
@@ -138,6 +157,30 @@ OPTIONS: Final[tuple[OptionSpec, ...]] = (
     ),
     OptionSpec(
         "history_size", _positive_int, "Chat messages kept per room for late joiners (default 100).", "N"
+    ),
+    OptionSpec(
+        "history_bytes",
+        _size,
+        "Bytes of room history the daemon keeps in all (and in its state file); past it the rooms "
+        "posted to least recently lose their oldest messages first (default 256M).",
+        "BYTES",
+    ),
+    OptionSpec(
+        "state_dir",
+        _state_dir,
+        "Directory of the history journal, which keeps rooms' history and seqs across restarts "
+        "(default: $STATE_DIRECTORY, else /var/lib/ipcd for root, else $XDG_STATE_HOME/ipcd); "
+        "'' keeps no file (under systemd, history then lasts across restarts in its fd store).",
+        "DIR",
+        reloadable=False,
+    ),
+    OptionSpec(
+        "sync_interval",
+        _non_negative_float,
+        "Seconds between fsyncs of the history journal: what a power loss can lose at most "
+        "(default 0: left to the kernel's writeback, about 30 s; a crash of ipcd loses nothing "
+        "acknowledged either way).",
+        "SECS",
     ),
     OptionSpec("max_message", _size, "Largest chat message text, in bytes (default 16K).", "BYTES"),
     OptionSpec(
@@ -248,6 +291,9 @@ class Settings:
     idle_timeout: float = 0.0
     drain_timeout: float = 30.0
     history_size: int = 100
+    history_bytes: int = 256 << 20
+    state_dir: Path | None = dataclasses.field(default_factory=default_state_dir)
+    sync_interval: float = 0.0
     max_message: int = 16 * 1024
     rate_limit: float = 5000.0
     rooms_per_connection: int = 64

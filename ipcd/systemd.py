@@ -5,8 +5,9 @@ daemon runs the same by hand. Passed sockets are taken only when
 ``LISTEN_PID`` is ours (systemd-python checks it), and told apart by socket
 type: the socket unit names both the same. Other passed fds are what this
 daemon pushed into systemd's fd store before a restart (named ``meta`` and
-``s<N>``). The environment variables are removed once read, so workers and
-anything they spawn never see ``LISTEN_*``, ``NOTIFY_SOCKET`` or ``WATCHDOG_*``.
+``s<N>``, and ``history``: the chat history journal). The environment
+variables are removed once read, so workers and anything they spawn never
+see ``LISTEN_*``, ``NOTIFY_SOCKET`` or ``WATCHDOG_*``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def take_passed_fds() -> Passed:
     for fd, name in daemon.listen_fds_with_names(unset_environment=False).items():
         os.set_inheritable(fd, False)
         kind = _socket_type(fd)
-        if (name.startswith("s") and name[1:].isdigit()) or name == "meta":
+        if (name.startswith("s") and name[1:].isdigit()) or name in ("meta", "history"):
             passed.stored[name] = fd
         elif kind == socket.SOCK_STREAM and passed.stream is None:
             passed.stream = socket.socket(fileno=fd)

@@ -13,6 +13,16 @@ import pytest
 from tests.daemon import Daemon
 
 
+@pytest.fixture(autouse=True)
+def own_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test's daemons keep their history journal in a state dir of the
+    test's own (the default, ~/.local/state/ipcd or /var/lib/ipcd, is shared
+    by everything on the machine)."""
+    path = tmp_path_factory.mktemp("state") / "ipcd"
+    monkeypatch.setenv("IPCD_STATE_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="ipcd-t", dir="/tmp"))

@@ -88,7 +88,11 @@ class Daemon:
         self, socket_dir: Path, *args: str, workers: int | None = 2, env: dict[str, str] | None = None
     ) -> None:
         self.socket_dir = socket_dir
-        self.args = ["--socket-dir", str(socket_dir), *args]
+        # Each socket dir its own state dir (the history journal), so daemons
+        # run side by side in a test, and one started again on the same
+        # socket dir finds what the last one kept. A --state-dir in args wins.
+        self.state_dir = socket_dir.parent / f"{socket_dir.name}.state"
+        self.args = ["--socket-dir", str(socket_dir), "--state-dir", str(self.state_dir), *args]
         if workers is not None:
             self.args += ["--workers", str(workers)]
         self.workers = workers or 1

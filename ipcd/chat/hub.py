@@ -55,6 +55,13 @@ answers a SAY whose id it remembers with the original reply marked
 is not sure was posted. The id goes into the MESSAGE too, which is how
 the window is rebuilt from kept messages after a restart
 (:meth:`Hub.rebuild_recent_ids`).
+
+What must survive a restart is noted in :attr:`Hub.changes` when the master
+keeps a journal (:mod:`ipcd.chat.journal`): a room created, a run of
+messages (one entry per run, encoded by the master once per loop pass),
+a topic set, a room forgotten. Trimming is not noted: a journal replayed
+through :meth:`Hub.restore` is trimmed by the same limits again, and the
+master compacts it from :meth:`Hub.export`.
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ import pwd
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from json.encoder import encode_basestring
 from typing import Any, Final
 
@@ -72,6 +79,7 @@ from ipcd.budgets import UidBudget
 from ipcd.chat import pages
 from ipcd.chat.fairshare import BURST_FACTOR
 from ipcd.chat.idlerooms import IdleRooms
+from ipcd.chat.journal import Forget, MessageRun, RoomImage, RoomState, Topic
 from ipcd.chat.keptbytes import Kept, KeptBytes
 from ipcd.chat.postrate import PostRates
 from ipcd.chat.recentids import DEFAULT_PER_UID, DEFAULT_SECONDS, Posted, RecentIds
@@ -140,6 +148,7 @@ class Limits:
     rooms_per_uid: int = 1000  # rooms a uid created that still exist: a tenth of max_rooms
     joins_per_uid: int = 1024  # memberships all of a uid's connections hold together
     history_bytes_per_uid: int = 64 << 20  # bytes of one uid's messages kept in history
+    history_bytes: int = 256 << 20  # bytes of history kept in all: see Hub.trim_history
     privileged_factor: int = 4  # root and the daemon's uid: this many times the per-uid budgets
     rate_limit: float = 5000.0  # posts per second per uid, daemon-wide (bursts of BURST_FACTOR seconds)
     message_ids_per_uid: int = DEFAULT_PER_UID  # SAY ids remembered per uid (ipcd.chat.recentids)
@@ -261,6 +270,9 @@ class Hub:
         self.recent_ids = RecentIds()
         self.limits = limits or Limits()
         self.rooms: dict[str, Room] = {}
+        # What changed since the master last took it, for its journal; None: no journal kept.
+        self.changes: list[MessageRun | RoomState | Topic | Forget] | None = None
+        self._trim_at = 0  # kept bytes past which trim_history runs (set with the limits)
         self.messages = 0  # room and private messages sent; also the rooms' eviction clock
         self._room(DEFAULT_ROOM, create=True)
         self.sessions: dict[Member, Session] = {}
@@ -276,6 +288,7 @@ class Hub:
     def limits(self, limits: Limits) -> None:
         """New limits (a reload): the budgets follow; what is held stays held."""
         self._limits = limits
+        self._trim_at = limits.history_bytes
         budgets = (
             (self.created, limits.rooms_per_uid),
             (self.joined, limits.joins_per_uid),
@@ -371,6 +384,62 @@ class Hub:
         self.recent_ids.restore(found)
         return len(found)
 
+    def trim_history(self) -> None:
+        """All history over ``history_bytes``: the rooms posted to least
+        recently lose their oldest messages first, down to seven eighths of
+        the limit (so the scan for them is paid once per eighth, not once per
+        message). Each room keeps at least its newest message."""
+        limit = self.limits.history_bytes
+        self._trim_at = limit
+        if self.kept.total <= limit:
+            return
+        rooms = sorted((r for r in self.rooms.values() if len(r.history) > 1), key=lambda r: r.last_used)
+        self.kept.trim_to(rooms, limit - limit // 8)
+        if self.kept.total > limit:
+            # Rooms' newest messages alone are over the limit: scan again only
+            # after another eighth of it, not at every post.
+            self._trim_at = self.kept.total + limit // 8
+
+    # -- persistence -------------------------------------------------------
+
+    def export(self) -> Iterator[RoomImage]:
+        """The rooms a restart must bring back: those that numbered messages
+        (their seq goes on from there), and the lobby."""
+        for room in self.rooms.values():
+            if room.seq or room.name == DEFAULT_ROOM:
+                yield RoomImage(room.name, room.seq, room.creator, room.topic, room.history, room.last_used)
+
+    def restore(self, images: Iterable[RoomImage]) -> int:
+        """Rooms from a journal, at start (no one is connected yet): their
+        seqs, topics and history, charged as if just posted (so the history
+        size, the per-uid history bytes and the room budgets hold from the
+        start), and the message ids of the kept messages remembered again.
+        Returns how many messages were restored."""
+        restored = 0
+        for image in images:
+            if not image.seq and image.name != DEFAULT_ROOM:
+                continue
+            room = self.rooms.get(image.name)
+            if room is None:
+                if len(self.rooms) >= self.limits.max_rooms:
+                    continue
+                room = self.rooms[image.name] = Room(image.name, creator=image.creator)
+                if image.creator is not None:
+                    self.created.charge(image.creator)
+            room.seq, room.topic = image.seq, image.topic
+            for entry in image.history:
+                room.history.append(entry)
+                self.kept.kept(room, entry[2], 1, len(entry[1]), self.limits.history)
+            restored += len(image.history)
+            room.last_used = image.last_used
+            self.messages = max(self.messages, image.last_used)
+        self.trim_history()
+        for room in self.rooms.values():
+            if room.creator is not None:
+                self.idle.may_be_idle(room, self.rooms, self.created.limit_for(room.creator))
+        self.rebuild_recent_ids()  # a post resent across the restart is still answered duplicate
+        return restored
+
     # -- sessions ----------------------------------------------------------
 
     def _session(self, sender: Sender) -> Session:
@@ -412,6 +481,8 @@ class Hub:
                     ErrorCode.LIMIT_EXCEEDED, f"the daemon holds {len(self.rooms)} rooms: its limit"
                 )
             room = self.rooms[name] = Room(name, last_used=self.messages, creator=uid)
+            if self.changes is not None:
+                self.changes.append(RoomState(name, creator=uid))
             if uid is not None:
                 self.created.charge(uid)
                 self.idle.may_be_idle(room, self.rooms, self.created.limit_for(uid))  # a SAY's is
@@ -419,6 +490,8 @@ class Hub:
 
     def _forget(self, room: Room) -> None:
         del self.rooms[room.name]
+        if self.changes is not None:
+            self.changes.append(Forget(room.name))
         self.kept.forgotten(room)
         if room.creator is not None:
             self.created.release(room.creator)
@@ -646,6 +719,10 @@ class Hub:
         poster (trimming its oldest if it is past its history budget), and
         to the outbox."""
         self.kept.kept(room, uid, len(frames), size, self.limits.history)
+        if self.kept.total > self._trim_at:
+            self.trim_history()
+        if self.changes is not None:
+            self.changes.append(MessageRun(room.name.encode(), room.seq - len(frames) + 1, uid, frames))
         out.to_room_many(room.name, room.workers, frames, size)
 
     def _msg(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
@@ -704,6 +781,8 @@ class Hub:
             if room.name not in session.rooms:
                 raise ChatError(ErrorCode.PERMISSION_DENIED, f"join {room.name!r} to set its topic")
             room.topic = sanitize_text(topic).replace("\n", " ")
+            if self.changes is not None:
+                self.changes.append(Topic(room.name, room.topic))
             self._notice(room, "topic", session, later, topic=room.topic)
         return {}, {"room": room.name, "topic": room.topic}
 

@@ -57,12 +57,14 @@ class KeptBytes(Generic[R]):
     def __init__(self, budget: UidBudget) -> None:
         self.budget = budget  # held: uid -> bytes of its kept messages
         self._where: dict[int, dict[R, int]] = {}  # uid -> room -> how many of its messages there
+        self.total = 0  # bytes charged for all uids together: the daemon-wide --history-bytes
 
     def kept(self, room: R, uid: int, count: int, size: int, history: int) -> None:
         """``count`` messages of ``uid`` (frames of ``size`` bytes) were appended to
         ``room``: charge them, push out what is past ``history`` messages,
         and trim the poster's oldest rooms while it is over budget."""
         self.budget.held[uid] += size + count * ENTRY_COST
+        self.total += size + count * ENTRY_COST
         where = self._where.get(uid)
         if where is None:
             where = self._where[uid] = {}
@@ -79,12 +81,24 @@ class KeptBytes(Generic[R]):
             self._release(room, entry)
         room.history.clear()
 
+    def trim_to(self, rooms: list[R], target: int) -> None:
+        """Trim the oldest messages of ``rooms``, in that order, until all
+        history together is down to ``target`` bytes; each room keeps its
+        newest message (its seq's witness), and stays a gap-free suffix."""
+        for room in rooms:
+            kept = room.history
+            while self.total > target and len(kept) > 1:
+                self._release(room, kept.popleft())
+            if self.total <= target:
+                return
+
     def holdings(self) -> dict[int, int]:
         return dict(self.budget.held)
 
     def clear(self) -> None:
         self.budget.clear()
         self._where.clear()
+        self.total = 0
 
     def _trim_poster(self, uid: int, newest: R) -> None:
         where = self._where[uid]
@@ -105,7 +119,9 @@ class KeptBytes(Generic[R]):
 
     def _release(self, room: R, entry: Kept) -> None:
         uid = entry[2]
-        self.budget.release(uid, cost(entry))
+        size = len(entry[1]) + ENTRY_COST
+        self.budget.release(uid, size)
+        self.total -= size
         where = self._where.get(uid)
         if where is None:
             return

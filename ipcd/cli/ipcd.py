@@ -86,6 +86,8 @@ def serve(config_file: Path | None, **overrides: Any) -> None:
 
 def _load(overrides: dict[str, Any], config_file: Path | None) -> Settings:
     """Settings, or exit 2 with one line saying which one is wrong."""
+    if overrides.get("state_dir") is None and os.environ.get("IPCD_STATE_DIR") == "":
+        overrides["state_dir"] = ""  # click skips an empty variable; this one means "no state file"
     try:
         return load_settings(overrides, config_file)
     except SettingsError as exc:

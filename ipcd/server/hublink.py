@@ -52,6 +52,9 @@ class HubLink:
         self.pool: WorkerPool | None = None
         self.outbox = Outbox()  # what the services said this pass, routed by flush_all()
         self._watch = watch  # set the channel's interest from admits() and has_backlog
+        # Called before any record is routed: the history journal's write, so
+        # that no reply leaves before what it acknowledges is in the kernel's hands.
+        self.before_route: Callable[[], None] | None = None
 
     def admits(self, handle: WorkerHandle) -> bool:
         """May the master read another record of this worker? Not while
@@ -121,6 +124,8 @@ class HubLink:
 
     def route(self, outs: list[Out]) -> None:
         assert self.pool is not None
+        if self.before_route is not None:
+            self.before_route()
         for out in outs:
             handle = self.pool.workers.get(out.worker)
             if handle is None or not handle.channel_open:

@@ -49,6 +49,15 @@ from ipcd.server.hublink import HubLink
 from ipcd.server.loop import EventLoop
 from ipcd.server.pool import WorkerHandle, WorkerPool, WorkerState
 from ipcd.server.signals import SignalDispatcher
+from ipcd.server.statefile import (
+    FDSTORE_NAME,
+    TICK,
+    Copy,
+    FdStoreCopy,
+    HistoryJournal,
+    StateError,
+    StateFile,
+)
 from ipcd.server.status import build_status, uid_holdings
 from ipcd.server.uidbudgets import ConnectionLedger, connection_limit
 from ipcd.settings import Settings, SettingsError, reload_settings
@@ -75,6 +84,7 @@ def _chat_limits(settings: Settings) -> Limits:
         history_bytes_per_uid=settings.history_bytes_per_uid,
         message_ids_per_uid=settings.message_ids_per_uid,
         message_id_window=settings.message_id_window,
+        history_bytes=settings.history_bytes,
         privileged_factor=settings.privileged_budget_factor,
         rate_limit=settings.rate_limit,
     )
@@ -137,6 +147,8 @@ class Master:
         self._announced_generation = 0  # the worker generation READY=1 was sent for
         self._unread: set[WorkerHandle] = set()  # channels over budget: not read until they drain
         self.connections = ConnectionLedger(self._connection_limit(), settings.privileged_budget_factor)
+        self.journal: HistoryJournal | None = None
+        self._synced = 0.0  # when the journal was last fsynced (--sync-interval)
 
     def _connection_limit(self) -> int:
         return connection_limit(self.settings, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
@@ -156,6 +168,7 @@ class Master:
             self.stream = BoundSocket(passed.stream, self.settings.stream_path, owned=False)
         if passed.dgram is not None:
             self.dgram = BoundSocket(passed.dgram, self.settings.dgram_path, owned=False)
+        history = self.passed.stored.pop(FDSTORE_NAME, None)  # the journal's, not the store's
         self._recover_store()
         try:
             if self.stream is None or self.dgram is None:
@@ -176,10 +189,52 @@ class Master:
                     self.settings.socket_mode,
                     self.settings.socket_group,
                 )
-        except SocketDirError as exc:
+            # Only once the sockets are ours: a daemon that cannot start
+            # must not have read (or rewritten) the journal.
+            self._open_journal(history)
+        except (SocketDirError, StateError) as exc:
             self._close_sockets()
             raise StartupError(str(exc)) from None
         fdpass.enable_credentials(self.dgram.sock)
+
+    def _open_journal(self, passed: int | None) -> None:
+        """The chat history journal (``passed``: its memfd, from systemd's fd
+        store): load the rooms it holds, keep it from here on."""
+        fd_store = FdStoreCopy(self.manager, passed) if self.manager.active else None
+        if passed is not None and fd_store is None:
+            os.close(passed)
+        copies: list[Copy] = []
+        retired: list[Copy] = []
+        if self.settings.state_dir is not None:
+            # The file, under systemd too: it outlives a stop and a reboot,
+            # and its pages are the kernel's to reclaim (a memfd's are RAM).
+            try:
+                copies.append(StateFile(self.settings.state_dir))
+            except StateError:
+                if fd_store is not None:
+                    fd_store.close()
+                raise
+            if fd_store is not None:
+                retired.append(fd_store)  # an earlier run's, without a state dir: read once
+        elif fd_store is not None:
+            copies.append(fd_store)  # --state-dir '': across restarts in systemd's fd store only
+        if not copies:
+            return
+        self.journal = HistoryJournal(self.hub, copies)
+        self.journal.start(retired)
+        # Before any record is routed to a worker, what the hub noted is
+        # written: no reply leaves before what it acknowledges.
+        self.hublink.before_route = self.journal.flush
+
+    def _journal_tick(self) -> None:
+        assert self.journal is not None
+        interval = self.settings.sync_interval
+        now = time.monotonic()
+        sync = bool(interval) and now - self._synced >= interval
+        if sync:
+            self._synced = now
+        self.journal.tick(sync)
+        self.loop.call_later(min(TICK, interval or TICK), self._journal_tick)
 
     def _recover_store(self) -> None:
         """Under systemd, push entries to its fd store and take back what an
@@ -241,6 +296,8 @@ class Master:
         if self.stream is not None:
             self.stream.sock.close()  # workers never accept
         self.lock.release()
+        if self.journal is not None:
+            self.journal.detach()
         # Our copy of every stored fd: a worker holding them would keep a
         # removed or taken pipe or socket open behind its owner's back (the
         # copies a worker answers GETs from come as REPLICA records, and an
@@ -253,6 +310,8 @@ class Master:
         fds += [b.sock.fileno() for b in (self.stream, self.dgram) if b is not None]
         if self.lock.fd >= 0:
             fds.append(self.lock.fd)
+        if self.journal is not None:
+            fds += self.journal.fds()
         return fds
 
     def run(self) -> int:
@@ -276,6 +335,8 @@ class Master:
         self.pool.spawn_generation(self.settings.workers)
         self.loop.call_later(_HEARTBEAT_INTERVAL, self._heartbeat)
         self.loop.call_later(_STORE_TICK, self._store_tick)
+        if self.journal is not None:
+            self.loop.call_later(0, self._journal_tick)
         if self.manager.watchdog_interval:
             self.loop.call_later(self.manager.watchdog_interval, self._watchdog)
         log.info(
@@ -302,6 +363,8 @@ class Master:
                     self.stop()
                 self._sync_accepting()
         finally:
+            if self.journal is not None:
+                self.journal.close()
             self._close_sockets()
             self.store.close_all()
             self.lock.release()
@@ -503,6 +566,8 @@ class Master:
         elif record.op == ChannelOp.STATUS_QUERY:
             status = build_status(self.settings, self.pool, self.started, self.started_wall)
             status["chat"] = self.hub.stats()
+            if self.journal is not None:
+                status["chat"]["journal"] = self.journal.stats()
             status["store"] = self.store.stats()
             status["uids"] = uid_holdings(
                 self.connections.holdings(), self.hub.holdings(), self.store.holdings()

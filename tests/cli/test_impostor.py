@@ -349,7 +349,9 @@ def _serve_as_user(socket_dir: str, log_fd: int) -> object:  # pragma: no cover 
     os.dup2(log_fd, 2)
     sys.stdout = sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - pytest replaced the streams
     try:
-        cli.main(args=["serve", "--socket-dir", socket_dir, "--workers", "1"], prog_name="ipcd")
+        # its history journal next to its socket dir, in the user's own dir
+        args = ["serve", "--socket-dir", socket_dir, "--state-dir", f"{socket_dir}.state", "--workers", "1"]
+        cli.main(args=args, prog_name="ipcd")
     except SystemExit as exc:
         return exc.code
     return None

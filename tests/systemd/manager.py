@@ -104,6 +104,7 @@ class UserManager:
         self.root = root
         self.runtime_dir = root / "rt"
         self.config_home = root / "cf"
+        self.state_home = root / "st"  # StateDirectory= of a user unit is under it
         self.unit_dir = self.config_home / "systemd" / "user"
         self.log_path = root / "manager.log"
         name = f"ipcd-test-{secrets.token_hex(4)}"
@@ -117,6 +118,7 @@ class UserManager:
         env.update(
             XDG_RUNTIME_DIR=str(self.runtime_dir),
             XDG_CONFIG_HOME=str(self.config_home),
+            XDG_STATE_HOME=str(self.state_home),
             SYSTEMD_PAGER="",
             SYSTEMD_COLORS="0",
             LC_ALL="C.UTF-8",
@@ -143,6 +145,7 @@ class UserManager:
             "LANG": "C.UTF-8",
             "XDG_RUNTIME_DIR": str(self.runtime_dir),
             "XDG_CONFIG_HOME": str(self.config_home),
+            "XDG_STATE_HOME": str(self.state_home),
             "NOTIFY_SOCKET": str(notify_path),
         }
         try:

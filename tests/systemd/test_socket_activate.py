@@ -44,6 +44,7 @@ def activated(short_tmp: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]
         *(ACTIVATE, "-l", str(stream), "--fdname=stream"),
         *(ACTIVATE, "-l", str(dgram), "--datagram", "--fdname=stream:dgram"),
         *(sys.executable, "-m", "ipcd.cli.ipcd", "serve", "--socket-dir", str(socket_dir), "--workers", "2"),
+        *("--state-dir", str(short_tmp / "state")),  # IPCD_STATE_DIR is dropped below
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "IPCD_"))}
     with (short_tmp / "ipcd.log").open("wb") as log:
