@@ -31,8 +31,8 @@ $(STAMP): pyproject.toml scripts/install-system-deps
 	$(COMPILE) $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 	touch $(STAMP)
 
-run: install
-	$(BIN)/ipcd serve
+run: install  # a development daemon: sockets in /tmp/ipcd, its history journal beside them
+	$(BIN)/ipcd serve --state-dir /tmp/ipcd.state
 
 lint: install
 	$(BIN)/ruff check $(PY_DIRS)
