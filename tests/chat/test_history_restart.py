@@ -3,6 +3,7 @@ the master and a torn journal: real daemons on a real state dir."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import IPCD, Daemon, children, wait_for
+from tests.daemon import IPCD, Daemon, children, ipcctl, wait_for
 
 JOURNAL = "history.journal"
 
@@ -46,6 +47,14 @@ def test_history_seqs_and_topics_survive_a_stop_and_start(socket_dir: Path) -> N
         with second.client() as client:
             assert client.topic("ops") == "deploys"
             assert client.say("ops", "after") == 6  # the numbering continues
+        # A listener that saw up to seq 3 before the restart resumes after it.
+        resumed = ipcctl(second.socket_dir, "--json", "listen", "--room", "ops", "--since", "3", "-n", "3")
+        assert resumed.returncode == 0, resumed.stderr
+        assert [(m["seq"], m["text"]) for m in map(json.loads, resumed.stdout.splitlines())] == [
+            (4, "m4"),
+            (5, "m5"),
+            (6, "after"),
+        ]
         assert "restored 6 messages in 2 rooms" in second.log()
         journal = second.status()["chat"]["journal"]
         assert journal["where"] == [str(second.state_dir / JOURNAL)]

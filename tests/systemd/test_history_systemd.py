@@ -68,7 +68,13 @@ def test_restart_and_stop_start_keep_history_and_seq(ipcd: Installed) -> None:
     assert ipcd.main_pid() not in (0, first)
     assert _history(ipcd, "ops") == [(1, "one"), (2, "two")]
     assert f"restored 2 messages in 1 rooms from {_journal(ipcd)}" in ipcd.log_path.read_text()
-    assert _send(ipcd, "ops", "three") == [3]
+    assert _send(ipcd, "ops", "three") == [3]  # the numbering goes on
+    resumed = ipcd.ipcctl("--json", "listen", "--room", "ops", "--since", "1", "-n", "2")
+    assert resumed.returncode == 0, resumed.stderr + ipcd.diagnose()
+    assert [(m["seq"], m["text"]) for m in map(json.loads, resumed.stdout.splitlines())] == [
+        (2, "two"),  # posted before the restart
+        (3, "three"),
+    ]
 
     ipcd.systemctl("stop", SERVICE)  # the fd store is emptied: the state file has it all
     ipcd.start()
