@@ -143,7 +143,7 @@ def _run(
             problems.append(f"loop: {exc}")
     if "fanout" in names:
         try:
-            tables.append(fanout.scenario(work, s, problems, shlex.split(args.ipcd)))
+            tables.extend(fanout.scenario(work, s, problems, shlex.split(args.ipcd)))
         except (BenchError, ServerError, OSError) as exc:
             problems.append(f"fanout: {exc}")
     if "send-pipe" in names:

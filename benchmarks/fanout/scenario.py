@@ -3,12 +3,17 @@
 Theory of operation
 -------------------
 Both servers run during the whole scenario and take turns, round after
-round, 10 subscribers and then 100 in each, so a burst of load from
+round (who goes first rotates), 10 subscribers and then 100 in each, so a burst of load from
 elsewhere on the machine hits both columns alike; the table gives the
 median of the rounds. Every round uses a fresh room (ipcd's sequence
 numbers start at 1 in it) and channel. The notes give, per server, the
 cores busy by role in the measured window, so it shows whether the server
 or a client was the limit.
+
+A second ipcd runs beside them with ``--state-dir ''`` (no history
+journal), in the same rounds: the ``fanout-retention`` table is what
+keeping history across restarts costs fan-out (the journal write per loop
+pass), ipcd as configured by default against ipcd without it.
 """
 
 from __future__ import annotations
@@ -47,21 +52,25 @@ def _median(runs: list[Run], pick: Callable[[Run], float]) -> float:
     return statistics.median(pick(r) for r in runs)
 
 
+NO_STATE: Final = "ipcd, no journal"  # the second ipcd: --state-dir ''
+
+
 def _play(
-    binary: Path, servers: list[tuple[Target, Server]], s: Settings, problems: list[str]
-) -> dict[tuple[Target, int], list[Run]]:
-    runs: dict[tuple[Target, int], list[Run]] = {}
+    binary: Path, servers: list[tuple[str, Target, Server]], s: Settings, problems: list[str]
+) -> dict[tuple[str, int], list[Run]]:
+    runs: dict[tuple[str, int], list[Run]] = {}
     rounds = _rounds(s)
     for i in range(1, rounds + 1):
+        turn = servers[(i - 1) % len(servers) :] + servers[: (i - 1) % len(servers)]  # who goes first rotates
         for subs in SUBSCRIBERS:
-            for target, server in servers:
-                label = f"{target}, {subs} subscribers, round {i} of {rounds}"
+            for key, target, server in turn:
+                label = f"{key}, {subs} subscribers, round {i} of {rounds}"
                 try:
                     run = measure(binary, server, target, subs, f"fanout{subs}-{i}", s, problems)
                 except (BenchError, OSError, subprocess.TimeoutExpired) as exc:
                     problems.append(f"fanout: {label}: {exc}")
                     continue
-                runs.setdefault((target, subs), []).append(run)
+                runs.setdefault((key, subs), []).append(run)
                 where = f" (subscribers per worker: {run.spread})" if target == "ipcd" else ""
                 progress(
                     f"fanout: {label}: {run.deliveries_per_s:,.0f} deliveries/s, "
@@ -70,8 +79,10 @@ def _play(
     return runs
 
 
-def scenario(work: Path, s: Settings, problems: list[str], ipcd_command: list[str]) -> Table:
-    """``ipcd_command`` serves ipcd (``ipcd serve``); options are appended."""
+def scenario(work: Path, s: Settings, problems: list[str], ipcd_command: list[str]) -> list[Table]:
+    """``ipcd_command`` serves ipcd (``ipcd serve``); options are appended.
+    The fan-out table, and the retention table (ipcd with and without its
+    history journal)."""
     binary = clients.compile_client(work)
     table = Table(
         "fanout",
@@ -85,23 +96,56 @@ def scenario(work: Path, s: Settings, problems: list[str], ipcd_command: list[st
         argv = ipcd.argv(ipcd_command, sock_dir, s.workers)
         progress(f"fanout: starting ipcd: {shlex.join(argv)}")
         ipcd_server = stack.enter_context(Server("ipcd", argv, sock_dir, work / "fanout-ipcd.log"))
+        bare_dir = work / "fanout-ipcd-nostate"
+        bare_argv = [*ipcd.argv(ipcd_command, bare_dir, s.workers), "--state-dir", ""]
+        bare = stack.enter_context(Server(NO_STATE, bare_argv, bare_dir, work / "fanout-ipcd-nostate.log"))
         redis_server = redis.start(work, stack)
-        servers: list[tuple[Target, Server]] = [("ipcd", ipcd_server)]
+        servers: list[tuple[str, Target, Server]] = [("ipcd", "ipcd", ipcd_server), (NO_STATE, "ipcd", bare)]
         if isinstance(redis_server, str):
             progress(f"fanout: {redis_server}; ipcd alone")
             table.notes.append(f"no Redis column: {redis_server}")
         else:
-            servers.append(("redis", redis_server))
+            servers.append(("redis", "redis", redis_server))
         runs = _play(binary, servers, s, problems)
-        code = ipcd_server.stop()
-        if code != 0:
-            problems.append(f"fanout: ipcd exited with {code} on SIGTERM (expected 0)")
-        problems += [f"fanout: ipcd log: {line}" for line in ipcd_server.complaints()]
+        for name, server in (("ipcd", ipcd_server), (NO_STATE, bare)):
+            code = server.stop()
+            if code != 0:
+                problems.append(f"fanout: {name} exited with {code} on SIGTERM (expected 0)")
+            problems += [f"fanout: {name} log: {line}" for line in server.complaints()]
     _fill(table, runs)
+    return [table, _retention(runs, s)]
+
+
+def _retention(runs: dict[tuple[str, int], list[Run]], s: Settings) -> Table:
+    table = Table(
+        "fanout-retention",
+        "what keeping history across restarts costs fan-out: the same rounds, ipcd as configured "
+        f"(its history journal in a state dir) beside ipcd with --state-dir '', median of {_rounds(s)}",
+        columns=("ipcd", "no journal"),
+    )
+    for subs in SUBSCRIBERS:
+        a, b = runs.get(("ipcd", subs)), runs.get((NO_STATE, subs))
+        if a is None or b is None:
+            continue
+        table.add(
+            f"{subs} subs: deliveries/s",
+            "msg/s",
+            _median(a, lambda r: r.deliveries_per_s),
+            _median(b, lambda r: r.deliveries_per_s),
+            "higher",
+        )
+        table.add(
+            f"{subs} subs: server CPU per delivery",
+            "us",
+            _median(a, lambda r: r.cpu_us_per_delivery),
+            _median(b, lambda r: r.cpu_us_per_delivery),
+            "lower",
+        )
+    table.notes.append("the target (issue 11): retention costs fan-out less than 10%, a ratio of 0.9 or more")
     return table
 
 
-def _fill(table: Table, runs: dict[tuple[Target, int], list[Run]]) -> None:
+def _fill(table: Table, runs: dict[tuple[str, int], list[Run]]) -> None:
     rows: list[tuple[str, str, Callable[[Run], float], Literal["higher", "lower"]]] = [
         ("deliveries/s", "msg/s", lambda r: r.deliveries_per_s, "higher"),
         ("server CPU per delivery", "us", lambda r: r.cpu_us_per_delivery, "lower"),
