@@ -21,7 +21,7 @@ import signal
 import struct
 import subprocess
 import termios
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -29,19 +29,13 @@ import pytest
 
 from ipcd.client import ClientError, ConnectionLost, DaemonUnreachable
 from ipcd.publisher import Publisher
-from tests.cli.test_listen_reconnect import ROOM, Listener, listen
+from tests.cli.test_listen_reconnect import ROOM, Listener, listen, listeners
 from tests.daemon import IPCCTL, Daemon, children, fd_targets, holder_of, wait_for
+
+__all__ = ["listeners"]  # the fixture, shared with test_listen_reconnect
 
 LINES = 300
 CHUNK = 20
-
-
-@pytest.fixture
-def listeners() -> Iterator[list[Listener]]:
-    started: list[Listener] = []
-    yield started
-    for listener in started:
-        listener.close()
 
 
 def room_seq(daemon: Daemon) -> int | None:

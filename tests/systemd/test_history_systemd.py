@@ -6,32 +6,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ipcd.client import Client
 from ipcd.units import python_path
-from tests.systemd.manager import UserManager, user_manager
-from tests.systemd.test_manager import SERVICE, Installed, install
+from tests.systemd.manager import UserManager
+from tests.systemd.test_manager import SERVICE, Installed, install, ipcd, manager
+
+__all__ = ["ipcd", "manager"]  # the fixtures, shared with test_manager
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not Path("/lib/systemd/systemd").exists(),
     reason="needs root (unshare -m) and systemd",
 )
-
-
-@pytest.fixture
-def manager() -> Iterator[UserManager]:
-    with user_manager() as running:
-        yield running
-
-
-@pytest.fixture
-def ipcd(manager: UserManager) -> Installed:
-    """The user units as installed, socket dir %t/ipcd."""
-    return install(manager, user=True, socket_dir="%t/ipcd")
 
 
 def _send(ipcd: Installed, room: str, *texts: str) -> list[int]:
