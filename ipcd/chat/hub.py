@@ -66,26 +66,22 @@ master compacts it from :meth:`Hub.export`.
 
 from __future__ import annotations
 
-import dataclasses
-import pwd
-import re
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
-from json.encoder import encode_basestring
+from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
 from ipcd.budgets import UidBudget
-from ipcd.chat import pages
+from ipcd.chat import hubsave, operations
 from ipcd.chat.fairshare import BURST_FACTOR
 from ipcd.chat.idlerooms import IdleRooms
 from ipcd.chat.journal import Forget, MessageRun, RoomImage, RoomState, Topic
-from ipcd.chat.keptbytes import Kept, KeptBytes
+from ipcd.chat.keptbytes import KeptBytes
+from ipcd.chat.model import ChatError, Limits, Member, Room, Session, user_name, user_name_json
 from ipcd.chat.postrate import PostRates
-from ipcd.chat.recentids import DEFAULT_PER_UID, DEFAULT_SECONDS, Posted, RecentIds
+from ipcd.chat.recentids import Posted, RecentIds
 from ipcd.link.ops import ChannelOp
 from ipcd.link.outbox import Deliveries, Outbox, Staged
-from ipcd.link.records import Answer, Out, Post, Sender, ServiceError, Throttle
+from ipcd.link.records import Answer, Out, Post, Sender, Throttle
 from ipcd.protocol import (
     ErrorCode,
     Op,
@@ -95,29 +91,12 @@ from ipcd.protocol import (
     encode_json,
     reply_op,
 )
-from ipcd.protocol.chat import (
-    DEFAULT_ROOM,
-    MESSAGE_ID_MAX,
-    NICK_MAX,
-    TOPIC_MAX,
-    check_count,
-    check_cursor,
-    check_nick,
-    check_room,
-    check_text,
-    parse_body,
-    sanitize_text,
-)
+from ipcd.protocol.chat import DEFAULT_ROOM, parse_body
 from ipcd.protocol.frames import HEADER, MAGIC, VERSION
-from ipcd.protocol.messages import decode_json
 
 __all__ = ["ChatError", "Hub", "Limits", "Out", "Outbox", "Sender"]
 
 _CHUNK = 128 * 1024  # replayed history per channel record, well under RECORD_MAX
-Member = tuple[int, int]  # (worker pid, connection id)
-Args = dict[str, Any]  # a request body
-# (meta for the worker, reply body: to encode, or encoded already)
-Result = tuple[dict[str, Any], dict[str, Any] | bytes]
 
 # A MESSAGE body and a SAY reply, made of parts encoded once (keys sorted, as
 # encode_json writes them): sender, room, seq, text, ts, uid.
@@ -127,136 +106,10 @@ _SAY_REPLY: Final = b'{"room":%b,"seq":%d,"ts":%b}'
 # and the reply to a SAY whose id was posted already.
 _MESSAGE_WITH_ID: Final = b'{"from":%b,"id":"%b","room":%b,"seq":%d,"text":%b,"ts":%b,"uid":%d}'
 _DUPLICATE_REPLY: Final = b'{"duplicate":true,"room":%b,"seq":%d,"ts":%b}'
-_HAS_ID: Final = b'","id":"'  # in a MESSAGE body only where an id follows the sender's nick
 _TS_STEP: Final = 0.001  # ts is read for every message, formatted once a millisecond
 
 
-def _json_string(text: str) -> bytes:
-    return encode_basestring(text).encode()
-
-
 _PACK_HEAD: Final = HEADER.pack  # (MAGIC, VERSION, op, flags, nfds, 0, request id, body length)
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    history: int = 100  # messages kept per room
-    max_text: int = 16 * 1024  # bytes of UTF-8 text per message
-    rooms_per_connection: int = 64
-    max_rooms: int = 10_000
-    reply_budget: int = 1 << 20  # bytes of history per reply or replay: a quarter of --max-outbuf
-    rooms_per_uid: int = 1000  # rooms a uid created that still exist: a tenth of max_rooms
-    joins_per_uid: int = 1024  # memberships all of a uid's connections hold together
-    history_bytes_per_uid: int = 64 << 20  # bytes of one uid's messages kept in history
-    history_bytes: int = 256 << 20  # bytes of history kept in all: see Hub.trim_history
-    privileged_factor: int = 4  # root and the daemon's uid: this many times the per-uid budgets
-    rate_limit: float = 5000.0  # posts per second per uid, daemon-wide (bursts of BURST_FACTOR seconds)
-    message_ids_per_uid: int = DEFAULT_PER_UID  # SAY ids remembered per uid (ipcd.chat.recentids)
-    message_id_window: float = DEFAULT_SECONDS  # ... for this many seconds at most
-
-
-@dataclasses.dataclass(eq=False)
-class Session:
-    member: Member
-    nick: str
-    uid: int
-    pid: int
-    rooms: set[str] = dataclasses.field(default_factory=set)
-    nick_json: bytes = b""  # the nick as JSON, for every message it sends
-
-    def __post_init__(self) -> None:
-        self.rename(self.nick)
-
-    def rename(self, nick: str) -> None:
-        self.nick = nick
-        self.nick_json = _json_string(nick)
-
-
-@dataclasses.dataclass(eq=False)
-class Room:
-    name: str
-    topic: str = ""
-    seq: int = 0
-    members: dict[Member, Session] = dataclasses.field(default_factory=dict)
-    workers: Counter[int] = dataclasses.field(default_factory=Counter)
-    history: deque[Kept] = dataclasses.field(default_factory=deque)
-    last_used: int = 0  # the hub's message count when it was created or last posted to: eviction order
-    name_json: bytes = b""
-    creator: int | None = None  # the uid its room budget is charged to (None: the lobby)
-
-    def __post_init__(self) -> None:
-        self.name_json = _json_string(self.name)
-
-    @property
-    def idle(self) -> bool:
-        return not self.members
-
-
-class ChatError(ServiceError):
-    """Refused by the chat hub."""
-
-
-_NAMES: dict[int, tuple[float, str]] = {}  # uid -> (looked up at, name)
-_NAME_JSON: dict[int, tuple[float, bytes]] = {}  # uid -> (looked up at, name as JSON)
-_NAME_TTL = 60.0
-
-
-def user_name_json(uid: int, now: float) -> bytes:
-    """:func:`user_name` as JSON, an unjoined poster's ``from`` on every
-    message: cached as long (``now`` from any clock that only moves on)."""
-    cached = _NAME_JSON.get(uid)
-    if cached is not None and 0 <= now - cached[0] < _NAME_TTL:
-        return cached[1]
-    if len(_NAME_JSON) > 4096:
-        _NAME_JSON.clear()
-    encoded = _json_string(user_name(uid))
-    _NAME_JSON[uid] = (now, encoded)
-    return encoded
-
-
-def user_name(uid: int) -> str:
-    """A default nick from the user name, made to fit the nick rules (with
-    room left for a "-N" suffix). Cached for a minute: a passwd lookup is
-    six system calls, and an unjoined poster pays it on every message."""
-    now = time.monotonic()
-    cached = _NAMES.get(uid)
-    if cached is not None and now - cached[0] < _NAME_TTL:
-        return cached[1]
-    if len(_NAMES) > 4096:
-        _NAMES.clear()
-    name = _lookup_name(uid)
-    _NAMES[uid] = (now, name)
-    return name
-
-
-def _lookup_name(uid: int) -> str:
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid{uid}"
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    if not (name[:1].isalpha() or name[:1] == "_"):
-        name = f"u{name}"
-    return name[: NICK_MAX - 4]
-
-
-def _is_unicode(text: str) -> bool:
-    """False for a string holding a lone surrogate (JSON ``"\\ud800"``):
-    it has no UTF-8 form, so encoding it would raise inside the master."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _text(value: Any, limit: int) -> str:
-    """Message text: a string of at most ``limit`` UTF-8 bytes, valid
-    Unicode, stripped of terminal controls."""
-    try:
-        return sanitize_text(check_text(value, limit))  # check_text encodes it once
-    except UnicodeEncodeError:
-        raise ChatError(ErrorCode.BAD_REQUEST, "text holds a lone surrogate: send valid Unicode") from None
 
 
 class Hub:
@@ -274,7 +127,7 @@ class Hub:
         self.changes: list[MessageRun | RoomState | Topic | Forget] | None = None
         self._trim_at = 0  # kept bytes past which trim_history runs (set with the limits)
         self.messages = 0  # room and private messages sent; also the rooms' eviction clock
-        self._room(DEFAULT_ROOM, create=True)
+        self.room_for(DEFAULT_ROOM, create=True)
         self.sessions: dict[Member, Session] = {}
         self.nicks: dict[str, Session] = {}
         self.private_seq = 0
@@ -313,7 +166,7 @@ class Hub:
         later = Staged()  # what the request causes goes after its reply
         try:
             args = parse_body(body)
-            handler = _HANDLERS.get(op)
+            handler = operations.HANDLERS.get(op)
             if handler is None:
                 raise ChatError(ErrorCode.UNKNOWN_OP, f"operation 0x{op:02x} is not a chat operation")
             if not sender.conn:
@@ -334,7 +187,7 @@ class Hub:
             return
         del self.nicks[session.nick]
         for name in sorted(session.rooms):
-            self._leave(self.rooms[name], session, "quit", out)
+            self.leave(self.rooms[name], session, "quit", out)
 
     def worker_gone(self, worker: int, out: Deliveries) -> None:
         """Its connections quit, with notices to everyone else (none to the
@@ -364,25 +217,19 @@ class Hub:
             held.setdefault(uid, {})["message_ids"] = count
         return held
 
+    # -- persistence (ipcd.chat.hubsave) -------------------------------------
+
     def rebuild_recent_ids(self) -> int:
-        """Remember the message ids of the kept messages (after the rooms
-        were restored from a saved state, so that a client resending across
-        a restart is still answered ``duplicate``); how many were found."""
-        found: list[tuple[int, bytes, Posted]] = []
-        for room in self.rooms.values():
-            for seq, frame, uid in room.history:
-                body = frame[HEADER.size :]
-                if _HAS_ID not in body:  # a text's quotes are escaped: only an id puts it there
-                    continue
-                message = decode_json(body)
-                message_id = message.get("id")
-                if isinstance(message_id, str) and 0 < len(message_id) <= MESSAGE_ID_MAX:
-                    ts = float(message["ts"])
-                    found.append(
-                        (uid, message_id.encode(), Posted(room.name_json, seq, repr(ts).encode(), ts))
-                    )
-        self.recent_ids.restore(found)
-        return len(found)
+        """Remember the message ids of the kept messages again: how many."""
+        return hubsave.rebuild_recent_ids(self)
+
+    def export(self) -> Iterator[RoomImage]:
+        """The rooms a restart must bring back."""
+        return hubsave.export(self)
+
+    def restore(self, images: Iterable[RoomImage]) -> int:
+        """Rooms from a journal, at start; how many messages came back."""
+        return hubsave.restore(self, images)
 
     def trim_history(self) -> None:
         """All history over ``history_bytes``: the rooms posted to least
@@ -400,49 +247,9 @@ class Hub:
             # after another eighth of it, not at every post.
             self._trim_at = self.kept.total + limit // 8
 
-    # -- persistence -------------------------------------------------------
-
-    def export(self) -> Iterator[RoomImage]:
-        """The rooms a restart must bring back: those that numbered messages
-        (their seq goes on from there), and the lobby."""
-        for room in self.rooms.values():
-            if room.seq or room.name == DEFAULT_ROOM:
-                yield RoomImage(room.name, room.seq, room.creator, room.topic, room.history, room.last_used)
-
-    def restore(self, images: Iterable[RoomImage]) -> int:
-        """Rooms from a journal, at start (no one is connected yet): their
-        seqs, topics and history, charged as if just posted (so the history
-        size, the per-uid history bytes and the room budgets hold from the
-        start), and the message ids of the kept messages remembered again.
-        Returns how many messages were restored."""
-        restored = 0
-        for image in images:
-            if not image.seq and image.name != DEFAULT_ROOM:
-                continue
-            room = self.rooms.get(image.name)
-            if room is None:
-                if len(self.rooms) >= self.limits.max_rooms:
-                    continue
-                room = self.rooms[image.name] = Room(image.name, creator=image.creator)
-                if image.creator is not None:
-                    self.created.charge(image.creator)
-            room.seq, room.topic = image.seq, image.topic
-            for entry in image.history:
-                room.history.append(entry)
-                self.kept.kept(room, entry[2], 1, len(entry[1]), self.limits.history)
-            restored += len(image.history)
-            room.last_used = image.last_used
-            self.messages = max(self.messages, image.last_used)
-        self.trim_history()
-        for room in self.rooms.values():
-            if room.creator is not None:
-                self.idle.may_be_idle(room, self.rooms, self.created.limit_for(room.creator))
-        self.rebuild_recent_ids()  # a post resent across the restart is still answered duplicate
-        return restored
-
     # -- sessions ----------------------------------------------------------
 
-    def _session(self, sender: Sender) -> Session:
+    def session_of(self, sender: Sender) -> Session:
         """The sender's session, created with its user name (made unique)."""
         member = (sender.worker, sender.conn)
         session = self.sessions.get(member)
@@ -459,7 +266,7 @@ class Hub:
             self.nicks[nick] = session
         return session
 
-    def _room(self, name: str, create: bool, uid: int | None = None) -> Room:
+    def room_for(self, name: str, create: bool, uid: int | None = None) -> Room:
         """The room, created if ``create`` (charged to ``uid``, None only for the lobby)."""
         room = self.rooms.get(name)
         if room is None:
@@ -509,7 +316,7 @@ class Hub:
     # -- fan-out -----------------------------------------------------------
 
     @staticmethod
-    def _deliver_to(worker: int, conn: int, frames: list[bytes], out: Deliveries) -> None:
+    def deliver_to(worker: int, conn: int, frames: list[bytes], out: Deliveries) -> None:
         """Frames for one connection, in records of at most ``_CHUNK`` bytes."""
         batch: list[bytes] = []
         size = 0
@@ -522,7 +329,7 @@ class Hub:
         if batch:
             out.to_conns(worker, (conn,), b"".join(batch))
 
-    def _notice(self, room: Room, event: str, session: Session, out: Deliveries, **extra: Any) -> None:
+    def notice(self, room: Room, event: str, session: Session, out: Deliveries, **extra: Any) -> None:
         notice = {
             "room": room.name,
             "event": event,
@@ -534,7 +341,7 @@ class Hub:
         }
         out.to_room(room.name, room.workers, encode_frame(Op.NOTICE, 0, encode_json(notice)))
 
-    def _leave(self, room: Room, session: Session, event: str, out: Deliveries) -> None:
+    def leave(self, room: Room, session: Session, event: str, out: Deliveries) -> None:
         member = session.member
         if room.members.pop(member, None) is None:
             return
@@ -543,90 +350,14 @@ class Hub:
         room.workers[member[0]] -= 1
         if room.workers[member[0]] <= 0:
             del room.workers[member[0]]
-        self._notice(room, event, session, out)
+        self.notice(room, event, session, out)
         if not room.members and room.name != DEFAULT_ROOM:
             if not room.history:
                 self._forget(room)
             elif room.creator is not None:
                 self.idle.may_be_idle(room, self.rooms, self.created.limit_for(room.creator))
 
-    # -- operations --------------------------------------------------------
-
-    def _nick(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
-        wanted = check_nick(args.get("nick"))
-        session = self._session(sender)
-        if wanted != session.nick:
-            holder = self.nicks.get(wanted)
-            if holder is not None:
-                raise ChatError(
-                    ErrorCode.EXISTS, f"nick {wanted!r} is taken by uid {holder.uid}; choose another"
-                )
-            old = session.nick
-            del self.nicks[old]
-            session.rename(wanted)
-            self.nicks[wanted] = session
-            for name in sorted(session.rooms):
-                self._notice(self.rooms[name], "nick", session, later, old=old)
-        return {}, {"nick": session.nick}
-
-    def _join(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
-        name = check_room(args.get("room", DEFAULT_ROOM))
-        want_history = check_count(args.get("history"), self.limits.history, "history")
-        after = check_cursor(args.get("after"), "after")
-        if after is not None and args.get("history") is not None:
-            raise ChatError(ErrorCode.BAD_REQUEST, "give history (the newest N) or after (a seq), not both")
-        session = self._session(sender)
-        # Checked before the room is created, so a refused join leaves no empty room behind.
-        if name not in session.rooms and len(session.rooms) >= self.limits.rooms_per_connection:
-            raise ChatError(
-                ErrorCode.LIMIT_EXCEEDED,
-                f"a connection may join at most {self.limits.rooms_per_connection} rooms; part one first",
-            )
-        if name not in session.rooms and not self.joined.admits(session.uid):
-            raise ChatError(
-                ErrorCode.LIMIT_EXCEEDED,
-                self.joined.refusal(session.uid, "part rooms on your other connections, or close some"),
-            )
-        room = self._room(name, create=True, uid=session.uid)
-        if name not in session.rooms:
-            self._notice(room, "join", session, out)  # to the members already there
-            room.members[session.member] = session
-            room.workers[sender.worker] += 1
-            session.rooms.add(name)
-            self.joined.charge(session.uid)
-        result: dict[str, Any] = {
-            "room": name,
-            "nick": session.nick,
-            "topic": room.topic,
-            "seq": room.seq,
-            "members": sorted(s.nick for s in room.members.values()),
-        }
-        if after is None:
-            replay, more = pages.newest_before(room.history, want_history, None, self.limits.reply_budget)
-            if more:
-                result["before"] = replay[0][0]  # HISTORY pages on from here, towards the oldest
-        else:
-            resumed = pages.after(room.history, room.seq, after, len(room.history), self.limits.reply_budget)
-            replay, more = resumed.kept, resumed.more
-            if resumed.next_after is not None:
-                result["after"] = resumed.next_after  # HISTORY pages on from here, towards the newest
-            if resumed.gone is not None:
-                result["gone"] = list(resumed.gone)
-        # The notice went before the reply (the joiner's worker indexes it only
-        # from the reply on); the replay goes after it on the same ordered
-        # channel, before any new message.
-        self._deliver_to(sender.worker, sender.conn, [frame for _, frame, _ in replay], later)
-        result["history"] = len(replay)
-        result["more"] = more
-        return {"join": name}, result
-
-    def _part(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
-        name = check_room(args.get("room"))
-        session = self.sessions.get((sender.worker, sender.conn))
-        if session is None or name not in session.rooms:
-            raise ChatError(ErrorCode.NOT_FOUND, f"you are not in room {name!r}")
-        self._leave(self.rooms[name], session, "part", later)
-        return {"part": name}, {"room": name}
+    # -- the SAY path (the other operations: ipcd.chat.operations) -----------
 
     def _say(self, sender: Sender, body: bytes, out: Outbox) -> None:
         """The hot path: a run of SAYs of one connection (a :class:`Post`
@@ -655,7 +386,7 @@ class Hub:
                     self._kept(room, uid, frames, frames_size, out)  # type: ignore[arg-type]
                     frames, frames_size = [], 0
                 try:
-                    room = rooms.get(name) or self._room(name, create=True, uid=uid)
+                    room = rooms.get(name) or self.room_for(name, create=True, uid=uid)
                 except ChatError as exc:
                     room = None
                     error = encode_frame(Op.ERROR, request_id, encode_error(exc.code, exc.message))
@@ -724,101 +455,3 @@ class Hub:
         if self.changes is not None:
             self.changes.append(MessageRun(room.name.encode(), room.seq - len(frames) + 1, uid, frames))
         out.to_room_many(room.name, room.workers, frames, size)
-
-    def _msg(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
-        target_nick = check_nick(args.get("to"), "to")
-        text = _text(args.get("text"), self.limits.max_text)
-        session = self._session(sender)
-        target = self.nicks.get(target_nick)
-        if target is None:
-            raise ChatError(ErrorCode.NOT_FOUND, f"no one is connected as {target_nick!r}; see 'ipcctl who'")
-        self.private_seq += 1
-        message = {
-            "from": session.nick,
-            "uid": session.uid,
-            "to": target.nick,
-            "seq": self.private_seq,
-            "ts": time.time(),
-            "text": text,
-        }
-        frame = encode_frame(Op.PRIVATE, 0, encode_json(message))
-        worker, conn = target.member
-        later.to_conns(worker, (conn,), frame)
-        self.messages += 1
-        return {}, {"to": target.nick, "seq": self.private_seq, "ts": message["ts"]}
-
-    def _rooms(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
-        rooms = [
-            {"room": r.name, "members": len(r.members), "topic": r.topic, "seq": r.seq}
-            for r in sorted(self.rooms.values(), key=lambda r: r.name)
-        ]
-        return {}, {"rooms": rooms}
-
-    def _who(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
-        room_name = args.get("room")
-        if room_name is None:
-            sessions = list(self.sessions.values())
-        else:
-            sessions = list(self._room(check_room(room_name), create=False).members.values())
-        members = [
-            {"nick": s.nick, "uid": s.uid, "pid": s.pid, "rooms": sorted(s.rooms)}
-            for s in sorted(sessions, key=lambda s: s.nick)
-        ]
-        return {}, {"room": room_name, "members": members}
-
-    def _topic(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
-        name = check_room(args.get("room", DEFAULT_ROOM))
-        topic = args.get("topic")
-        if topic is not None and (
-            not isinstance(topic, str) or len(topic) > TOPIC_MAX or not _is_unicode(topic)
-        ):
-            raise ChatError(
-                ErrorCode.BAD_REQUEST, f"topic must be valid Unicode of at most {TOPIC_MAX} chars"
-            )
-        room = self._room(name, create=False)  # every field checked first: a bad one is BAD_REQUEST
-        if topic is not None:
-            session = self._session(sender)
-            if room.name not in session.rooms:
-                raise ChatError(ErrorCode.PERMISSION_DENIED, f"join {room.name!r} to set its topic")
-            room.topic = sanitize_text(topic).replace("\n", " ")
-            if self.changes is not None:
-                self.changes.append(Topic(room.name, room.topic))
-            self._notice(room, "topic", session, later, topic=room.topic)
-        return {}, {"room": room.name, "topic": room.topic}
-
-    def _history(self, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
-        name = check_room(args.get("room", DEFAULT_ROOM))
-        count = check_count(args.get("count", self.limits.history), self.limits.history, "count")
-        before = check_cursor(args.get("before"), "before")
-        after = check_cursor(args.get("after"), "after")
-        if before is not None and after is not None:
-            raise ChatError(ErrorCode.BAD_REQUEST, "give before or after, not both")
-        room = self._room(name, create=False)  # every field checked first: a bad one is BAD_REQUEST
-        head: dict[str, Any] = {"room": room.name}
-        if after is None:
-            page, more = pages.newest_before(room.history, count, before, self.limits.reply_budget)
-            if more:
-                head["before"] = page[0][0]
-        else:
-            resumed = pages.after(room.history, room.seq, after, count, self.limits.reply_budget)
-            page, more = resumed.kept, resumed.more
-            if resumed.next_after is not None:
-                head["after"] = resumed.next_after
-            if resumed.gone is not None:
-                head["gone"] = list(resumed.gone)
-        head["more"] = more
-        # The kept MESSAGE bodies as they are, not parsed and encoded again.
-        messages = b",".join(frame[HEADER.size :] for _, frame, _ in page)
-        return {}, encode_json(head)[:-1] + b',"messages":[' + messages + b"]}"
-
-
-_HANDLERS: dict[int, Callable[[Hub, Sender, Args, Outbox, Staged], Result]] = {
-    Op.NICK: Hub._nick,
-    Op.JOIN: Hub._join,
-    Op.PART: Hub._part,
-    Op.MSG: Hub._msg,
-    Op.ROOMS: Hub._rooms,
-    Op.WHO: Hub._who,
-    Op.TOPIC: Hub._topic,
-    Op.HISTORY: Hub._history,
-}

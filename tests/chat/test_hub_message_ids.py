@@ -159,7 +159,7 @@ def test_the_window_comes_back_from_kept_messages_after_a_restart(sim: Sim) -> N
     say(poster, "s", "other room", "restart-2")
     restarted = Hub()
     for name, room in sim.hub.rooms.items():  # as a restore from the saved state would
-        copy = restarted._room(name, create=True, uid=room.creator)
+        copy = restarted.room_for(name, create=True, uid=room.creator)
         copy.seq = room.seq
         copy.history.extend(room.history)
     assert restarted.rebuild_recent_ids() == 2
