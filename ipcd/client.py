@@ -405,10 +405,23 @@ class Client(_Closing):
                 yield ack.seq
 
     def rooms(self) -> list[dict[str, Any]]:
-        return list(self.call(Op.ROOMS)["rooms"])
+        """Every room, by name. A reply holds what fits the daemon's output
+        buffer and says if more remain; this asks page after page."""
+        return self._listing(Op.ROOMS, "rooms")
 
     def who(self, room: str | None = None) -> list[dict[str, Any]]:
-        return list(self.call(Op.WHO, room=room)["members"])
+        """Everyone chatting (in ``room``, if given), by nick; paged as :meth:`rooms`."""
+        return self._listing(Op.WHO, "members", room=room)
+
+    def _listing(self, op: Op, key: str, **args: Any) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = []
+        after = None
+        while True:
+            reply = self.call(op, after=after, **args)
+            entries += reply[key]
+            if not reply.get("more") or not reply[key]:
+                return entries
+            after = reply["after"]
 
     def topic(self, room: str, topic: str | None = None) -> str:
         return str(self.call(Op.TOPIC, room=room, topic=topic)["topic"])

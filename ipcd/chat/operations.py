@@ -12,7 +12,7 @@ SAY, the hot path, stays in the hub.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ipcd.chat import pages
@@ -141,24 +141,53 @@ def op_msg(hub: Hub, sender: Sender, args: Args, out: Outbox, later: Staged) -> 
 
 
 def op_rooms(hub: Hub, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
-    rooms = [
-        {"room": r.name, "members": len(r.members), "topic": r.topic, "seq": r.seq}
-        for r in sorted(hub.rooms.values(), key=lambda r: r.name)
-    ]
-    return {}, {"rooms": rooms}
+    after = _name_cursor(args.get("after"), "after (a room name)")
+    rooms = sorted((r for r in hub.rooms.values() if after is None or r.name > after), key=lambda r: r.name)
+    entries = ({"room": r.name, "members": len(r.members), "topic": r.topic, "seq": r.seq} for r in rooms)
+    return {}, _listing("rooms", entries, len(rooms), hub.limits.reply_budget, "room")
 
 
 def op_who(hub: Hub, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:
     room_name = args.get("room")
+    after = _name_cursor(args.get("after"), "after (a nick)")
     if room_name is None:
-        sessions = list(hub.sessions.values())
+        everyone = hub.sessions.values()
     else:
-        sessions = list(hub.room_for(check_room(room_name), create=False).members.values())
-    members = [
-        {"nick": s.nick, "uid": s.uid, "pid": s.pid, "rooms": sorted(s.rooms)}
-        for s in sorted(sessions, key=lambda s: s.nick)
-    ]
-    return {}, {"room": room_name, "members": members}
+        everyone = hub.room_for(check_room(room_name), create=False).members.values()
+    sessions = sorted((s for s in everyone if after is None or s.nick > after), key=lambda s: s.nick)
+    entries = ({"nick": s.nick, "uid": s.uid, "pid": s.pid, "rooms": sorted(s.rooms)} for s in sessions)
+    reply = _listing("members", entries, len(sessions), hub.limits.reply_budget, "nick")
+    reply["room"] = room_name
+    return {}, reply
+
+
+def _name_cursor(value: Any, what: str) -> str | None:
+    """A listing's page cursor: the last name of the page before (None: from the first)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 256:
+        raise ChatError(ErrorCode.BAD_REQUEST, f"{what} must be a string of at most 256 characters")
+    return value
+
+
+def _listing(
+    key: str, entries: Iterator[dict[str, Any]], count: int, budget: int, name: str
+) -> dict[str, Any]:
+    """As many of ``entries`` (in name order) as fit ``budget`` bytes of
+    JSON, at least one, so that a listing reply, like a page of history,
+    always fits the asker's output buffer; ``more`` and the ``after`` to
+    ask with next when some were left out."""
+    page: list[dict[str, Any]] = []
+    size = 0
+    for entry in entries:
+        size += len(encode_json(entry)) + 1
+        if page and size > budget:
+            break
+        page.append(entry)
+    reply: dict[str, Any] = {key: page, "more": len(page) < count}
+    if reply["more"]:
+        reply["after"] = page[-1][name]
+    return reply
 
 
 def op_topic(hub: Hub, sender: Sender, args: Args, out: Outbox, later: Staged) -> Result:

@@ -169,10 +169,13 @@ def history_page(settings: Settings) -> int:
     return min(largest_reply(settings), settings.reply_budget + _history_entry(settings))
 
 
-def rooms_listing(max_rooms: int) -> int:
-    """Bytes of a ROOMS reply with every room there, each topic at its worst:
-    4 bytes a character (UTF-8; controls are stripped, ``"`` takes 2)."""
-    return max_rooms * (ROOM_NAME_MAX + TOPIC_MAX * 4 + _LISTING_OVERHEAD)
+def listing_page(settings: Settings) -> int:
+    """Bytes of the largest ROOMS or WHO reply: paged at the reply budget, at
+    least one entry (a room with its topic at its worst, 4 bytes a character
+    in UTF-8; or a session in 64 rooms), and never more than every room."""
+    room = ROOM_NAME_MAX + TOPIC_MAX * 4 + _LISTING_OVERHEAD
+    session = NICK_MAX + _LISTING_OVERHEAD + settings.rooms_per_connection * (ROOM_NAME_MAX + 4)
+    return min(MAX_ROOMS * room, settings.reply_budget + max(room, session))
 
 
 def entry_bytes(settings: Settings) -> int:
@@ -180,12 +183,9 @@ def entry_bytes(settings: Settings) -> int:
     return _ENTRY_OVERHEAD + NAME_MAX + settings.max_fds * FD_NAME_MAX + 2 * ACCESS_LIST_MAX * _ID_COST
 
 
-def _uid_listing(settings: Settings, connections: int, joins: int) -> int:
-    """What one uid adds to the largest listing: its entries in an LS
-    reply, its sessions (and their rooms) in a WHO reply."""
-    entries = settings.fd_quota * (entry_bytes(settings) + _LISTING_OVERHEAD)
-    sessions = connections * (NICK_MAX + _LISTING_OVERHEAD) + joins * (ROOM_NAME_MAX + 4)
-    return entries + sessions
+def _uid_listing(settings: Settings) -> int:
+    """What one uid adds to an LS reply (not paged): its entries."""
+    return settings.fd_quota * (entry_bytes(settings) + _LISTING_OVERHEAD)
 
 
 def _request_message(settings: Settings) -> int:
@@ -206,12 +206,12 @@ def master_memory_bound(
     the message that crossed it, the largest the master builds) and the one
     message being reassembled from it; the hub's rooms. Per uid: its parked
     waiters, its stored entries, its chat sessions and memberships, what
-    they add to the largest listing reply, the history it posted (kept
+    they add to an LS reply, the history it posted (kept
     messages are charged to their poster: ipcd.chat.keptbytes) and the
     message ids of its recent posts (ipcd.chat.recentids; the same for
     every uid). History is
     also never more than ``rooms x --history-size`` messages in all."""
-    largest = max(history_page(settings), rooms_listing(MAX_ROOMS))
+    largest = max(history_page(settings), listing_page(settings))
     fixed = {
         "channel backlog per worker (64 MiB kill line + one message)": workers
         * (max(MAX_CHANNEL_BACKLOG, settings.channel_byte_budget) + largest),
@@ -233,7 +233,7 @@ def master_memory_bound(
             "message ids of its recent posts (--message-ids-per-uid)": (
                 settings.message_ids_per_uid * MESSAGE_ID_COST
             ),
-            "its share of the largest listing (LS, WHO)": _uid_listing(settings, connections, joins),
+            "its share of an LS listing": _uid_listing(settings),
         }
 
     return MemoryBound(fixed, uid_terms(1), uid_terms(settings.privileged_budget_factor))
@@ -255,7 +255,7 @@ def worker_memory_bound(settings: Settings, connections: int) -> MemoryBound:
     its GET replicas (its stored entries)."""
     from ipcd.services.chat import MAX_IN_FLIGHT  # noqa: PLC0415 (that module imports this one)
 
-    largest = max(history_page(settings), rooms_listing(MAX_ROOMS))
+    largest = max(history_page(settings), listing_page(settings))
     fixed = {
         "output per connection (--max-outbuf)": connections * settings.max_outbuf,
         "connection objects": connections * _CONNECTION_COST,
