@@ -63,15 +63,30 @@ class KeptBytes(Generic[R]):
         """``count`` messages of ``uid`` (frames of ``size`` bytes) were appended to
         ``room``: charge them, push out what is past ``history`` messages,
         and trim the poster's oldest rooms while it is over budget."""
-        self.budget.held[uid] += size + count * ENTRY_COST
-        self.total += size + count * ENTRY_COST
+        held = self.budget.held
+        charged = size + count * ENTRY_COST
         where = self._where.get(uid)
         if where is None:
             where = self._where[uid] = {}
-        where[room] = where.get(room, 0) + count
+        mine = where.get(room, 0) + count
         kept = room.history
-        while len(kept) > history:
-            self._release(room, kept.popleft())
+        excess = len(kept) - history
+        if excess > 0:
+            # What the new messages push out: most often the poster's own
+            # older ones, released here without a call each (this runs for
+            # nearly every post to a full room). The poster's newest stay, so
+            # its counts here never reach 0.
+            popleft = kept.popleft
+            for _ in range(excess):
+                entry = popleft()
+                if entry[2] == uid:
+                    charged -= len(entry[1]) + ENTRY_COST
+                    mine -= 1
+                else:
+                    self._release(room, entry)
+        held[uid] += charged
+        self.total += charged
+        where[room] = mine
         if not self.budget.admits(uid, 0):
             self._trim_poster(uid, room)
 
