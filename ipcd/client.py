@@ -27,18 +27,16 @@ once, with :meth:`Client.say_many` or an :class:`ipcd.posting.Poster`.
 
 from __future__ import annotations
 
-import errno
 import itertools
-import os
 import socket
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple
 
 from ipcd import fdpass
+from ipcd.clientbase import DEFAULT_TIMEOUT, RECV_SIZE, ClientBase, check_seconds
 from ipcd.clienterrors import (
     ClientError,
     ConnectionLost,
@@ -49,7 +47,8 @@ from ipcd.clienterrors import (
     connection_error,
     unreachable,
 )
-from ipcd.paths import DGRAM_SOCKET, STREAM_SOCKET, default_socket_dir
+from ipcd.dgramclient import DatagramClient
+from ipcd.paths import STREAM_SOCKET
 from ipcd.protocol import (
     NEED_DATA,
     Frame,
@@ -58,10 +57,8 @@ from ipcd.protocol import (
     RemoteProtocolError,
     decode_error,
     decode_json,
-    decode_record,
     encode_frame,
     encode_json,
-    fields,
     op_name,
     reply_op,
 )
@@ -85,45 +82,10 @@ __all__ = [
     "uid_of",
 ]
 
-DEFAULT_TIMEOUT = 10.0
-_RECV_SIZE = 256 * 1024
 _CMSG_SPACE = fdpass.cmsg_space_for(fdpass.MAX_FDS)
 
 
-def _check_seconds(value: float, what: str, *, positive: bool) -> None:
-    """The daemon's rule for a seconds field, applied before sending: NaN or
-    inf would not even be JSON, and would break the socket timeout."""
-    try:
-        fields.seconds(value, what, 0.0, positive=positive)
-    except RemoteProtocolError as exc:
-        raise ValueError(exc.message) from None
-
-
-class _Closing:
-    """What both clients share: where the daemon is, whom to trust there,
-    and the context-manager plumbing."""
-
-    sock: socket.socket
-
-    def _locate(
-        self, socket_dir: str | Path | None, socket_name: str, timeout: float | None, daemon_uid: int | None
-    ) -> None:
-        self.socket_dir = Path(socket_dir) if socket_dir is not None else default_socket_dir()
-        self.path = self.socket_dir / socket_name
-        self.timeout = timeout
-        self.trust = DaemonTrust(self.socket_dir, self.path, daemon_uid)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class Client(_Closing):
+class Client(ClientBase):
     """One stream connection to the daemon; ``daemon_uid`` is whom to take
     for it besides root (default: ``$IPCD_DAEMON_UID``, else the socket
     dir's owner)."""
@@ -206,7 +168,7 @@ class Client(_Closing):
         try:
             while True:
                 try:
-                    got = fdpass.recv_with_fds(self.sock, _RECV_SIZE)
+                    got = fdpass.recv_with_fds(self.sock, RECV_SIZE)
                 except OSError:
                     break
                 if not got.data:
@@ -248,7 +210,7 @@ class Client(_Closing):
             if event is not NEED_DATA:
                 return event
             if self._buffer is None:  # one buffer for every read (the decoder copies what it is fed)
-                self._buffer = bytearray(_RECV_SIZE)
+                self._buffer = bytearray(RECV_SIZE)
             try:
                 got = fdpass.recv_into_with_fds(self.sock, self._buffer, fdpass.MAX_FDS, _CMSG_SPACE)
             except TimeoutError:
@@ -490,7 +452,7 @@ class Client(_Closing):
     ) -> dict[str, Any]:
         """Store duplicates of ``fds`` under ``name`` (ours stay open)."""
         if ttl is not None:
-            _check_seconds(ttl, "ttl", positive=True)
+            check_seconds(ttl, "ttl", positive=True)
         args = {
             "name": name,
             "names": list(names) if names else None,
@@ -513,7 +475,7 @@ class Client(_Closing):
         return self._receive_fds(Op.TAKE, name, wait)
 
     def _receive_fds(self, op: Op, name: str, wait: float) -> Handoff:
-        _check_seconds(wait, "wait", positive=False)
+        check_seconds(wait, "wait", positive=False)
         body = encode_json({"name": name, "wait": wait} if wait else {"name": name})
         previous = self.sock.gettimeout()
         if wait and previous is not None:  # settimeout is a syscall: only when it changes
@@ -581,96 +543,3 @@ class ChatEvent(NamedTuple):
 
 
 _EVENT_OPS: dict[int, str] = {Op.MESSAGE: "message", Op.PRIVATE: "private", Op.NOTICE: "notice"}
-
-
-class DatagramClient(_Closing):
-    """Requests over dgram.sock; replies come to this socket's own
-    (autobound, abstract) address. A datagram socket has no SO_PEERCRED:
-    the daemon is known by the owner of the socket file (who bound it),
-    checked before sending. Answers can come from nowhere else: the kernel
-    lets only the socket a datagram socket is connected to send to it
-    (others get EPERM)."""
-
-    def __init__(
-        self,
-        socket_dir: str | Path | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        *,
-        daemon_uid: int | None = None,
-    ) -> None:
-        self._locate(socket_dir, DGRAM_SOCKET, timeout, daemon_uid)
-        try:
-            owner = os.lstat(self.path).st_uid
-        except OSError as exc:
-            raise unreachable(self.path, exc) from None
-        if not self.trust.allows(owner):
-            raise self.trust.refuse(owner, "bound")
-        self._ids = itertools.count(1)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("")  # Linux autobind: a unique abstract address to be answered at
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(str(self.path))
-        except OSError as exc:
-            self.sock.close()
-            raise unreachable(self.path, exc) from None
-
-    def send(self, op: int, body: bytes = b"") -> int:
-        request_id = next(self._ids)
-        try:
-            self.sock.send(encode_frame(op, request_id, body))
-        except OSError as exc:
-            if exc.errno == errno.EMSGSIZE:
-                raise ClientError(f"{len(body)} bytes is too large for one datagram; send less") from None
-            raise unreachable(self.path, exc) from None
-        return request_id
-
-    def wait_reply(self, request_id: int) -> Frame:
-        """The reply to ``request_id`` (stale replies to earlier, timed-out
-        requests are skipped)."""
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while True:
-            if deadline is not None:
-                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            try:
-                got = fdpass.recv_with_fds(self.sock, _RECV_SIZE, maxfds=1)
-            except TimeoutError:
-                raise RequestTimeout(
-                    f"no datagram answer from {self.path} within {self.timeout:g}s"
-                ) from None
-            except OSError as exc:
-                raise unreachable(self.path, exc) from None
-            fdpass.close_fds(got.fds)
-            try:
-                frame = decode_record(got.data, (), max_frame_size=1 << 30)
-            except RemoteProtocolError as exc:
-                raise ConnectionLost(f"the daemon sent an invalid datagram: {exc.message}") from None
-            if frame.request_id != request_id:
-                continue
-            if frame.op == Op.ERROR:
-                code, message = decode_error(frame.body)
-                raise ServerError(code, message)
-            return frame
-
-    def request(self, op: int, body: bytes = b"") -> Frame:
-        return self.wait_reply(self.send(op, body))
-
-    def echo(self, data: bytes) -> bytes:
-        return self.request(Op.ECHO, data).body
-
-    def ping(self, payload: bytes = b"") -> float:
-        start = time.perf_counter()
-        self.request(Op.PING, payload)
-        return time.perf_counter() - start
-
-    def say(self, room: str, text: str, message_id: str | None = None) -> int:
-        """Post to a room as this process's uid (like logger(1) to syslog).
-        A datagram can be lost either way: with ``message_id``, sending it
-        again after a RequestTimeout does not post it twice."""
-        args = (
-            {"room": room, "text": text}
-            if message_id is None
-            else {"id": message_id, "room": room, "text": text}
-        )
-        reply = self.request(Op.SAY, encode_json(args))
-        return int(decode_json(reply.body)["seq"])
