@@ -495,7 +495,12 @@ class Client(ClientBase):
 
     def ls(self) -> dict[str, Any]:
         """Entries this caller may get (with their fds described), and its quota."""
-        return decode_json(self.request(Op.LS, b"{}").body)
+        reply = decode_json(self.request(Op.LS, b"{}").body)
+        entries = list(reply["entries"])
+        while reply.get("more") and reply["entries"]:  # paged: a reply holds what fits the output buffer
+            reply = self.call(Op.LS, after=reply["after"])
+            entries += reply["entries"]
+        return {"entries": entries, "quota": reply["quota"]}
 
     def rm(self, name: str) -> None:
         self.request(Op.RM, encode_json({"name": name}))

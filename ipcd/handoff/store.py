@@ -81,6 +81,7 @@ class StoreLimits:
     max_wait: float = 3600.0  # longest rendezvous wait, seconds
     waiters_per_uid: int = 1024  # parked GETs/TAKEs with wait, per requester uid
     privileged_factor: int = 4  # root and the daemon's uid: this many times the per-uid budgets
+    reply_budget: int = 1 << 20  # bytes of entries in one LS reply: a quarter of --max-outbuf
 
 
 class StoreError(ServiceError):
@@ -463,12 +464,33 @@ class Store:
         self._get(sender, args, out, Op.TAKE)
 
     def _ls(self, sender: Sender, args: dict[str, Any], out: list[Out]) -> None:
+        """The entries the sender may get, by name, paged like HISTORY: as
+        many as fit the reply budget (at least one), then ``more`` and the
+        ``after`` to ask with next. Every user's public entries can be
+        listed, so one reply of them all could pass the asker's output
+        buffer; and each fd is described (fstat, getsockopt) only for the
+        page it is on."""
+        after = args.get("after")
+        if after is not None:
+            after = check_name(after)
         now = time.monotonic()
-        visible = [
-            e.listing(now) for e in sorted(self.entries.values(), key=lambda e: e.name) if e.allows(sender)
-        ]
+        visible = sorted(
+            (e for e in self.entries.values() if (after is None or e.name > after) and e.allows(sender)),
+            key=lambda e: e.name,
+        )
+        page: list[dict[str, Any]] = []
+        size = 0
+        for entry in visible:
+            listed = entry.listing(now)
+            size += len(encode_json(listed)) + 1
+            if page and size > self.limits.reply_budget:
+                break
+            page.append(listed)
         quota = {"used": self.charged[sender.uid], "quota": self.limits.quota}
-        out.append(self._reply(sender, Op.LS, {"entries": visible, "quota": quota}))
+        reply: dict[str, Any] = {"entries": page, "quota": quota, "more": len(page) < len(visible)}
+        if reply["more"]:
+            reply["after"] = page[-1]["name"]
+        out.append(self._reply(sender, Op.LS, reply))
 
     def _rm(self, sender: Sender, args: dict[str, Any], out: list[Out]) -> None:
         name = check_name(args.get("name"))

@@ -170,22 +170,19 @@ def history_page(settings: Settings) -> int:
 
 
 def listing_page(settings: Settings) -> int:
-    """Bytes of the largest ROOMS or WHO reply: paged at the reply budget, at
-    least one entry (a room with its topic at its worst, 4 bytes a character
-    in UTF-8; or a session in 64 rooms), and never more than every room."""
+    """Bytes of the largest ROOMS, WHO or LS reply: paged at the reply
+    budget, at least one entry (a room with its topic at its worst, 4 bytes
+    a character in UTF-8; a session in 64 rooms; a stored entry at its
+    largest)."""
     room = ROOM_NAME_MAX + TOPIC_MAX * 4 + _LISTING_OVERHEAD
     session = NICK_MAX + _LISTING_OVERHEAD + settings.rooms_per_connection * (ROOM_NAME_MAX + 4)
-    return min(MAX_ROOMS * room, settings.reply_budget + max(room, session))
+    entry = entry_bytes(settings) + _LISTING_OVERHEAD
+    return settings.reply_budget + max(room, session, entry)
 
 
 def entry_bytes(settings: Settings) -> int:
     """One stored entry at worst: its name, an fd name per fd, full access lists."""
     return _ENTRY_OVERHEAD + NAME_MAX + settings.max_fds * FD_NAME_MAX + 2 * ACCESS_LIST_MAX * _ID_COST
-
-
-def _uid_listing(settings: Settings) -> int:
-    """What one uid adds to an LS reply (not paged): its entries."""
-    return settings.fd_quota * (entry_bytes(settings) + _LISTING_OVERHEAD)
 
 
 def _request_message(settings: Settings) -> int:
@@ -205,8 +202,8 @@ def master_memory_bound(
     Daemon-wide: per worker, what its channel queues (the kill line, plus
     the message that crossed it, the largest the master builds) and the one
     message being reassembled from it; the hub's rooms. Per uid: its parked
-    waiters, its stored entries, its chat sessions and memberships, what
-    they add to an LS reply, the history it posted (kept
+    waiters, its stored entries, its chat sessions and memberships, the
+    history it posted (kept
     messages are charged to their poster: ipcd.chat.keptbytes) and the
     message ids of its recent posts (ipcd.chat.recentids; the same for
     every uid). History is
@@ -233,7 +230,6 @@ def master_memory_bound(
             "message ids of its recent posts (--message-ids-per-uid)": (
                 settings.message_ids_per_uid * MESSAGE_ID_COST
             ),
-            "its share of an LS listing": _uid_listing(settings),
         }
 
     return MemoryBound(fixed, uid_terms(1), uid_terms(settings.privileged_budget_factor))

@@ -96,6 +96,7 @@ def _store_limits(settings: Settings) -> StoreLimits:
         max_entry_fds=settings.max_fds,
         waiters_per_uid=settings.waiters_per_uid,
         privileged_factor=settings.privileged_budget_factor,
+        reply_budget=settings.reply_budget,
     )
 
 
