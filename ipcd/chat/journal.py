@@ -31,9 +31,9 @@ happened to the tail. Nothing after a bad record is trusted, even if it
 would parse: the journal is a sequence, and a hole in it would be a silent
 gap in some room.
 
-A message's ``msgid`` is the client's message id for exactly-once posts
-(empty when the client gave none), kept so that the window of remembered
-ids survives a restart too.
+A client's message id for exactly-once posts needs no field of its own:
+it is in the kept MESSAGE frame (``"id"``), from which the hub remembers
+the window of ids again after a restart (:mod:`ipcd.chat.hubsave`).
 """
 
 from __future__ import annotations
@@ -79,9 +79,8 @@ _FRAME = struct.Struct(">II")  # payload length, crc32 of (length field + payloa
 _KIND = struct.Struct(">B")
 _HEADER = struct.Struct(">BHQ")  # kind, version, generation
 # kind, first seq, count, room length, flags; then the room, count uids (u32; one if _ONE_POSTER),
-# count frame lengths (u32), [if _MSGIDS: count msgid lengths (u16), the msgids], the frames
+# count frame lengths (u32), the frames
 _BLOCK = struct.Struct(">BQIHB")
-_MSGIDS: Final = 1
 _ONE_POSTER: Final = 2  # a run of one poster's posts: its uid once
 _BLOCK_BYTES: Final = 1 << 20  # a snapshot's blocks of one room's messages: about this large
 _ROOM = struct.Struct(">BQqH")  # kind, seq, creator uid (or NO_CREATOR), room length; the topic to the end
@@ -110,7 +109,6 @@ class Message:
     seq: int
     uid: int
     frame: bytes  # the client-ready MESSAGE frame, header included
-    msgid: bytes = b""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -147,7 +145,6 @@ class MessageRun:
     first_seq: int
     uid: int
     frames: Sequence[bytes]
-    msgids: Sequence[bytes] = ()  # the clients' message ids, one per frame (or none at all)
 
 
 # -- encoding -----------------------------------------------------------------
@@ -168,7 +165,7 @@ def _name(room: str) -> bytes:
 def encode(record: Record) -> bytes:
     """One record, framed."""
     if isinstance(record, Message):
-        return _block(record.room.encode(), record.seq, [record.uid], [record.frame], [record.msgid])
+        return _block(record.room.encode(), record.seq, [record.uid], [record.frame])
     if isinstance(record, RoomState):
         room = _name(record.room)
         creator = NO_CREATOR if record.creator is None else record.creator
@@ -182,39 +179,33 @@ def encode(record: Record) -> bytes:
     return _framed(_HEADER.pack(_K_HEADER, record.version, record.generation))
 
 
-def _block(
-    room: bytes, first_seq: int, uids: Sequence[int], frames: Sequence[bytes], msgids: Sequence[bytes] = ()
-) -> bytes:
+def _block(room: bytes, first_seq: int, uids: Sequence[int], frames: Sequence[bytes]) -> bytes:
     """Consecutive messages of one room as one record: a few packs and one
     CRC for the lot, so a run of posts costs the journal little per message."""
     if len(room) > 0xFFFF:
         raise JournalError(f"room name of {len(room)} bytes")
     count = len(frames)
-    if len(uids) not in (1, count) or len(msgids) not in (0, count):
-        raise JournalError(f"{count} messages with {len(uids)} uids and {len(msgids)} msgids")
-    flags = _MSGIDS if any(msgids) else 0
-    if len(uids) == 1 and count != 1:
-        flags |= _ONE_POSTER
+    if len(uids) not in (1, count):
+        raise JournalError(f"{count} messages with {len(uids)} uids")
+    flags = _ONE_POSTER if len(uids) == 1 and count != 1 else 0
     parts = [
         _BLOCK.pack(_K_BLOCK, first_seq, count, len(room), flags),
         room,
         struct.pack(f">{len(uids)}I", *uids),
         struct.pack(f">{count}I", *map(len, frames)),
+        *frames,
     ]
-    if flags & _MSGIDS:
-        parts += [struct.pack(f">{count}H", *map(len, msgids)), *msgids]
-    parts += frames
     return _framed(b"".join(parts))
 
 
-def encode_run(run: MessageRun, msgids: Sequence[bytes] = ()) -> bytes:
+def encode_run(run: MessageRun) -> bytes:
     """A run's messages (one poster, one room, seqs from ``first_seq``)."""
-    return _block(run.room, run.first_seq, [run.uid], run.frames, msgids)
+    return _block(run.room, run.first_seq, [run.uid], run.frames)
 
 
 def encode_changes(changes: Iterable[MessageRun | Record]) -> bytes:
     """What a hub noted in a pass (:attr:`ipcd.chat.hub.Hub.changes`), framed."""
-    return b"".join(encode_run(c, c.msgids) if isinstance(c, MessageRun) else encode(c) for c in changes)
+    return b"".join(encode_run(c) if isinstance(c, MessageRun) else encode(c) for c in changes)
 
 
 # -- decoding -----------------------------------------------------------------
@@ -230,7 +221,7 @@ class Decoded:
 
 def _parse_block(payload: bytes) -> list[Record]:
     _, first_seq, count, room_len, flags = _BLOCK.unpack_from(payload)
-    if flags & ~(_MSGIDS | _ONE_POSTER):
+    if flags & ~_ONE_POSTER:
         raise JournalError(f"message block flags 0x{flags:02x}")
     at = _BLOCK.size
     room = payload[at : at + room_len].decode()
@@ -244,19 +235,11 @@ def _parse_block(payload: bytes) -> list[Record]:
     at += 4 * posters
     lengths = struct.unpack_from(f">{count}I", payload, at)
     at += 4 * count
-    msgids: Sequence[bytes] = [b""] * count
-    if flags & _MSGIDS:
-        id_lengths = struct.unpack_from(f">{count}H", payload, at)
-        at += 2 * count
-        msgids = []
-        for length in id_lengths:
-            msgids.append(payload[at : at + length])
-            at += length
     if at + sum(lengths) != len(payload):
         raise JournalError("message block of the wrong length")
     messages: list[Record] = []
     for i in range(count):
-        messages.append(Message(room, first_seq + i, uids[i], payload[at : at + lengths[i]], msgids[i]))
+        messages.append(Message(room, first_seq + i, uids[i], payload[at : at + lengths[i]]))
         at += lengths[i]
     return messages
 
