@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Final, TypeVar
 
+from ipcd import backoff
 from ipcd.client import (
     DEFAULT_TIMEOUT,
     Client,
@@ -58,8 +59,6 @@ from ipcd.posting import DEFAULT_WINDOW, Ack, Poster
 
 T = TypeVar("T")
 
-BACKOFF_FIRST: Final = 0.05
-BACKOFF_MAX: Final = 2.0
 DEFAULT_RETRY_FOR: Final = 30.0
 # A prefix and ":" and a number must fit a message id (64 characters).
 PREFIX_MAX: Final = 40
@@ -158,7 +157,7 @@ class Publisher(Poster[T]):
         self.client.close()
         self.on_status(f"connection lost ({lost}); reconnecting")
         cause: ClientError = lost
-        delay = BACKOFF_FIRST
+        waits = backoff.delays()
         while True:
             if deadline is not None and time.monotonic() >= deadline:
                 raise cause
@@ -171,10 +170,10 @@ class Publisher(Poster[T]):
                 self.reconnects += 1
                 self.on_status("reconnected")
                 return
+            delay = next(waits)
             if deadline is not None:
                 delay = min(delay, max(deadline - time.monotonic(), 0.0))
             time.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
 
     # -- blocking ------------------------------------------------------------
 

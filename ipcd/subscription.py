@@ -47,6 +47,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from ipcd import backoff
 from ipcd.client import (
     DEFAULT_TIMEOUT,
     ChatEvent,
@@ -59,8 +60,6 @@ from ipcd.client import (
 from ipcd.protocol import ErrorCode
 from ipcd.protocol.chat import DEFAULT_ROOM
 
-BACKOFF_FIRST = 0.05
-BACKOFF_MAX = 2.0
 _NICK_PATIENCE = 20  # reconnects that may find our old nick still held by the old connection
 # Refusals that only say the daemon is between two states: a worker that
 # cannot reach its master answers UNAVAILABLE (chat) or INTERNAL (status)
@@ -197,7 +196,7 @@ class Subscription:
 
     def _reconnect(self, cause: ConnectionLost | None = None) -> None:
         deadline = None if self.patience is None else time.monotonic() + self.patience
-        delay = BACKOFF_FIRST
+        waits = backoff.delays()
         while True:
             try:
                 self._client = self._subscribe(0)
@@ -213,10 +212,10 @@ class Subscription:
                 self.reconnects += 1
                 self.on_status("reconnected")
                 return
+            delay = next(waits)
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise cause or ConnectionLost("the daemon did not come back")
             time.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
 
     def _nick_taken(self, refusal: ServerError) -> None:
         """Our old connection may not be gone yet at the daemon: it soon
